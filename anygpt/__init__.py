@@ -1,0 +1,34 @@
+"""anygpt: any-to-any multimodal generation (text, image, video, audio in and out)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from anygpt.modality import Modality
+
+__version__ = "0.1.0"
+
+# Heavy modules are imported on first use so that `import anygpt` stays cheap.
+_LAZY = {
+    "AnyGPTPipeline": "anygpt.pipeline",
+    "AnyGPTOutput": "anygpt.pipeline",
+    "Conversation": "anygpt.conversation",
+    "Audio": "anygpt.media",
+    "Video": "anygpt.media",
+}
+
+if TYPE_CHECKING:
+    from anygpt.conversation import Conversation
+    from anygpt.media import Audio, Video
+    from anygpt.pipeline import AnyGPTOutput, AnyGPTPipeline
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'anygpt' has no attribute {name!r}")
+
+
+__all__ = ["Modality", "AnyGPTPipeline", "AnyGPTOutput", "Conversation", "Audio", "Video", "__version__"]

@@ -1,0 +1,5 @@
+import sys
+
+from anygpt.cli import main
+
+sys.exit(main())

@@ -1,0 +1,304 @@
+"""``AnyGPTModel``: the trainable heart of the system (encoder, input projectors, LLM with LoRA, output projectors).
+
+The decoders are not part of it: they are frozen, heavy and needed only to render outputs (the pipeline owns
+them) or to give caption embeddings (training asks them). Training recipes and the pipeline use this one class.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from safetensors.torch import load_file, save_file
+
+from anygpt.config import AnyGPTConfig
+from anygpt.conversation import MediaRef, Piece
+from anygpt.llm import build_language_model, tokenizer_dir_of
+from anygpt.modality import Modality
+from anygpt.tokens import (
+    ModalityTokens,
+    add_modality_tokens,
+    gather_signal_hidden_states,
+    init_added_token_rows,
+    splice_features,
+)
+
+logger = logging.getLogger(__name__)
+
+TOKEN_ROWS_FILE = "token_embeddings.safetensors"
+
+
+class AnyGPTModel(nn.Module):
+    """Encoder -> input projectors -> LLM -> output projectors.
+
+    Build it with ``AnyGPTModel.build(config, decoder_specs)``. Every part is frozen after building; training
+    recipes choose what to unfreeze.
+    """
+
+    def __init__(
+        self,
+        config: AnyGPTConfig,
+        *,
+        encoder: nn.Module,
+        language_model: nn.Module,
+        tokenizer,
+        tokens: ModalityTokens,
+        input_projectors: nn.ModuleDict,
+        output_projectors: nn.ModuleDict,
+        decoder_specs: dict,
+    ):
+        super().__init__()
+        self.config = config
+        self.encoder = encoder
+        self.language_model = language_model
+        self.tokenizer = tokenizer
+        self.tokens = tokens
+        self.input_projectors = input_projectors
+        self.output_projectors = output_projectors
+        self.decoder_specs = dict(decoder_specs)
+
+    # ------------------------------------------------------------------ building
+    @classmethod
+    def build(
+        cls, config: AnyGPTConfig, decoder_specs: dict, *, tokenizer_dir: str | os.PathLike | None = None
+    ) -> AnyGPTModel:
+        """Build every component from ``config``.
+
+        Args:
+            config: the system config.
+            decoder_specs: ``DecoderSpec`` per output modality (sets each output projector's query count and size).
+            tokenizer_dir: a saved tokenizer (with the added tokens) to use instead of the LLM's own.
+        """
+        from encoders import build_imagebind_encoder
+        from projectors import build_input_projector, build_output_projector
+
+        encoder = build_imagebind_encoder(config.encoder, seed=config.seed)
+        llm, tokenizer = build_language_model(config.llm, tokenizer_dir=tokenizer_dir)
+        num_old = llm.get_input_embeddings().weight.shape[0]
+        tokens = add_modality_tokens(tokenizer, config.signal_tokens)
+        init_added_token_rows(llm, tokenizer, tokens, num_old=num_old, seed=config.seed)
+        if config.llm.lora is not None:
+            from peft import get_peft_model
+
+            llm = get_peft_model(llm, config.llm.lora.to_peft())
+        hidden = llm.get_input_embeddings().weight.shape[1]
+
+        inputs = nn.ModuleDict()
+        outputs = nn.ModuleDict()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(config.seed)
+            for name in config.input_modalities:
+                m = Modality(name)
+                inputs[name] = build_input_projector(
+                    config.input_projector.name,
+                    in_dim=encoder.embed_dim,
+                    token_dim=encoder.token_dim(m),
+                    out_dim=hidden,
+                    **config.input_projector.options,
+                )
+            for m in config.output_modalities:
+                spec = decoder_specs[m]
+                options = config.output_projector_options(m)
+                outputs[m.value] = build_output_projector(
+                    config.output_projector.name,
+                    in_dim=hidden,
+                    out_dim=spec.cond_dim,
+                    num_queries=options.pop("num_queries", spec.cond_len),
+                    num_signal_tokens=config.signal_tokens.count(m),
+                    **options,
+                )
+        model = cls(
+            config,
+            encoder=encoder,
+            language_model=llm,
+            tokenizer=tokenizer,
+            tokens=tokens,
+            input_projectors=inputs,
+            output_projectors=outputs,
+            decoder_specs=decoder_specs,
+        )
+        model.requires_grad_(False)
+        model.eval()
+        return model
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def hidden_size(self) -> int:
+        return self.language_model.get_input_embeddings().weight.shape[1]
+
+    @property
+    def device(self) -> torch.device:
+        return self.language_model.get_input_embeddings().weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.language_model.get_input_embeddings().weight.dtype
+
+    def num_media_tokens(self, modality: Modality) -> int:
+        """How many LLM tokens one media item of ``modality`` becomes (K)."""
+        return self.input_projectors[modality.value].num_output_tokens
+
+    # ------------------------------------------------------------------ inputs
+    def project_media(self, modality: Modality, embeds: torch.Tensor, tokens: torch.Tensor | None) -> torch.Tensor:
+        """Encoder features -> LLM input embeddings.
+
+        Args:
+            embeds: (M, D) pooled encoder embeddings. tokens: (M, N, D_tok) encoder token sequences.
+
+        Returns:
+            (M, K, H).
+        """
+        if modality.value not in self.input_projectors:
+            raise ValueError(
+                f"this model reads no {modality.value} input (input modalities: {self.config.input_modalities})"
+            )
+        projector = self.input_projectors[modality.value]
+        dtype = next(projector.parameters()).dtype
+        tokens = tokens.to(dtype) if (tokens is not None and projector.uses_tokens) else None
+        return projector(embeds.to(dtype), tokens)
+
+    def tokenize_pieces(self, pieces: list[Piece]) -> tuple[list[int], list[MediaRef]]:
+        """Prompt pieces -> token ids, and the media items in the order their placeholders appear.
+
+        Text is tokenised with special tokens split, so user text can never produce a placeholder or signal token
+        (prompts may contain ``<``, ``>``, ``<image>`` or ``[IMG0]`` freely).
+        """
+        ids: list[int] = []
+        order: list[MediaRef] = []
+        for piece in pieces:
+            if isinstance(piece, MediaRef):
+                ids.extend([self.tokens.placeholder[piece.modality]] * self.num_media_tokens(piece.modality))
+                order.append(piece)
+            elif isinstance(piece, list):
+                ids.extend(int(i) for i in piece)
+            else:
+                ids.extend(self.tokenizer(piece, add_special_tokens=False, split_special_tokens=True).input_ids)
+        return ids, order
+
+    def embed_inputs(self, input_ids: torch.Tensor, media: dict[Modality, torch.Tensor]) -> torch.Tensor:
+        """Token embeddings with every modality's projected features spliced in at its placeholders.
+
+        Args:
+            input_ids: (B, T).
+            media: per modality, (M, K, H) projected features in placeholder order. A modality that has
+                placeholders in ``input_ids`` but no entry raises ``ValueError``.
+
+        Returns:
+            (B, T, H).
+        """
+        embeds = self.language_model.get_input_embeddings()(input_ids)
+        for modality, placeholder in self.tokens.placeholder.items():
+            features = media.get(modality)
+            if features is None:
+                features = embeds.new_zeros((0, embeds.shape[-1]))
+            embeds = splice_features(embeds, input_ids, placeholder, features)
+        return embeds
+
+    # ------------------------------------------------------------------ outputs
+    def signal_conditioning(
+        self, modality: Modality, hidden_states: torch.Tensor, input_ids: torch.Tensor
+    ) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+        """Decoder conditioning for every complete signal group of ``modality`` in ``input_ids``.
+
+        Args:
+            hidden_states: (B, T, H) last-layer hidden states. input_ids: (B, T).
+
+        Returns:
+            (G, L, D) conditioning (``(G, D)`` for a pooled decoder), and where each group was found.
+        """
+        group = self.tokens.signal[modality]
+        hidden, where = gather_signal_hidden_states(hidden_states, input_ids, group)
+        spec = self.decoder_specs[modality]
+        projector = self.output_projectors[modality.value]
+        if not where:
+            shape = (0, spec.cond_dim) if spec.pooled else (0, spec.cond_len, spec.cond_dim)
+            return hidden_states.new_zeros(shape), where
+        ids = torch.tensor(group, device=input_ids.device).expand(len(where), -1)
+        input_embeds = self.language_model.get_input_embeddings()(ids)
+        dtype = next(projector.parameters()).dtype
+        cond = projector(hidden.to(dtype), input_embeds.to(dtype))  # (G, L, D)
+        if spec.pooled:
+            cond = cond[:, 0]  # (G, D)
+        return cond, where
+
+    # ------------------------------------------------------------------ persistence of trained parts
+    def save_trained(self, folder: str | os.PathLike) -> dict:
+        """Write the trained parts (projectors, LoRA adapter, added-token rows, tokenizer) into ``folder``.
+
+        Returns:
+            the relative paths written, for the pipeline's index.
+        """
+        folder = Path(folder)
+        parts: dict = {"input_projectors": {}, "output_projectors": {}}
+        for side, modules in (("input_projectors", self.input_projectors), ("output_projectors", self.output_projectors)):
+            for name, module in modules.items():
+                rel = f"{side}/{name}"
+                module.save_pretrained(folder / rel)
+                parts[side][name] = rel
+        if self.config.llm.lora is not None:
+            from peft import get_peft_model_state_dict
+
+            lora_dir = folder / "lora"
+            lora_dir.mkdir(parents=True, exist_ok=True)
+            state = get_peft_model_state_dict(self.language_model, save_embedding_layers=False)
+            save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, lora_dir / "adapter_model.safetensors")
+            self.language_model.peft_config["default"].save_pretrained(lora_dir)
+            parts["lora"] = "lora"
+        ids = torch.tensor(self.tokens.all_added_ids)
+        rows = {"token_ids": ids, "input_embeddings": self.language_model.get_input_embeddings().weight[ids]}
+        out = self.language_model.get_output_embeddings()
+        if out is not None:
+            rows["output_embeddings"] = out.weight[ids]
+        save_file({k: v.detach().cpu().contiguous() for k, v in rows.items()}, folder / TOKEN_ROWS_FILE)
+        parts["token_embeddings"] = TOKEN_ROWS_FILE
+        self.tokenizer.save_pretrained(tokenizer_dir_of(folder))
+        parts["tokenizer"] = "tokenizer"
+        return parts
+
+    @torch.no_grad()
+    def load_trained(self, folder: str | os.PathLike, parts: dict) -> None:
+        """Load what ``save_trained`` wrote (the model must have been built from the same config)."""
+        from projectors import get_input_projector_class, get_output_projector_class
+
+        folder = Path(folder)
+        for side, modules, get_cls in (
+            ("input_projectors", self.input_projectors, get_input_projector_class),
+            ("output_projectors", self.output_projectors, get_output_projector_class),
+        ):
+            for name, rel in parts.get(side, {}).items():
+                if name not in modules:
+                    raise ValueError(f"{folder}: {side} has {name!r}, which the config does not declare")
+                loaded = get_cls(modules[name].projector_name).from_pretrained(folder / rel)
+                modules[name].load_state_dict(loaded.state_dict())
+        if parts.get("lora"):
+            from peft import set_peft_model_state_dict
+
+            state = load_file(folder / parts["lora"] / "adapter_model.safetensors")
+            result = set_peft_model_state_dict(self.language_model, state)
+            unexpected = getattr(result, "unexpected_keys", [])
+            if unexpected:
+                raise ValueError(f"{folder / parts['lora']}: adapter keys not in the model: {unexpected[:5]}")
+        rows = load_file(folder / parts["token_embeddings"])
+        ids = rows["token_ids"].tolist()
+        if ids != self.tokens.all_added_ids:
+            raise ValueError(
+                f"{folder / parts['token_embeddings']}: added-token ids {ids[:4]}... do not match the tokenizer's "
+                f"{self.tokens.all_added_ids[:4]}..."
+            )
+        emb = self.language_model.get_input_embeddings().weight
+        emb[ids] = rows["input_embeddings"].to(emb)
+        out = self.language_model.get_output_embeddings()
+        if out is not None and "output_embeddings" in rows:
+            out.weight[ids] = rows["output_embeddings"].to(out.weight)
+
+
+def read_index(folder: str | os.PathLike) -> dict:
+    path = Path(folder) / "anygpt_index.json"
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: not valid JSON ({err})") from None

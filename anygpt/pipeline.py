@@ -1,0 +1,441 @@
+"""``AnyGPTPipeline``: text + images / audio / video in, text + images / videos / audio out.
+
+Example:
+    >>> from anygpt import AnyGPTPipeline
+    >>> pipe = AnyGPTPipeline.from_pretrained("tiny")
+    >>> out = pipe("draw a red circle", modalities=["image"], seed=0)
+    >>> out.images[0].save("circle.png")
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from anygpt import __version__
+from anygpt.config import AnyGPTConfig, config_from_preset, list_presets
+from anygpt.conversation import Conversation, MediaRef
+from anygpt.llm import tokenizer_dir_of
+from anygpt.media import Audio, MediaError, Video, load_media
+from anygpt.modality import MEDIA_MODALITIES, Modality
+from anygpt.model import AnyGPTModel, read_index
+from anygpt.tokens import SignalTokenProcessor, repair_signal_groups
+from anygpt.utils import atomic_directory
+
+logger = logging.getLogger(__name__)
+
+INDEX_FILE = "anygpt_index.json"
+FORMAT_VERSION = 1
+
+MediaInput = str | os.PathLike | Image.Image | Audio | Video
+
+
+@dataclass
+class AnyGPTOutput:
+    """What one call produced.
+
+    Attributes:
+        text: the reply text (signal tokens removed).
+        images: generated images.
+        videos: generated clips (uint8 frames (T, H, W, 3) and fps).
+        audios: generated waveforms (float32 and sample rate).
+        token_ids: every token the LLM produced, signal groups included.
+        conditioning: the output projector's conditioning per modality, (G, L, D) or (G, D).
+    """
+
+    text: str
+    images: list[Image.Image] = field(default_factory=list)
+    videos: list[Video] = field(default_factory=list)
+    audios: list[Audio] = field(default_factory=list)
+    token_ids: list[int] = field(default_factory=list)
+    conditioning: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+
+
+class AnyGPTPipeline:
+    """Any-to-any generation: a frozen encoder, projectors, an LLM and diffusers decoders.
+
+    Args:
+        model: the encoder / projectors / LLM system.
+        decoders: ``decoders.Decoder`` per output modality. Each loads its diffusers pipeline on first use and
+            keeps it.
+    """
+
+    def __init__(self, model: AnyGPTModel, decoders: dict[Modality, Any]):
+        self.model = model
+        self.decoders = {Modality.parse(k): v for k, v in decoders.items()}
+
+    @property
+    def config(self) -> AnyGPTConfig:
+        return self.model.config
+
+    @property
+    def tokenizer(self):
+        return self.model.tokenizer
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    # ------------------------------------------------------------------ loading and saving
+    @classmethod
+    def from_config(cls, config: AnyGPTConfig, *, tokenizer_dir: str | os.PathLike | None = None) -> AnyGPTPipeline:
+        """Build a pipeline from a config (trained parts freshly initialised)."""
+        from decoders import build_decoder
+
+        decoders = {Modality(m): build_decoder(c) for m, c in config.decoders.items()}
+        specs = {m: d.spec for m, d in decoders.items()}
+        model = AnyGPTModel.build(config, specs, tokenizer_dir=tokenizer_dir)
+        return cls(model, decoders)
+
+    @classmethod
+    def from_pretrained(cls, name_or_dir: str | os.PathLike) -> AnyGPTPipeline:
+        """Load a preset (``tiny``, ``nextgpt-7b``) or a folder written by ``save_pretrained``.
+
+        Raises:
+            ValueError: an unknown preset name or an invalid folder.
+            FileNotFoundError: a frozen backbone the config refers to is not on this machine.
+        """
+        path = Path(name_or_dir).expanduser()
+        if (path / INDEX_FILE).is_file():
+            index = read_index(path)
+            if index.get("format_version") != FORMAT_VERSION:
+                raise ValueError(
+                    f"{path / INDEX_FILE}: format_version {index.get('format_version')!r}, "
+                    f"this anygpt reads version {FORMAT_VERSION}"
+                )
+            config = AnyGPTConfig.from_dict(index["config"])
+            parts = index["parts"]
+            pipe = cls.from_config(config, tokenizer_dir=path / parts["tokenizer"])
+            pipe.model.load_trained(path, parts)
+            logger.info("loaded anygpt pipeline from %s", path)
+            return pipe
+        if path.is_dir():
+            raise ValueError(f"{path} is a folder but holds no {INDEX_FILE} (not written by save_pretrained)")
+        name = str(name_or_dir)
+        if name in list_presets():
+            return cls.from_config(config_from_preset(name))
+        raise ValueError(f"unknown model {name!r}: not a folder, and presets are {', '.join(list_presets())}")
+
+    def save_pretrained(self, folder: str | os.PathLike) -> None:
+        """Write the trained parts and one JSON index into ``folder`` (atomically: all or nothing).
+
+        Frozen backbones (encoder, LLM base weights, decoders) are not written: the index refers to them by preset,
+        hub id or path.
+        """
+        with atomic_directory(folder) as tmp:
+            parts = self.model.save_trained(tmp)
+            index = {
+                "format": "anygpt",
+                "format_version": FORMAT_VERSION,
+                "anygpt_version": __version__,
+                "config": self.config.to_dict(),
+                "parts": parts,
+            }
+            (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+        logger.info("saved anygpt pipeline to %s", folder)
+
+    def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> AnyGPTPipeline:
+        """Move the model and the decoders (decoders not loaded yet move when they load)."""
+        self.model.to(device=device, dtype=dtype)
+        for decoder in self.decoders.values():
+            decoder.to(device=device, dtype=dtype)
+        return self
+
+    # ------------------------------------------------------------------ steps
+    def check_inputs(
+        self,
+        prompt: str,
+        media: dict[Modality, list],
+        modalities: str | list[str],
+        *,
+        max_new_tokens: int,
+        temperature: float,
+        top_p: float,
+    ) -> set[Modality] | None:
+        """Validate the arguments of ``__call__``; return the forced output modalities (None for "auto")."""
+        if not isinstance(prompt, str):
+            raise TypeError(f"prompt must be a string, got {type(prompt).__name__}")
+        for modality, items in media.items():
+            if items and modality.value not in self.config.input_modalities:
+                raise ValueError(
+                    f"this model reads no {modality.value} input (it reads {', '.join(self.config.input_modalities)})"
+                )
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        if temperature < 0:
+            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+        if not 0 < top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+        return self.parse_modalities(modalities)
+
+    def parse_modalities(self, modalities: str | list[str] | None) -> set[Modality] | None:
+        """``"auto"``/None -> None; a list or comma-separated string -> the set of output modalities (validated)."""
+        if modalities is None or (isinstance(modalities, str) and modalities.strip().lower() == "auto"):
+            return None
+        if isinstance(modalities, str):
+            modalities = [m for m in modalities.split(",") if m.strip()]
+        forced = {Modality.parse(m) for m in modalities}
+        unknown = forced - set(self.decoders)
+        if unknown:
+            raise ValueError(
+                f"modalities: no decoder for {', '.join(sorted(m.value for m in unknown))}; this model outputs "
+                f"{', '.join(m.value for m in self.decoders)} (or 'auto')"
+            )
+        return forced
+
+    def load_inputs(self, modality: Modality, items: list[MediaInput]) -> list[tuple[MediaRef, Any]]:
+        """Read media (paths or objects) and give each a content key. Raises ``MediaError`` for bad files."""
+        loaded = []
+        for item in items:
+            if isinstance(item, str | os.PathLike):
+                path = Path(item).expanduser()
+                value = load_media(modality, path)
+                key = _file_key(modality, path)
+                loaded.append((MediaRef(modality, key, str(path)), value))
+            else:
+                _check_media_object(modality, item)
+                loaded.append((MediaRef(modality, _object_key(modality, item)), item))
+        return loaded
+
+    @torch.no_grad()
+    def encode_media(self, conversation: Conversation, items: list[tuple[MediaRef, Any]]) -> None:
+        """Encode the items the conversation has not seen yet (batched per modality) and cache their features."""
+        by_modality: dict[Modality, list[tuple[MediaRef, Any]]] = {}
+        for ref, value in items:
+            if ref.key not in conversation.features:
+                by_modality.setdefault(ref.modality, []).append((ref, value))
+        for modality, todo in by_modality.items():
+            unique = list({ref.key: (ref, value) for ref, value in todo}.values())
+            out = self.model.encoder.encode(modality, [value for _, value in unique])
+            for i, (ref, _) in enumerate(unique):
+                conversation.features[ref.key] = (out.embeds[i : i + 1], out.tokens[i : i + 1])
+            logger.debug("encoded %d %s item(s)", len(unique), modality.value)
+
+    @torch.no_grad()
+    def build_inputs(self, conversation: Conversation) -> tuple[torch.Tensor, torch.Tensor]:
+        """The conversation as LLM input: ``input_ids`` (1, T) and ``inputs_embeds`` (1, T, H)."""
+        ids, order = self.model.tokenize_pieces(conversation.prompt_pieces(self.tokenizer.eos_token_id))
+        media: dict[Modality, list[torch.Tensor]] = {}
+        for ref in order:
+            embeds, tokens = conversation.features[ref.key]
+            media.setdefault(ref.modality, []).append(
+                self.model.project_media(ref.modality, embeds.to(self.device), tokens.to(self.device))
+            )
+        input_ids = torch.tensor([ids], device=self.device)
+        features = {m: torch.cat(v) for m, v in media.items()}
+        return input_ids, self.model.embed_inputs(input_ids, features)
+
+    @torch.no_grad()
+    def generate_tokens(
+        self,
+        inputs_embeds: torch.Tensor,
+        *,
+        forced: set[Modality] | None,
+        max_new_tokens: int,
+        temperature: float,
+        top_p: float,
+    ) -> list[int]:
+        """Run the LLM and return the produced ids with every signal group complete (forced groups appended)."""
+        from transformers import LogitsProcessorList
+
+        tokens = self.model.tokens
+        allowed = set(self.decoders) if forced is None else set()
+        processor = SignalTokenProcessor(tokens, allowed=allowed)
+        sample = temperature > 0
+        out = self.model.language_model.generate(
+            inputs_embeds=inputs_embeds,
+            attention_mask=torch.ones(inputs_embeds.shape[:2], dtype=torch.long, device=inputs_embeds.device),
+            max_new_tokens=max_new_tokens,
+            do_sample=sample,
+            temperature=temperature if sample else None,
+            top_p=top_p if sample else None,
+            top_k=None,
+            logits_processor=LogitsProcessorList([processor]),
+            pad_token_id=self.tokenizer.pad_token_id,
+            eos_token_id=self.tokenizer.eos_token_id,
+        )
+        ids = out[0].tolist() if isinstance(out, torch.Tensor) else out.sequences[0].tolist()
+        eos = self.tokenizer.eos_token_id
+        if eos in ids:
+            ids = ids[: ids.index(eos)]
+        ids = [i for i in ids if i != self.tokenizer.pad_token_id]
+        ids = repair_signal_groups(ids, tokens)
+        for modality in self.decoders:
+            if forced is not None and modality in forced:
+                ids.extend(tokens.signal[modality])
+        return ids
+
+    @torch.no_grad()
+    def signal_conditioning(
+        self, input_ids: torch.Tensor, inputs_embeds: torch.Tensor, generated: list[int]
+    ) -> dict[Modality, torch.Tensor]:
+        """Decoder conditioning for every signal group in ``generated``.
+
+        One forward pass over prompt + generated tokens gives the last-layer hidden states; each group's are read at
+        the positions where its signal tokens are the input, exactly as in training.
+        """
+        present = [m for m in self.decoders if set(self.model.tokens.signal[m]) & set(generated)]
+        if not present:
+            return {}
+        gen = torch.tensor([generated], device=input_ids.device)
+        full_ids = torch.cat([input_ids, gen], dim=1)
+        gen_embeds = self.model.language_model.get_input_embeddings()(gen)
+        full_embeds = torch.cat([inputs_embeds, gen_embeds.to(inputs_embeds.dtype)], dim=1)
+        out = self.model.language_model(inputs_embeds=full_embeds, output_hidden_states=True, use_cache=False)
+        hidden = out.hidden_states[-1]
+        return {m: self.model.signal_conditioning(m, hidden, full_ids)[0] for m in present}
+
+    def decode(
+        self,
+        modality: Modality,
+        conditioning: torch.Tensor,
+        *,
+        seed: int | None,
+        num_inference_steps: int | None,
+        guidance_scale: float | None,
+        height: int | None,
+        width: int | None,
+        num_frames: int | None,
+        audio_seconds: float | None,
+        show_progress: bool,
+    ) -> list:
+        """Render conditioning with the modality's decoder (loaded on first use, then kept)."""
+        decoder = self.decoders[modality]
+        generator = None
+        if seed is not None:
+            generator = torch.Generator(device="cpu").manual_seed(seed)
+        return decoder.generate(
+            conditioning,
+            num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale,
+            generator=generator,
+            height=height,
+            width=width,
+            num_frames=num_frames,
+            audio_seconds=audio_seconds,
+            show_progress=show_progress,
+        )
+
+    # ------------------------------------------------------------------ the call
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str,
+        images: list[MediaInput] | None = None,
+        audios: list[MediaInput] | None = None,
+        videos: list[MediaInput] | None = None,
+        *,
+        modalities: str | list[str] = "auto",
+        conversation: Conversation | None = None,
+        seed: int | None = None,
+        max_new_tokens: int = 128,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        num_frames: int | None = None,
+        audio_seconds: float | None = None,
+        show_progress: bool = True,
+    ) -> AnyGPTOutput:
+        """Answer ``prompt`` (with optional media) with text and, as the LLM decides or as forced, media.
+
+        Args:
+            prompt: the user's text. May contain any characters, ``<`` and ``>`` included.
+            images, audios, videos: file paths or ``PIL.Image`` / ``Audio`` / ``Video`` objects.
+            modalities: ``"auto"`` (the LLM decides by emitting signal tokens) or a list / comma-separated string
+                of output modalities that are produced after the text answer.
+            conversation: a ``Conversation`` to continue (turn history and cached media features); a new
+                one-turn conversation when None.
+            seed: makes sampling and every decoder deterministic.
+            max_new_tokens, temperature (0 = greedy), top_p: LLM decoding.
+            num_inference_steps, guidance_scale, height, width, num_frames, audio_seconds: decoder settings
+                (None: each decoder's default).
+            show_progress: progress bars for decoder work.
+
+        Returns:
+            ``AnyGPTOutput``.
+        """
+        media = {Modality.IMAGE: list(images or []), Modality.AUDIO: list(audios or []), Modality.VIDEO: list(videos or [])}
+        forced = self.check_inputs(
+            prompt, media, modalities, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p
+        )
+        loaded = [pair for m in MEDIA_MODALITIES for pair in self.load_inputs(m, media[m])]
+        if conversation is None:
+            conversation = Conversation(template=self.config.llm.template)
+        self.encode_media(conversation, loaded)
+        conversation.add_user(prompt, [ref for ref, _ in loaded])
+        try:
+            with torch.random.fork_rng(devices=[]):
+                if seed is not None:
+                    torch.manual_seed(seed)
+                input_ids, inputs_embeds = self.build_inputs(conversation)
+                generated = self.generate_tokens(
+                    inputs_embeds, forced=forced, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p
+                )
+            conditioning = self.signal_conditioning(input_ids, inputs_embeds, generated)
+        except BaseException:
+            conversation.turns.pop()  # the failed user turn is not kept
+            raise
+        signal_ids = self.model.tokens.all_signal_ids
+        text = self.tokenizer.decode([i for i in generated if i not in signal_ids], skip_special_tokens=True).strip()
+        conversation.add_assistant(text, generated)
+
+        result = AnyGPTOutput(text=text, token_ids=generated, conditioning={m.value: c for m, c in conditioning.items()})
+        settings = dict(
+            num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale,
+            height=height,
+            width=width,
+            num_frames=num_frames,
+            audio_seconds=audio_seconds,
+            show_progress=show_progress,
+        )
+        for offset, (modality, cond) in enumerate(conditioning.items()):
+            outputs = self.decode(modality, cond, seed=None if seed is None else seed + offset, **settings)
+            {Modality.IMAGE: result.images, Modality.VIDEO: result.videos, Modality.AUDIO: result.audios}[
+                modality
+            ].extend(outputs)
+        return result
+
+
+def _file_key(modality: Modality, path: Path) -> str:
+    digest = hashlib.sha256()
+    digest.update(modality.value.encode())
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _object_key(modality: Modality, item: Any) -> str:
+    digest = hashlib.sha256()
+    digest.update(modality.value.encode())
+    if isinstance(item, Image.Image):
+        digest.update(f"{item.mode}{item.size}".encode())
+        digest.update(item.tobytes())
+    elif isinstance(item, Audio):
+        digest.update(str(item.sample_rate).encode())
+        digest.update(np.ascontiguousarray(item.waveform).tobytes())
+    else:
+        digest.update(str(item.fps).encode())
+        digest.update(np.ascontiguousarray(item.frames).tobytes())
+    return digest.hexdigest()
+
+
+def _check_media_object(modality: Modality, item: Any) -> None:
+    expected = {Modality.IMAGE: Image.Image, Modality.AUDIO: Audio, Modality.VIDEO: Video}[modality]
+    if not isinstance(item, expected):
+        raise MediaError(
+            f"{modality.value} input: expected a file path or a {expected.__name__}, got {type(item).__name__}"
+        )

@@ -1,0 +1,73 @@
+"""Small shared helpers: dtype names, locating real checkpoints offline, atomic folder writes."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def resolve_dtype(name: str | torch.dtype) -> torch.dtype:
+    """Map a dtype name ("float32", "float16", "bfloat16") to ``torch.dtype``; clear error for others."""
+    if isinstance(name, torch.dtype):
+        return name
+    if name not in _DTYPES:
+        raise ValueError(f"unknown dtype {name!r}: expected one of {', '.join(_DTYPES)}")
+    return _DTYPES[name]
+
+
+def resolve_local_model(source: str, *, what: str) -> str:
+    """Return a local folder holding the model ``source``: the folder itself, or its Hugging Face cache snapshot.
+
+    Nothing is downloaded. Raises ``FileNotFoundError`` naming the id and every place looked.
+    """
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return str(path)
+    if not _is_repo_id(source):
+        raise FileNotFoundError(f"{what} folder {str(path)!r} does not exist (and {source!r} is not a hub id)")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.constants import HF_HUB_CACHE
+
+    try:
+        return snapshot_download(source, local_files_only=True)
+    except Exception as err:  # huggingface_hub raises several kinds for "not in cache"
+        raise FileNotFoundError(
+            f"{what} {source!r} is neither a local folder nor in the Hugging Face cache ({HF_HUB_CACHE}); "
+            f"download it first, e.g. `huggingface-cli download {source}`, or pass the folder path"
+        ) from err
+
+
+def _is_repo_id(source: str) -> bool:
+    parts = source.split("/")
+    return len(parts) == 2 and all(parts) and not source.startswith((".", "/", "~"))
+
+
+@contextlib.contextmanager
+def atomic_directory(target: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary folder beside ``target``; on success it replaces ``target`` in one rename.
+
+    On failure the temporary folder is removed and ``target`` is left as it was.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        yield tmp
+        if target.exists():
+            backup = target.with_name(f".{target.name}.old-{os.getpid()}")
+            os.replace(target, backup)
+            os.replace(tmp, target)
+            shutil.rmtree(backup, ignore_errors=True)
+        else:
+            os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

@@ -1,0 +1,32 @@
+"""Connectors between the encoder, the LLM and the decoders, selected by name."""
+
+from projectors.input import GroupInputProjector, InputProjector, LinearInputProjector, MLPInputProjector
+from projectors.output import LinearOutputProjector, OutputProjector, TransformerOutputProjector
+from projectors.registry import (
+    build_input_projector,
+    build_output_projector,
+    get_input_projector_class,
+    get_output_projector_class,
+    list_input_projectors,
+    list_output_projectors,
+    register_input_projector,
+    register_output_projector,
+)
+
+__all__ = [
+    "InputProjector",
+    "OutputProjector",
+    "LinearInputProjector",
+    "MLPInputProjector",
+    "GroupInputProjector",
+    "TransformerOutputProjector",
+    "LinearOutputProjector",
+    "build_input_projector",
+    "build_output_projector",
+    "get_input_projector_class",
+    "get_output_projector_class",
+    "list_input_projectors",
+    "list_output_projectors",
+    "register_input_projector",
+    "register_output_projector",
+]
