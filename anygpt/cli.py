@@ -148,7 +148,7 @@ def read_batch(path: str | os.PathLike) -> list[GenerateRequest]:
                 value = [value]
             if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
                 raise UsageError(f"{where}'{kind}' must be a list of file paths")
-            data[kind] = [str((path.parent / Path(v).expanduser())) for v in value]
+            data[kind] = [str(path.parent / Path(v).expanduser()) for v in value]
         if data.get("id") is not None:
             data["id"] = str(data["id"])
             if not re.fullmatch(r"[A-Za-z0-9._-]+", data["id"]):
@@ -162,7 +162,11 @@ def read_batch(path: str | os.PathLike) -> list[GenerateRequest]:
 
 
 def generate_batch(
-    requests: list[GenerateRequest], *, model: str = "tiny", out: str | os.PathLike = "outputs", pipe=None,
+    requests: list[GenerateRequest],
+    *,
+    model: str = "tiny",
+    out: str | os.PathLike = "outputs",
+    pipe=None,
     modalities: str | None = None,
 ) -> list[dict]:
     """Run many requests with a progress bar; each result is appended to ``out/results.jsonl`` as it finishes."""
@@ -177,10 +181,15 @@ def generate_batch(
         pipe.parse_modalities(request.modalities)  # validate every line before generating anything
     results = []
     with open(out / "results.jsonl", "a") as log:
-        for n, request in enumerate(tqdm(requests, desc="generate", unit="prompt")):
+        for request in tqdm(requests, desc="generate", unit="prompt"):
             result = _run(pipe, request)
             stem = request.id or _next_stem(out)
-            record = {"id": stem, "prompt": request.prompt, "text": result.text, **write_outputs(result, out, stem)}
+            record = {
+                "id": stem,
+                "prompt": request.prompt,
+                "text": result.text,
+                **write_outputs(result, out, stem),
+            }
             log.write(json.dumps(record) + "\n")
             log.flush()
             results.append(record)
@@ -291,7 +300,15 @@ def _paths(record: dict[str, Any]) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
+    if not args.verbose:  # libraries' deprecation notices are for developers, not for users of the command
+        import diffusers
+        import transformers
+
+        diffusers.utils.logging.set_verbosity_error()
+        transformers.utils.logging.set_verbosity_error()
     from anygpt.media import MediaError
 
     try:
@@ -301,6 +318,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             for key, names in info(args.topic).items():
                 print(f"{key}: {', '.join(names)}")
     except (UsageError, MediaError, ValueError, TypeError, FileNotFoundError) as err:
+        logger.debug("error details", exc_info=True)
         print(f"anygpt: error: {err}".splitlines()[0], file=sys.stderr)
         return 2
     except KeyboardInterrupt:

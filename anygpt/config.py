@@ -78,7 +78,10 @@ class AnyGPTConfig:
             "decoders": {k: v.to_dict() for k, v in self.decoders.items()},
             "signal_tokens": self.signal_tokens.to_dict(),
             "input_projector": {"name": self.input_projector.name, "options": self.input_projector.options},
-            "output_projector": {"name": self.output_projector.name, "options": self.output_projector.options},
+            "output_projector": {
+                "name": self.output_projector.name,
+                "options": self.output_projector.options,
+            },
             "output_projector_overrides": copy.deepcopy(self.output_projector_overrides),
             "input_modalities": list(self.input_modalities),
             "seed": self.seed,

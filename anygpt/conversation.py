@@ -47,9 +47,7 @@ TEMPLATES: dict[str, ChatTemplate] = {
         assistant_end="\n###",
         end_with_eos=False,
     ),
-    "plain": ChatTemplate(
-        name="plain", system="", user="", assistant="", sep="", assistant_end="", end_with_eos=True
-    ),
+    "plain": ChatTemplate(name="plain", system="", user="", assistant="", sep="", assistant_end="", end_with_eos=True),
 }
 
 

@@ -109,7 +109,7 @@ def build_byte_tokenizer():
     from transformers.convert_slow_tokenizer import bytes_to_unicode
 
     vocab = {s: i for i, s in enumerate(["<unk>", "<s>", "</s>", "<pad>"])}
-    for byte, char in sorted(bytes_to_unicode().items()):
+    for _, char in sorted(bytes_to_unicode().items()):
         vocab[char] = len(vocab)
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -84,7 +85,9 @@ class AnyGPTModel(nn.Module):
         if config.llm.lora is not None:
             from peft import get_peft_model
 
-            llm = get_peft_model(llm, config.llm.lora.to_peft())
+            with warnings.catch_warnings():  # peft calls a transformers method deprecated in v5
+                warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
+                llm = get_peft_model(llm, config.llm.lora.to_peft())
         hidden = llm.get_input_embeddings().weight.shape[1]
 
         inputs = nn.ModuleDict()
@@ -234,7 +237,10 @@ class AnyGPTModel(nn.Module):
         """
         folder = Path(folder)
         parts: dict = {"input_projectors": {}, "output_projectors": {}}
-        for side, modules in (("input_projectors", self.input_projectors), ("output_projectors", self.output_projectors)):
+        for side, modules in (
+            ("input_projectors", self.input_projectors),
+            ("output_projectors", self.output_projectors),
+        ):
             for name, module in modules.items():
                 rel = f"{side}/{name}"
                 module.save_pretrained(folder / rel)
@@ -245,7 +251,10 @@ class AnyGPTModel(nn.Module):
             lora_dir = folder / "lora"
             lora_dir.mkdir(parents=True, exist_ok=True)
             state = get_peft_model_state_dict(self.language_model, save_embedding_layers=False)
-            save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, lora_dir / "adapter_model.safetensors")
+            save_file(
+                {k: v.detach().cpu().contiguous() for k, v in state.items()},
+                lora_dir / "adapter_model.safetensors",
+            )
             self.language_model.peft_config["default"].save_pretrained(lora_dir)
             parts["lora"] = "lora"
         ids = torch.tensor(self.tokens.all_added_ids)

@@ -24,7 +24,6 @@ from PIL import Image
 from anygpt import __version__
 from anygpt.config import AnyGPTConfig, config_from_preset, list_presets
 from anygpt.conversation import Conversation, MediaRef
-from anygpt.llm import tokenizer_dir_of
 from anygpt.media import Audio, MediaError, Video, load_media
 from anygpt.modality import MEDIA_MODALITIES, Modality
 from anygpt.model import AnyGPTModel, read_index
@@ -198,7 +197,9 @@ class AnyGPTPipeline:
         for item in items:
             if isinstance(item, str | os.PathLike):
                 path = Path(item).expanduser()
-                value = load_media(modality, path)
+                # the encoder samples a few clips: decode only as many frames as it can use
+                max_frames = self.model.encoder.max_video_frames if modality is Modality.VIDEO else None
+                value = load_media(modality, path, max_frames=max_frames)
                 key = _file_key(modality, path)
                 loaded.append((MediaRef(modality, key, str(path)), value))
             else:
@@ -366,7 +367,11 @@ class AnyGPTPipeline:
         Returns:
             ``AnyGPTOutput``.
         """
-        media = {Modality.IMAGE: list(images or []), Modality.AUDIO: list(audios or []), Modality.VIDEO: list(videos or [])}
+        media = {
+            Modality.IMAGE: list(images or []),
+            Modality.AUDIO: list(audios or []),
+            Modality.VIDEO: list(videos or []),
+        }
         forced = self.check_inputs(
             prompt, media, modalities, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p
         )
@@ -381,7 +386,11 @@ class AnyGPTPipeline:
                     torch.manual_seed(seed)
                 input_ids, inputs_embeds = self.build_inputs(conversation)
                 generated = self.generate_tokens(
-                    inputs_embeds, forced=forced, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p
+                    inputs_embeds,
+                    forced=forced,
+                    max_new_tokens=max_new_tokens,
+                    temperature=temperature,
+                    top_p=top_p,
                 )
             conditioning = self.signal_conditioning(input_ids, inputs_embeds, generated)
         except BaseException:
@@ -391,7 +400,9 @@ class AnyGPTPipeline:
         text = self.tokenizer.decode([i for i in generated if i not in signal_ids], skip_special_tokens=True).strip()
         conversation.add_assistant(text, generated)
 
-        result = AnyGPTOutput(text=text, token_ids=generated, conditioning={m.value: c for m, c in conditioning.items()})
+        result = AnyGPTOutput(
+            text=text, token_ids=generated, conditioning={m.value: c for m, c in conditioning.items()}
+        )
         settings = dict(
             num_inference_steps=num_inference_steps,
             guidance_scale=guidance_scale,
@@ -437,5 +448,5 @@ def _check_media_object(modality: Modality, item: Any) -> None:
     expected = {Modality.IMAGE: Image.Image, Modality.AUDIO: Audio, Modality.VIDEO: Video}[modality]
     if not isinstance(item, expected):
         raise MediaError(
-            f"{modality.value} input: expected a file path or a {expected.__name__}, got {type(item).__name__}"
+            f"{modality.value} input: expected a file path or a {expected.__name__} object, got {type(item).__name__}"
         )

@@ -82,7 +82,9 @@ def add_modality_tokens(tokenizer, config: SignalTokenConfig) -> ModalityTokens:
     tokenizer.add_tokens(strings, special_tokens=True)
     vocab = tokenizer.get_vocab()
     placeholder = {m: vocab[s] for m, s in PLACEHOLDER.items()}
-    signal = {Modality(name): [vocab[s] for s in signal_token_strings(Modality(name), n)] for name, n in config.counts.items()}
+    signal = {
+        Modality(name): [vocab[s] for s in signal_token_strings(Modality(name), n)] for name, n in config.counts.items()
+    }
     return ModalityTokens(placeholder=placeholder, signal=signal)
 
 
@@ -237,7 +239,7 @@ class SignalTokenProcessor(LogitsProcessor):
         self.next_of: dict[int, int] = {}
         banned: set[int] = set()
         for modality, group in tokens.signal.items():
-            for a, b in zip(group, group[1:]):
+            for a, b in zip(group, group[1:], strict=False):
                 self.next_of[a] = b
             banned.update(group[1:])
             if allowed is not None and modality not in allowed:

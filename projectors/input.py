@@ -168,9 +168,7 @@ class GroupInputProjector(InputProjector):
         if hidden_dim % num_heads:
             raise ValueError(f"group projector: hidden_dim {hidden_dim} is not divisible by num_heads {num_heads}")
         self.in_fc = nn.Linear(token_dim, hidden_dim)
-        self.group_tokens = nn.ParameterList(
-            [nn.Parameter(torch.randn(1, g, hidden_dim) * 0.02) for g in num_groups]
-        )
+        self.group_tokens = nn.ParameterList([nn.Parameter(torch.randn(1, g, hidden_dim) * 0.02) for g in num_groups])
 
         def encoder(depth: int) -> nn.Module:
             if depth == 0:
@@ -197,7 +195,7 @@ class GroupInputProjector(InputProjector):
             raise ValueError("group projector needs the encoder's token sequence (B, N, D_tok); got None")
         x = self.in_fc(tokens)  # (B, N, C)
         batch = x.shape[0]
-        for stage, grouping, groups in zip(self.stages, self.grouping, self.group_tokens):
+        for stage, grouping, groups in zip(self.stages, self.grouping, self.group_tokens, strict=True):
             g = groups.expand(batch, -1, -1)
             y = stage(torch.cat([x, g], dim=1))
             x, g = y[:, : x.shape[1]], y[:, x.shape[1] :]

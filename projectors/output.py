@@ -53,7 +53,12 @@ class TransformerOutputProjector(OutputProjector):
         with warnings.catch_warnings():  # norm_first disables the nested-tensor fast path; nothing to warn about
             warnings.filterwarnings("ignore", message="enable_nested_tensor is True")
             self.transformer = self._make_transformer(
-                d_model, num_heads, num_encoder_layers, num_decoder_layers, dim_feedforward or 4 * d_model, dropout
+                d_model,
+                num_heads,
+                num_encoder_layers,
+                num_decoder_layers,
+                dim_feedforward or 4 * d_model,
+                dropout,
             )
         self.queries = nn.Parameter(torch.randn(1, num_queries, d_model) * 0.02)
         self.out_fc = nn.Linear(d_model, out_dim)

@@ -92,4 +92,10 @@ def build_output_projector(
         **options: projector-specific options.
     """
     cls = _lookup(OUTPUT_PROJECTORS, "output", name)
-    return cls(in_dim=in_dim, out_dim=out_dim, num_queries=num_queries, num_signal_tokens=num_signal_tokens, **options)
+    return cls(
+        in_dim=in_dim,
+        out_dim=out_dim,
+        num_queries=num_queries,
+        num_signal_tokens=num_signal_tokens,
+        **options,
+    )

@@ -52,7 +52,12 @@ def test_input_projector_round_trip(tmp_path, name):
 @pytest.mark.parametrize(("num_queries", "num_signal", "dim"), [(77, 4, 768), (77, 24, 1024), (1, 8, 512), (24, 8, 64)])
 def test_output_projector_shapes(name, num_queries, num_signal, dim):
     proj = build_output_projector(
-        name, in_dim=32, out_dim=dim, num_queries=num_queries, num_signal_tokens=num_signal, **TINY_OUTPUT_OPTIONS[name]
+        name,
+        in_dim=32,
+        out_dim=dim,
+        num_queries=num_queries,
+        num_signal_tokens=num_signal,
+        **TINY_OUTPUT_OPTIONS[name],
     )
     out = proj(torch.randn(2, num_signal, 32), torch.randn(2, num_signal, 32))
     assert out.shape == (2, num_queries, dim)

@@ -24,7 +24,12 @@ def tokenizer_and_tokens():
 def test_added_tokens_have_the_configured_counts(tokenizer_and_tokens):
     tok, tokens = tokenizer_and_tokens
     assert [len(tokens.signal[m]) for m in (Modality.IMAGE, Modality.VIDEO, Modality.AUDIO)] == [4, 24, 8]
-    assert tok.convert_ids_to_tokens(tokens.signal[Modality.IMAGE]) == ["[IMG0]", "[IMG1]", "[IMG2]", "[IMG3]"]
+    assert tok.convert_ids_to_tokens(tokens.signal[Modality.IMAGE]) == [
+        "[IMG0]",
+        "[IMG1]",
+        "[IMG2]",
+        "[IMG3]",
+    ]
     assert tok.convert_ids_to_tokens(tokens.signal[Modality.AUDIO][-1]) == "[AUD7]"
     assert len(set(tokens.all_added_ids)) == 3 + 4 + 24 + 8
 

@@ -1,0 +1,635 @@
+"""Decoders: frozen diffusers pipelines that turn conditioning embeddings into images, videos and audio.
+
+Every decoder wraps one unmodified diffusers pipeline and drives it through ``prompt_embeds`` /
+``negative_prompt_embeds`` only. What differs between decoders is data on the subclass: the modality, the
+pipeline class, the standard conditioning shape, how captions are encoded (the pipeline's own method), which
+size arguments the pipeline takes and how its output becomes a ``PIL.Image`` / :class:`~anygpt.media.Video` /
+:class:`~anygpt.media.Audio`. The lifecycle (lazy load, device and dtype, caching the empty-prompt embedding,
+shape checks) lives here.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from diffusers import DiffusionPipeline
+
+from anygpt.modality import Modality
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "Decoder",
+    "DecoderConfig",
+    "DecoderSpec",
+    "build_decoder",
+    "decoder_class",
+    "list_decoder_presets",
+    "list_decoders",
+    "register_decoder",
+]
+
+TORCH_DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+}
+
+TINY_SOURCE = "tiny"
+
+
+# ----------------------------------------------------------------------------------------------------
+# Spec
+
+
+@dataclass(frozen=True)
+class DecoderSpec:
+    """What a decoder's conditioning looks like: the target of an output projector.
+
+    Attributes:
+        modality: what the decoder produces.
+        cond_len: tokens per conditioning sequence (77 for CLIP text encoders; 1 for pooled conditioning).
+        cond_dim: width of each token (SD 1.5: 768, ZeroScope: 1024, AudioLDM: 512).
+        pooled: the conditioning is one vector per sample, ``prompt_embeds`` of shape (B, cond_dim)
+            (AudioLDM).
+    """
+
+    modality: Modality
+    cond_len: int
+    cond_dim: int
+    pooled: bool = False
+
+    def __post_init__(self) -> None:
+        if self.cond_len < 1 or self.cond_dim < 1:
+            raise ValueError(f"cond_len and cond_dim must be positive, got {self.cond_len} and {self.cond_dim}")
+        if self.pooled and self.cond_len != 1:
+            raise ValueError(f"a pooled spec has cond_len 1, got {self.cond_len}")
+
+    @property
+    def cond_shape(self) -> tuple[int, ...]:
+        """Shape of one sample's conditioning: ``(cond_dim,)`` when pooled, else ``(cond_len, cond_dim)``."""
+        return (self.cond_dim,) if self.pooled else (self.cond_len, self.cond_dim)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Registry
+
+
+_DECODERS: dict[str, type[Decoder]] = {}
+
+
+def register_decoder(kind: str) -> Callable[[type[Decoder]], type[Decoder]]:
+    """Class decorator registering a :class:`Decoder` subclass under a lowercase ``kind`` name.
+
+    Args:
+        kind: the name used in :attr:`DecoderConfig.kind`, e.g. ``"stable-diffusion"``.
+
+    Raises:
+        ValueError: when the name is taken.
+    """
+    key = kind.strip().lower()
+
+    def decorate(cls: type[Decoder]) -> type[Decoder]:
+        if key in _DECODERS and _DECODERS[key] is not cls:
+            raise ValueError(f"decoder kind {key!r} is already registered to {_DECODERS[key].__name__}")
+        cls.kind = key
+        _DECODERS[key] = cls
+        return cls
+
+    return decorate
+
+
+def list_decoders() -> list[str]:
+    """Return the registered decoder kinds, sorted."""
+    return sorted(_DECODERS)
+
+
+def decoder_class(kind: str) -> type[Decoder]:
+    """Return the :class:`Decoder` subclass registered for ``kind``.
+
+    Raises:
+        ValueError: for an unknown kind, listing the valid ones.
+    """
+    key = str(kind).strip().lower()
+    if key not in _DECODERS:
+        raise ValueError(f"unknown decoder kind {kind!r}: expected one of {', '.join(list_decoders())}")
+    return _DECODERS[key]
+
+
+def build_decoder(config: DecoderConfig) -> Decoder:
+    """Build the decoder that ``config.kind`` names. Nothing is loaded until first use.
+
+    Args:
+        config: the decoder's configuration, e.g. ``DecoderConfig.from_preset("tiny-stable-diffusion")``.
+
+    Returns:
+        An unloaded :class:`Decoder`.
+    """
+    return decoder_class(config.kind)(config)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Config and presets
+
+
+@dataclass
+class DecoderConfig:
+    """Configuration of one decoder.
+
+    Attributes:
+        kind: registered decoder kind: ``"stable-diffusion"``, ``"zeroscope"`` or ``"audioldm"``.
+        source: ``"tiny"`` (random tiny components built in memory), a Hugging Face model id looked up in the
+            local cache, or a local folder holding a diffusers ``model_index.json``. Nothing is ever
+            downloaded.
+        seed: initialisation seed of the tiny components.
+        torch_dtype: ``"float32"``, ``"float16"`` or ``"bfloat16"``.
+        num_inference_steps: default denoising steps.
+        guidance_scale: default classifier-free guidance scale (<= 1 disables guidance).
+        height: default image / video height in pixels (multiple of 8).
+        width: default image / video width in pixels (multiple of 8).
+        num_frames: default video length in frames.
+        fps: frame rate attached to generated videos.
+        audio_seconds: default audio length in seconds.
+        cond_len: conditioning tokens; ``None`` means the kind's standard (77, or 1 for pooled conditioning).
+        cond_dim: conditioning width; ``None`` means the kind's real model's (768, 1024, 512). Tiny components
+            are built at this width (the tiny presets use 32). Checked against the loaded text encoder.
+    """
+
+    kind: str
+    source: str = TINY_SOURCE
+    seed: int = 0
+    torch_dtype: str = "float32"
+    num_inference_steps: int = 50
+    guidance_scale: float = 7.5
+    height: int = 512
+    width: int = 512
+    num_frames: int = 24
+    fps: float = 8.0
+    audio_seconds: float = 5.0
+    cond_len: int | None = None
+    cond_dim: int | None = None
+
+    def __post_init__(self) -> None:
+        self.kind = decoder_class(self.kind).kind  # normalises the name; raises listing the valid kinds
+        if not isinstance(self.source, str) or not self.source.strip():
+            raise ValueError(f"source must be 'tiny', a model id or a local folder, got {self.source!r}")
+        if self.torch_dtype not in TORCH_DTYPES:
+            raise ValueError(f"torch_dtype must be one of {', '.join(TORCH_DTYPES)}, got {self.torch_dtype!r}")
+        _check_int("seed", self.seed, minimum=0)
+        _check_int("num_inference_steps", self.num_inference_steps, minimum=1)
+        _check_int("num_frames", self.num_frames, minimum=1)
+        for name in ("height", "width"):
+            value = getattr(self, name)
+            _check_int(name, value, minimum=8)
+            if value % 8:
+                raise ValueError(f"{name} must be a multiple of 8, got {value}")
+        for name in ("guidance_scale", "fps", "audio_seconds"):
+            value = getattr(self, name)
+            if not isinstance(value, int | float) or isinstance(value, bool):
+                raise ValueError(f"{name} must be a number, got {value!r}")
+        if self.guidance_scale < 0:
+            raise ValueError(f"guidance_scale must be >= 0, got {self.guidance_scale}")
+        if self.fps <= 0 or self.audio_seconds <= 0:
+            raise ValueError(f"fps and audio_seconds must be positive, got {self.fps} and {self.audio_seconds}")
+        for name in ("cond_len", "cond_dim"):
+            if getattr(self, name) is not None:
+                _check_int(name, getattr(self, name), minimum=1)
+        cls = decoder_class(self.kind)
+        if cls.pooled and self.cond_len not in (None, 1):
+            raise ValueError(f"{self.kind} conditioning is one pooled vector: cond_len must be 1, got {self.cond_len}")
+
+    @property
+    def is_tiny(self) -> bool:
+        """Whether the components are tiny random ones built in memory."""
+        return self.source == TINY_SOURCE
+
+    @property
+    def modality(self) -> Modality:
+        """What this decoder produces."""
+        return decoder_class(self.kind).modality
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the fields as a plain JSON-serialisable dict."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> DecoderConfig:
+        """Build a config from :meth:`to_dict` output.
+
+        Raises:
+            ValueError: on unknown keys (listing the valid ones) or invalid values.
+        """
+        valid = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - valid)
+        if unknown:
+            raise ValueError(f"unknown DecoderConfig keys {unknown}: valid keys are {', '.join(sorted(valid))}")
+        return cls(**data)
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any) -> DecoderConfig:
+        """Build the config of a named preset, e.g. ``"stable-diffusion-v1-5"`` or ``"tiny-audioldm"``.
+
+        Args:
+            name: a name from :func:`list_decoder_presets`.
+            **overrides: fields to change, e.g. ``num_inference_steps=25``.
+
+        Raises:
+            ValueError: for an unknown name, listing the valid ones.
+        """
+        key = str(name).strip().lower()
+        if key not in _PRESETS:
+            raise ValueError(f"unknown decoder preset {name!r}: expected one of {', '.join(list_decoder_presets())}")
+        return cls.from_dict({**_PRESETS[key], **overrides})
+
+
+def _or_default(value: Any, default: Any) -> Any:
+    return default if value is None else value
+
+
+def _check_int(name: str, value: Any, *, minimum: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+# Conditioning widths are those of each model's text encoder config (text_encoder/config.json: hidden_size, or
+# projection_dim for AudioLDM's CLAP); the decoder checks them against the loaded model.
+_TINY = {"source": TINY_SOURCE, "num_inference_steps": 3, "cond_dim": 32}
+_PRESETS: dict[str, dict[str, Any]] = {
+    "stable-diffusion-v1-5": {
+        "kind": "stable-diffusion",
+        "source": "runwayml/stable-diffusion-v1-5",
+        "num_inference_steps": 50,
+        "guidance_scale": 7.5,
+        "height": 512,
+        "width": 512,
+        "cond_dim": 768,
+    },
+    "zeroscope-v2-576w": {
+        "kind": "zeroscope",
+        "source": "cerspense/zeroscope_v2_576w",
+        "num_inference_steps": 40,
+        "guidance_scale": 7.5,
+        "height": 320,
+        "width": 576,
+        "num_frames": 24,
+        "fps": 8.0,
+        "cond_dim": 1024,
+    },
+    "audioldm-l-full": {
+        "kind": "audioldm",
+        "source": "cvssp/audioldm-l-full",
+        "num_inference_steps": 50,
+        "guidance_scale": 2.5,
+        "audio_seconds": 5.0,
+        "cond_dim": 512,
+    },
+    "tiny-stable-diffusion": {"kind": "stable-diffusion", **_TINY, "height": 64, "width": 64},
+    "tiny-zeroscope": {"kind": "zeroscope", **_TINY, "height": 64, "width": 64, "num_frames": 8, "fps": 8.0},
+    "tiny-audioldm": {"kind": "audioldm", **_TINY, "guidance_scale": 2.5, "audio_seconds": 1.0},
+}
+
+
+def list_decoder_presets() -> list[str]:
+    """Return the names accepted by :meth:`DecoderConfig.from_preset`, sorted."""
+    return sorted(_PRESETS)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Decoder
+
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+class Decoder(ABC):
+    """A frozen diffusers pipeline driven by conditioning embeddings.
+
+    Subclasses are data: class attributes (modality, pipeline class, tiny builder, standard conditioning
+    shape, output type) plus two small conversions (:meth:`_size_kwargs`, :meth:`_outputs`); a decoder whose
+    pipeline encodes captions differently overrides :meth:`_encode_with_pipeline`. Pipelines stay unmodified.
+
+    Construction is cheap: the pipeline is built on the first :meth:`generate` / :meth:`encode_captions` (or
+    an explicit :meth:`load`) and kept until :meth:`unload`.
+
+    Args:
+        config: a :class:`DecoderConfig` whose kind is this class's.
+
+    Example:
+        >>> decoder = build_decoder(DecoderConfig.from_preset("tiny-stable-diffusion"))
+        >>> images = decoder.generate(decoder.encode_captions(["a red circle"]))
+    """
+
+    kind: ClassVar[str]  # set by register_decoder
+    modality: ClassVar[Modality]
+    pipeline_class: ClassVar[type[DiffusionPipeline]]
+    tiny_components: ClassVar[Callable[..., dict[str, Any]]]  # keyword-only seed, cond_dim -> pipeline kwargs
+    pipeline_options: ClassVar[dict[str, Any]] = {}  # extra pipeline arguments, tiny or pretrained
+    pooled: ClassVar[bool] = False
+    standard_cond_len: ClassVar[int] = 77
+    standard_cond_dim: ClassVar[int]
+    output_type: ClassVar[str] = "np"  # what the pipeline is asked for; _outputs converts it
+
+    def __init__(self, config: DecoderConfig) -> None:
+        if decoder_class(config.kind) is not type(self):
+            raise ValueError(f"{type(self).__name__} cannot be built from a {config.kind!r} config")
+        self.config = config
+        self.load_count = 0
+        self._pipeline: DiffusionPipeline | None = None
+        self._device: torch.device | None = None
+        self._dtype: torch.dtype = TORCH_DTYPES[config.torch_dtype]
+        self._negative: torch.Tensor | None = None
+
+    # ---- description
+
+    @property
+    def spec(self) -> DecoderSpec:
+        """The conditioning this decoder takes, from its config (checked against the model on load)."""
+        return DecoderSpec(
+            modality=self.modality,
+            cond_len=self.config.cond_len or self.standard_cond_len,
+            cond_dim=self.config.cond_dim or self.standard_cond_dim,
+            pooled=self.pooled,
+        )
+
+    @property
+    def is_loaded(self) -> bool:
+        """Whether the diffusers pipeline is built and held."""
+        return self._pipeline is not None
+
+    @property
+    def pipeline(self) -> DiffusionPipeline:
+        """The underlying diffusers pipeline (loads it if needed). Call it directly only for checks."""
+        return self.load()
+
+    @property
+    def device(self) -> torch.device:
+        """Where the pipeline runs (or will run)."""
+        return self._device or torch.device("cpu")
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The pipeline's (or future pipeline's) dtype."""
+        return self._dtype
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(source={self.config.source!r}, spec={self.spec.cond_shape}, "
+            f"loaded={self.is_loaded}, device={self.device}, dtype={self.dtype})"
+        )
+
+    # ---- lifecycle
+
+    def load(self) -> DiffusionPipeline:
+        """Build the pipeline once and keep it; later calls return the same object.
+
+        Returns:
+            The diffusers pipeline, on :attr:`device` in :attr:`dtype`.
+
+        Raises:
+            FileNotFoundError: a real source is neither a local folder nor in the Hugging Face cache.
+            ValueError: the loaded text encoder's conditioning shape differs from :attr:`spec`.
+        """
+        if self._pipeline is not None:
+            return self._pipeline
+        start = time.perf_counter()
+        if self.pipeline_options:
+            logger.info("%s decoder pipeline options: %s", self.kind, self.pipeline_options)
+        if self.config.is_tiny:
+            components = self.tiny_components(seed=self.config.seed, cond_dim=self.spec.cond_dim)
+            pipe = self.pipeline_class(**{**components, **self.pipeline_options})
+        else:
+            pipe = self._from_pretrained()
+        self._check_loaded_spec(pipe)
+        self._place(pipe)
+        pipe.set_progress_bar_config(disable=True)
+        self._pipeline = pipe
+        self.load_count += 1
+        logger.info(
+            "loaded %s decoder from %s in %.2f s (%s, %s)",
+            self.kind,
+            self.config.source,
+            time.perf_counter() - start,
+            self.device,
+            self._dtype,
+        )
+        return pipe
+
+    def unload(self) -> None:
+        """Drop the pipeline and cached embeddings; the next use loads it again."""
+        self._pipeline = None
+        self._negative = None
+
+    def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> Decoder:
+        """Move the pipeline now if it is loaded, otherwise when it loads.
+
+        Args:
+            device: target device, or ``None`` to keep the current one.
+            dtype: target floating dtype, or ``None`` to keep the current one.
+
+        Returns:
+            ``self``.
+        """
+        if device is not None:
+            self._device = torch.device(device)
+        if dtype is not None:
+            self._dtype = dtype
+        if self._pipeline is not None:
+            self._place(self._pipeline)
+        self._negative = None
+        return self
+
+    # ---- the two operations
+
+    @torch.no_grad()
+    def encode_captions(self, captions: list[str]) -> torch.Tensor:
+        """Embed captions with the decoder's own text encoder, as its pipeline computes ``prompt_embeds``.
+
+        This is the stage-2 training target of the output projector.
+
+        Args:
+            captions: B strings.
+
+        Returns:
+            (B, cond_len, cond_dim), or (B, cond_dim) for pooled conditioning; on the pipeline's device, in
+            the text encoder's dtype.
+        """
+        if isinstance(captions, str) or not captions:
+            raise ValueError("captions must be a non-empty list of strings")
+        pipe = self.load()
+        embeds = self._encode_with_pipeline(pipe, list(captions), pipe._execution_device)
+        self._check_shape(embeds, "encoded captions")
+        return embeds
+
+    @torch.no_grad()
+    def generate(
+        self,
+        prompt_embeds: torch.Tensor,
+        *,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        num_frames: int | None = None,
+        audio_seconds: float | None = None,
+        show_progress: bool = True,
+    ) -> list[Any]:
+        """Generate one output per row of ``prompt_embeds``.
+
+        Arguments left as ``None`` take the config's defaults. Size arguments a decoder does not use
+        (``num_frames`` for images, ``height`` for audio, ...) are ignored: one call serves every decoder.
+
+        Args:
+            prompt_embeds: (B, cond_len, cond_dim), or (B, cond_dim) for pooled conditioning (:attr:`spec`).
+            negative_prompt_embeds: same shape, or batch 1 (expanded); default: the empty caption's embedding.
+            num_inference_steps: denoising steps.
+            guidance_scale: classifier-free guidance scale; <= 1 disables guidance.
+            generator: torch generator(s) for reproducible sampling.
+            height: image / video height in pixels.
+            width: image / video width in pixels.
+            num_frames: video frames.
+            audio_seconds: audio length in seconds.
+            show_progress: show the pipeline's progress bar.
+
+        Returns:
+            B outputs: ``PIL.Image.Image`` for images; :class:`anygpt.media.Video` (uint8 (T, H, W, 3), the
+            config's fps) for video; :class:`anygpt.media.Audio` (float32 (T,), the vocoder's rate) for audio.
+
+        Raises:
+            ValueError: when an embedding's shape does not match :attr:`spec`.
+        """
+        self._check_shape(prompt_embeds, "prompt_embeds")
+        batch = prompt_embeds.shape[0]
+        if negative_prompt_embeds is not None:
+            self._check_shape(negative_prompt_embeds, "negative_prompt_embeds", batch=(1, batch))
+        pipe = self.load()
+        target = {"device": pipe._execution_device, "dtype": pipe.unet.dtype}
+        if negative_prompt_embeds is None:
+            negative_prompt_embeds = self.empty_caption_embedding()
+        negative = negative_prompt_embeds.to(**target)
+        negative = negative.expand(batch, *negative.shape[1:]) if negative.shape[0] == 1 else negative
+        pipe.set_progress_bar_config(disable=not show_progress)
+        cfg = self.config
+        output = pipe(
+            prompt_embeds=prompt_embeds.to(**target),
+            negative_prompt_embeds=negative,
+            num_inference_steps=_or_default(num_inference_steps, cfg.num_inference_steps),
+            guidance_scale=_or_default(guidance_scale, cfg.guidance_scale),
+            generator=generator,
+            output_type=self.output_type,
+            **self._size_kwargs(
+                height=_or_default(height, cfg.height),
+                width=_or_default(width, cfg.width),
+                num_frames=_or_default(num_frames, cfg.num_frames),
+                audio_seconds=_or_default(audio_seconds, cfg.audio_seconds),
+            ),
+        )
+        return self._outputs(pipe, output)
+
+    def empty_caption_embedding(self) -> torch.Tensor:
+        """``encode_captions([""])``, computed once per load: the default negative conditioning, (1, ...)."""
+        if self._negative is None:
+            self._negative = self.encode_captions([""])
+        return self._negative
+
+    # ---- hooks: what differs between decoders
+
+    def _encode_with_pipeline(self, pipe: DiffusionPipeline, captions: list[str], device: torch.device) -> torch.Tensor:
+        """The pipeline's own caption encoding, without guidance: what it passes on as ``prompt_embeds``."""
+        prompt_embeds, _ = pipe.encode_prompt(captions, device, 1, False)  # one per prompt, no guidance
+        return prompt_embeds
+
+    @abstractmethod
+    def _size_kwargs(self, *, height: int, width: int, num_frames: int, audio_seconds: float) -> dict[str, Any]:
+        """The pipeline's size arguments, picked from the generic ones."""
+
+    @abstractmethod
+    def _outputs(self, pipe: DiffusionPipeline, output: Any) -> list[Any]:
+        """Convert the pipeline's output (called with :attr:`output_type`) to one media object per sample."""
+
+    def _spec_of(self, pipe: DiffusionPipeline) -> DecoderSpec:
+        """The conditioning shape the loaded pipeline's text encoder produces."""
+        return DecoderSpec(
+            modality=self.modality,
+            cond_len=pipe.tokenizer.model_max_length,
+            cond_dim=pipe.text_encoder.config.hidden_size,
+        )
+
+    # ---- helpers
+
+    def _place(self, pipe: DiffusionPipeline) -> None:
+        """Move ``pipe`` to :attr:`device` and cast it to :attr:`dtype` (only where they differ)."""
+        if pipe.device != self.device:
+            pipe.to(device=self.device)
+        if pipe.dtype != self._dtype:
+            pipe.to(dtype=self._dtype)
+
+    def _check_shape(self, embeds: torch.Tensor, name: str, batch: tuple[int, ...] | None = None) -> None:
+        expected = self.spec.cond_shape
+        ok = isinstance(embeds, torch.Tensor) and embeds.dim() == len(expected) + 1
+        ok = ok and tuple(embeds.shape[1:]) == expected and embeds.shape[0] >= 1
+        ok = ok and (batch is None or embeds.shape[0] in batch)
+        if not ok:
+            found = tuple(embeds.shape) if isinstance(embeds, torch.Tensor) else type(embeds).__name__
+            rows = "B" if batch is None else " or ".join(str(b) for b in sorted(set(batch)))
+            shape = ", ".join(map(str, (rows, *expected)))
+            raise ValueError(f"{self.kind} decoder {name}: expected shape ({shape}), found {found}")
+
+    def _check_loaded_spec(self, pipe: DiffusionPipeline) -> None:
+        loaded, declared = self._spec_of(pipe), self.spec
+        if loaded != declared:
+            raise ValueError(
+                f"{self.kind} decoder from {self.config.source!r} produces conditioning {loaded.cond_shape}, "
+                f"but the config declares {declared.cond_shape}: set cond_len/cond_dim in its DecoderConfig"
+            )
+
+    def _from_pretrained(self) -> DiffusionPipeline:
+        """Load the pipeline from a local folder or the Hugging Face cache, never from the network."""
+        from huggingface_hub import constants, try_to_load_from_cache
+
+        source = self.config.source
+        cache = Path(constants.HF_HUB_CACHE)
+        local = Path(source).expanduser()
+        is_hub_id = bool(_HUB_ID.match(source)) and not local.exists()
+        if local.is_dir() and (local / "model_index.json").is_file():
+            location = str(local)
+        elif is_hub_id and isinstance(try_to_load_from_cache(source, "model_index.json", cache_dir=cache), str):
+            location = source
+        else:
+            raise FileNotFoundError(self._missing_message(local, cache, is_hub_id))
+        logger.info("loading %s (%s) with %s", source, self.config.torch_dtype, self.pipeline_class.__name__)
+        try:
+            return self.pipeline_class.from_pretrained(
+                location,
+                dtype=self._dtype,  # diffusers >= 0.36 name of the deprecated torch_dtype
+                local_files_only=True,
+                cache_dir=cache,
+                **self.pipeline_options,
+            )
+        except OSError as error:  # a partial download: some component files are missing
+            raise FileNotFoundError(f"{self._missing_message(local, cache, is_hub_id)} ({error})") from error
+
+    def _missing_message(self, local: Path, cache: Path, is_hub_id: bool) -> str:
+        source = self.config.source
+        places = [f"the local folder {local.resolve()} (needs model_index.json)"]
+        if is_hub_id:
+            places.append(f"the Hugging Face cache {cache} (HF_HUB_CACHE)")
+        how = (
+            f"download it on a machine with network access with `hf download {source}` (or "
+            f"huggingface_hub.snapshot_download({source!r})) and copy the cache here or point HF_HUB_CACHE "
+            "at it, "
+            "or set source to a local folder holding a diffusers model_index.json"
+            if is_hub_id
+            else "set source to a folder holding a diffusers model_index.json, or to a Hugging Face model id"
+        )
+        looked = " and ".join(places)
+        return f"{self.kind} decoder weights {source!r} not found; looked in {looked}. To fix: {how}."

@@ -1,0 +1,51 @@
+"""Shared fixtures: tiny components built locally, no network."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLES = REPO.parent / "shared" / "nextgpt-samples"
+
+
+@pytest.fixture(scope="session")
+def samples_dir() -> Path:
+    if not SAMPLES.is_dir():
+        pytest.skip(f"NExT-GPT sample data not found at {SAMPLES}")
+    return SAMPLES
+
+
+@pytest.fixture(scope="session")
+def tiny_pipe():
+    """One tiny pipeline for the whole session. Tests must not change its weights."""
+    from anygpt import AnyGPTPipeline
+
+    return AnyGPTPipeline.from_pretrained("tiny")
+
+
+@pytest.fixture(scope="session")
+def media_files(tmp_path_factory) -> dict[str, Path]:
+    """A small real PNG, WAV and MP4 written by the project's own writers."""
+    from anygpt.media import Audio, Video, save_audio, save_image, save_video
+
+    folder = tmp_path_factory.mktemp("media")
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8))
+    t = np.arange(16000, dtype=np.float32) / 16000
+    audio = Audio(0.5 * np.sin(2 * np.pi * 523 * t).astype(np.float32), 16000)
+    frames = np.zeros((8, 64, 64, 3), dtype=np.uint8)
+    for i in range(8):
+        frames[i, 24:40, 4 + 6 * i : 20 + 6 * i] = (40, 80, 220)
+    paths = {"image": folder / "in.png", "audio": folder / "in.wav", "video": folder / "in.mp4"}
+    save_image(image, paths["image"])
+    save_audio(audio, paths["audio"])
+    save_video(Video(frames, 8.0), paths["video"])
+    return paths
