@@ -1,6 +1,6 @@
 """The anygpt chat demo (Gradio). Placeholder until the demo lands: it runs one generation from the command line.
 
-    python app.py [--model NAME|DIR]
+python app.py [--model NAME|DIR]
 """
 
 from __future__ import annotations

@@ -121,6 +121,8 @@ class AnyGPTPipeline:
             raise ValueError(f"{path} is a folder but holds no {INDEX_FILE} (not written by save_pretrained)")
         name = str(name_or_dir)
         if name in list_presets():
+            if name == "tiny":
+                logger.warning("the 'tiny' preset is randomly initialised: its text and media are noise")
             return cls.from_config(config_from_preset(name))
         raise ValueError(f"unknown model {name!r}: not a folder, and presets are {', '.join(list_presets())}")
 
@@ -244,8 +246,13 @@ class AnyGPTPipeline:
         max_new_tokens: int,
         temperature: float,
         top_p: float,
-    ) -> list[int]:
-        """Run the LLM and return the produced ids with every signal group complete (forced groups appended)."""
+    ) -> tuple[list[int], Any]:
+        """Run the LLM.
+
+        Returns:
+            the produced ids with every signal group complete (forced groups appended), and the key/value cache
+            (``signal_conditioning`` reuses its prompt part; None if the model returned none).
+        """
         from transformers import LogitsProcessorList
 
         tokens = self.model.tokens
@@ -263,8 +270,9 @@ class AnyGPTPipeline:
             logits_processor=LogitsProcessorList([processor]),
             pad_token_id=self.tokenizer.pad_token_id,
             eos_token_id=self.tokenizer.eos_token_id,
+            return_dict_in_generate=True,
         )
-        ids = out[0].tolist() if isinstance(out, torch.Tensor) else out.sequences[0].tolist()
+        ids = out.sequences[0].tolist()
         eos = self.tokenizer.eos_token_id
         if eos in ids:
             ids = ids[: ids.index(eos)]
@@ -273,27 +281,45 @@ class AnyGPTPipeline:
         for modality in self.decoders:
             if forced is not None and modality in forced:
                 ids.extend(tokens.signal[modality])
-        return ids
+        return ids, getattr(out, "past_key_values", None)
 
     @torch.no_grad()
     def signal_conditioning(
-        self, input_ids: torch.Tensor, inputs_embeds: torch.Tensor, generated: list[int]
+        self,
+        input_ids: torch.Tensor,
+        inputs_embeds: torch.Tensor,
+        generated: list[int],
+        past_key_values: Any = None,
     ) -> dict[Modality, torch.Tensor]:
         """Decoder conditioning for every signal group in ``generated``.
 
-        One forward pass over prompt + generated tokens gives the last-layer hidden states; each group's are read at
-        the positions where its signal tokens are the input, exactly as in training.
+        A forward pass over the generated tokens (reusing the prompt's key/value cache when given, else over prompt
+        + generated tokens) gives the last-layer hidden states; each group's are read at the positions where its
+        signal tokens are the input, exactly as in training.
         """
         present = [m for m in self.decoders if set(self.model.tokens.signal[m]) & set(generated)]
         if not present:
             return {}
+        llm = self.model.language_model
+        prompt_len = input_ids.shape[1]
         gen = torch.tensor([generated], device=input_ids.device)
-        full_ids = torch.cat([input_ids, gen], dim=1)
-        gen_embeds = self.model.language_model.get_input_embeddings()(gen)
-        full_embeds = torch.cat([inputs_embeds, gen_embeds.to(inputs_embeds.dtype)], dim=1)
-        out = self.model.language_model(inputs_embeds=full_embeds, output_hidden_states=True, use_cache=False)
-        hidden = out.hidden_states[-1]
-        return {m: self.model.signal_conditioning(m, hidden, full_ids)[0] for m in present}
+        gen_embeds = llm.get_input_embeddings()(gen).to(inputs_embeds.dtype)
+        if past_key_values is not None and past_key_values.get_seq_length() >= prompt_len:
+            past_key_values.crop(-(past_key_values.get_seq_length() - prompt_len))  # keep the prompt's part only
+            mask = torch.ones((1, prompt_len + gen.shape[1]), dtype=torch.long, device=gen.device)
+            out = llm(
+                inputs_embeds=gen_embeds,
+                attention_mask=mask,
+                past_key_values=past_key_values,
+                output_hidden_states=True,
+                use_cache=True,
+            )
+            hidden, ids = out.hidden_states[-1], gen  # (1, T_gen, H)
+        else:
+            full_embeds = torch.cat([inputs_embeds, gen_embeds], dim=1)
+            out = llm(inputs_embeds=full_embeds, output_hidden_states=True, use_cache=False)
+            hidden, ids = out.hidden_states[-1], torch.cat([input_ids, gen], dim=1)
+        return {m: self.model.signal_conditioning(m, hidden, ids)[0] for m in present}
 
     def decode(
         self,
@@ -385,14 +411,14 @@ class AnyGPTPipeline:
                 if seed is not None:
                     torch.manual_seed(seed)
                 input_ids, inputs_embeds = self.build_inputs(conversation)
-                generated = self.generate_tokens(
+                generated, cache = self.generate_tokens(
                     inputs_embeds,
                     forced=forced,
                     max_new_tokens=max_new_tokens,
                     temperature=temperature,
                     top_p=top_p,
                 )
-            conditioning = self.signal_conditioning(input_ids, inputs_embeds, generated)
+            conditioning = self.signal_conditioning(input_ids, inputs_embeds, generated, cache)
         except BaseException:
             conversation.turns.pop()  # the failed user turn is not kept
             raise

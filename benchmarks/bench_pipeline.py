@@ -56,10 +56,10 @@ def main() -> None:
         conv.add_user(PROMPT)
         with torch.no_grad():
             input_ids, embeds = pipe.build_inputs(conv)
-            generated = pipe.generate_tokens(
+            generated, cache = pipe.generate_tokens(
                 embeds, forced=set(modalities), max_new_tokens=args.max_new_tokens, temperature=0.0, top_p=1.0
             )
-            cond = pipe.signal_conditioning(input_ids, embeds, generated)
+            cond = pipe.signal_conditioning(input_ids, embeds, generated, cache)
             for i, (modality, c) in enumerate(cond.items()):
                 decoder = pipe.decoders[modality]
                 negative = decoder.empty_caption_embedding().to(c).expand_as(c)

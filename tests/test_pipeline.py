@@ -207,3 +207,18 @@ def test_bad_arguments_raise_clear_errors(tiny_pipe, kwargs, message):
 def test_wrong_object_type_is_a_media_error(tiny_pipe):
     with pytest.raises(MediaError, match="expected a file path or a Audio object, got ndarray"):
         tiny_pipe("x", audios=[np.zeros(10)])
+
+
+def test_cached_and_full_forward_give_the_same_conditioning(tiny_pipe):
+    """Reusing the prompt's key/value cache for the signal hidden states matches a full forward pass."""
+    conv = Conversation()
+    conv.add_user("draw something and play something")
+    input_ids, embeds = tiny_pipe.build_inputs(conv)
+    forced = {Modality.IMAGE, Modality.AUDIO}
+    generated, cache = tiny_pipe.generate_tokens(embeds, forced=forced, max_new_tokens=5, temperature=0.0, top_p=1.0)
+    assert cache is not None
+    with_cache = tiny_pipe.signal_conditioning(input_ids, embeds, generated, cache)
+    full = tiny_pipe.signal_conditioning(input_ids, embeds, generated)
+    assert set(with_cache) == set(full) == forced
+    for m in forced:
+        torch.testing.assert_close(with_cache[m], full[m], rtol=1e-4, atol=1e-5)
