@@ -13,20 +13,16 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import re
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 logger = logging.getLogger("anygpt.cli")
-
-BATCH_FIELDS = {
-    "prompt", "images", "audios", "videos", "modalities", "seed", "steps", "guidance", "frames", "audio_seconds",
-    "max_new_tokens", "temperature", "top_p", "id",
-}  # fmt: skip
 
 
 class UsageError(Exception):
@@ -51,6 +47,49 @@ class GenerateRequest:
     temperature: float = 0.0
     top_p: float = 1.0
     id: str | None = None
+    origin: str = field(default="", repr=False, compare=False)  # "FILE:LINE: " for error messages, not a field
+
+    def validate(self) -> None:
+        """Check every field's type and range; raise ``UsageError`` naming the field (and the batch line)."""
+        where = self.origin
+
+        def fail(name: str, expected: str) -> None:
+            raise UsageError(f"{where}'{name}' must be {expected}, got {getattr(self, name)!r}")
+
+        if not isinstance(self.prompt, str):
+            fail("prompt", "a string")
+        for name in ("images", "audios", "videos"):
+            value = getattr(self, name)
+            if not isinstance(value, list) or not all(isinstance(v, str | os.PathLike) for v in value):
+                fail(name, "a list of file paths")
+        if not isinstance(self.modalities, str) and not (
+            isinstance(self.modalities, list) and all(isinstance(m, str) for m in self.modalities)
+        ):
+            fail("modalities", "'auto', a comma-separated string or a list of names")
+        for name, minimum in (("seed", 0), ("steps", 1), ("frames", 1), ("max_new_tokens", 1)):
+            value = getattr(self, name)
+            if value is None and name != "max_new_tokens":
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+                fail(name, f"an integer >= {minimum}")
+        for name in ("guidance", "audio_seconds", "temperature", "top_p"):
+            value = getattr(self, name)
+            if value is None and name in ("guidance", "audio_seconds"):
+                continue
+            if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+                fail(name, "a finite number")
+        if self.id is not None and not (isinstance(self.id, str) and re.fullmatch(r"[A-Za-z0-9._-]+", self.id)):
+            fail("id", "a name of letters, digits, '.', '_' and '-'")
+        if self.id in (".", ".."):
+            fail("id", "a file-name stem")
+
+
+BATCH_FIELDS = {f.name for f in fields(GenerateRequest)} - {"origin"}
+
+
+def _check_out(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out}: expected a folder, found a file")
 
 
 def _check_files(request: GenerateRequest, where: str = "") -> None:
@@ -95,10 +134,12 @@ def write_outputs(result, out: Path, stem: str) -> dict[str, list[str]]:
 
 def generate(request: GenerateRequest, *, model: str = "tiny", out: str | os.PathLike = "outputs", pipe=None) -> dict:
     """Run one request and write its files. Returns ``{"text", "images", "videos", "audios"}`` (paths)."""
+    request.validate()
     _check_files(request)
+    out = Path(out).expanduser()
+    _check_out(out)
     pipe = pipe if pipe is not None else load_pipeline(model)
     result = _run(pipe, request)
-    out = Path(out).expanduser()
     paths = write_outputs(result, out, request.id or _next_stem(out))
     return {"text": result.text, **paths}
 
@@ -129,6 +170,7 @@ def read_batch(path: str | os.PathLike) -> list[GenerateRequest]:
     if not path.is_file():
         raise UsageError(f"--batch {path}: expected a JSONL file, found {'a folder' if path.is_dir() else 'nothing'}")
     requests = []
+    ids: set[str] = set()
     for lineno, line in enumerate(path.read_text().splitlines(), 1):
         if not line.strip():
             continue
@@ -151,9 +193,11 @@ def read_batch(path: str | os.PathLike) -> list[GenerateRequest]:
             data[kind] = [str(path.parent / Path(v).expanduser()) for v in value]
         if data.get("id") is not None:
             data["id"] = str(data["id"])
-            if not re.fullmatch(r"[A-Za-z0-9._-]+", data["id"]):
-                raise UsageError(f"{where}'id' may hold only letters, digits, '.', '_' and '-'")
-        request = GenerateRequest(**data)
+            if data["id"] in ids:
+                raise UsageError(f"{where}'id' {data['id']!r} is used by an earlier line too")
+            ids.add(data["id"])
+        request = GenerateRequest(**data, origin=where)
+        request.validate()
         _check_files(request, where)
         requests.append(request)
     if not requests:
@@ -172,13 +216,18 @@ def generate_batch(
     """Run many requests with a progress bar; each result is appended to ``out/results.jsonl`` as it finishes."""
     from tqdm.auto import tqdm
 
-    pipe = pipe if pipe is not None else load_pipeline(model)
     out = Path(out).expanduser()
+    _check_out(out)
+    pipe = pipe if pipe is not None else load_pipeline(model)
     out.mkdir(parents=True, exist_ok=True)
     for request in requests:
+        request.validate()
         if modalities is not None and request.modalities == "auto":
             request.modalities = modalities
-        pipe.parse_modalities(request.modalities)  # validate every line before generating anything
+        try:
+            pipe.parse_modalities(request.modalities)  # validate every line before generating anything
+        except ValueError as err:
+            raise UsageError(f"{request.origin}{err}") from None
     results = []
     with open(out / "results.jsonl", "a") as log:
         for request in tqdm(requests, desc="generate", unit="prompt"):
@@ -317,7 +366,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             for key, names in info(args.topic).items():
                 print(f"{key}: {', '.join(names)}")
-    except (UsageError, MediaError, ValueError, TypeError, FileNotFoundError) as err:
+    except (UsageError, MediaError, ValueError, TypeError, OSError) as err:
         logger.debug("error details", exc_info=True)
         print(f"anygpt: error: {err}".splitlines()[0], file=sys.stderr)
         return 2

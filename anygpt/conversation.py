@@ -44,7 +44,7 @@ TEMPLATES: dict[str, ChatTemplate] = {
         user="### Human:",
         assistant="### Assistant:",
         sep="\n",
-        assistant_end="\n###",
+        assistant_end="\n",
         end_with_eos=False,
     ),
     "plain": ChatTemplate(name="plain", system="", user="", assistant="", sep="", assistant_end="", end_with_eos=True),
@@ -86,10 +86,15 @@ class Conversation:
     Attributes:
         turns: the user and assistant turns so far.
         features: encoder outputs by media key: each media item is encoded once per conversation.
-        template: chat template name.
+        template: chat template name; None takes the model's own when the pipeline first uses the conversation.
     """
 
-    template: str = "vicuna_v1"
+    template: str | None = None
+
+    def __post_init__(self):
+        if self.template is not None:
+            get_template(self.template)  # fail early on an unknown name
+
     turns: list[Turn] = field(default_factory=list)
     features: dict[str, Any] = field(default_factory=dict)
 
@@ -113,7 +118,13 @@ class Conversation:
         return [m for t in self.turns for m in t.media]
 
     def prompt_pieces(self, eos_token_id: int | None) -> list[Piece]:
-        """The whole conversation as prompt pieces, ending with the assistant prefix (ready for generation)."""
+        """The whole conversation as prompt pieces, ending with the assistant prefix (ready for generation).
+
+        Vicuna v1: ``{system} USER: {text} ASSISTANT:{reply ids}</s>USER: {text} ASSISTANT:``. A reply's ids follow
+        the assistant prefix directly, as they were generated after it.
+        """
+        if self.template is None:
+            raise ValueError("conversation has no chat template yet (set Conversation.template)")
         tpl = get_template(self.template)
         pieces: list[Piece] = []
         if tpl.system:
@@ -127,7 +138,7 @@ class Conversation:
                     pieces.append("\n")
                 pieces.append(turn.text + tpl.sep)
             else:
-                pieces.append(f"{tpl.assistant} " if tpl.assistant else "")
+                pieces.append(tpl.assistant)
                 pieces.append(list(turn.token_ids or []))
                 pieces.append(tpl.assistant_end)
                 if tpl.end_with_eos and eos_token_id is not None:

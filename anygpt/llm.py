@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -79,6 +79,9 @@ class LanguageModelConfig:
         if isinstance(self.lora, dict):
             self.lora = LoraSettings(**self.lora)
         resolve_dtype(self.torch_dtype)
+        from anygpt.conversation import get_template
+
+        get_template(self.template)
         if self.source == TINY and self.hidden_size % self.num_heads:
             raise ValueError(f"llm.hidden_size {self.hidden_size} is not divisible by llm.num_heads {self.num_heads}")
 
@@ -87,6 +90,10 @@ class LanguageModelConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> LanguageModelConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"llm config: unknown keys {sorted(unknown)}; valid keys are {sorted(known)}")
         return cls(**data)
 
 

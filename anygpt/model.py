@@ -31,6 +31,8 @@ from anygpt.tokens import (
 logger = logging.getLogger(__name__)
 
 TOKEN_ROWS_FILE = "token_embeddings.safetensors"
+INDEX_FILE = "anygpt_index.json"
+FORMAT_VERSION = 1
 
 
 class AnyGPTModel(nn.Module):
@@ -106,11 +108,17 @@ class AnyGPTModel(nn.Module):
             for m in config.output_modalities:
                 spec = decoder_specs[m]
                 options = config.output_projector_options(m)
+                num_queries = options.pop("num_queries", spec.cond_len)
+                if not spec.pooled and num_queries != spec.cond_len:
+                    raise ValueError(
+                        f"output projector for {m.value}: num_queries {num_queries} differs from the decoder's "
+                        f"conditioning length {spec.cond_len}; set decoders.{m.value}.cond_len instead"
+                    )
                 outputs[m.value] = build_output_projector(
                     config.output_projector.name,
                     in_dim=hidden,
                     out_dim=spec.cond_dim,
-                    num_queries=options.pop("num_queries", spec.cond_len),
+                    num_queries=num_queries,
                     num_signal_tokens=config.signal_tokens.count(m),
                     **options,
                 )
@@ -164,22 +172,36 @@ class AnyGPTModel(nn.Module):
         tokens = tokens.to(dtype) if (tokens is not None and projector.uses_tokens) else None
         return projector(embeds.to(dtype), tokens)
 
-    def tokenize_pieces(self, pieces: list[Piece]) -> tuple[list[int], list[MediaRef]]:
+    def tokenize_pieces(self, pieces: list[Piece], *, add_bos: bool = True) -> tuple[list[int], list[MediaRef]]:
         """Prompt pieces -> token ids, and the media items in the order their placeholders appear.
 
-        Text is tokenised with special tokens split, so user text can never produce a placeholder or signal token
-        (prompts may contain ``<``, ``>``, ``<image>`` or ``[IMG0]`` freely).
+        Neighbouring text pieces are joined and tokenised together (so a SentencePiece tokenizer sees the text as
+        one string), with special tokens split: user text can never produce a placeholder or signal token (prompts
+        may contain ``<``, ``>``, ``<image>`` or ``[IMG0]`` freely). The tokenizer's BOS token starts the sequence.
         """
         ids: list[int] = []
+        if add_bos and self.tokenizer.bos_token_id is not None:
+            ids.append(self.tokenizer.bos_token_id)
         order: list[MediaRef] = []
+        text: list[str] = []
+
+        def flush() -> None:
+            if text:
+                joined = "".join(text)
+                ids.extend(self.tokenizer(joined, add_special_tokens=False, split_special_tokens=True).input_ids)
+                text.clear()
+
         for piece in pieces:
+            if isinstance(piece, str):
+                text.append(piece)
+                continue
+            flush()
             if isinstance(piece, MediaRef):
                 ids.extend([self.tokens.placeholder[piece.modality]] * self.num_media_tokens(piece.modality))
                 order.append(piece)
-            elif isinstance(piece, list):
-                ids.extend(int(i) for i in piece)
             else:
-                ids.extend(self.tokenizer(piece, add_special_tokens=False, split_special_tokens=True).input_ids)
+                ids.extend(int(i) for i in piece)
+        flush()
         return ids, order
 
     def embed_inputs(self, input_ids: torch.Tensor, media: dict[Modality, torch.Tensor]) -> torch.Tensor:
@@ -225,7 +247,7 @@ class AnyGPTModel(nn.Module):
         dtype = next(projector.parameters()).dtype
         cond = projector(hidden.to(dtype), input_embeds.to(dtype))  # (G, L, D)
         if spec.pooled:
-            cond = cond[:, 0]  # (G, D)
+            cond = cond.mean(dim=1)  # (G, D): a pooled decoder takes the mean of the queries (one query: itself)
         return cond, where
 
     # ------------------------------------------------------------------ persistence of trained parts
@@ -271,31 +293,34 @@ class AnyGPTModel(nn.Module):
     @torch.no_grad()
     def load_trained(self, folder: str | os.PathLike, parts: dict) -> None:
         """Load what ``save_trained`` wrote (the model must have been built from the same config)."""
-        from projectors import get_input_projector_class, get_output_projector_class
+        from diffusers.utils import SAFETENSORS_WEIGHTS_NAME
 
-        folder = Path(folder)
-        for side, modules, get_cls in (
-            ("input_projectors", self.input_projectors, get_input_projector_class),
-            ("output_projectors", self.output_projectors, get_output_projector_class),
-        ):
-            for name, rel in parts.get(side, {}).items():
-                if name not in modules:
-                    raise ValueError(f"{folder}: {side} has {name!r}, which the config does not declare")
-                loaded = get_cls(modules[name].projector_name).from_pretrained(folder / rel)
-                modules[name].load_state_dict(loaded.state_dict())
+        sides = (("input_projectors", self.input_projectors), ("output_projectors", self.output_projectors))
+        for side, modules in sides:
+            saved = parts.get(side, {})
+            if set(saved) != set(modules):
+                raise ValueError(f"{folder}: {side} holds {sorted(saved)}, the config declares {sorted(modules)}")
+            for name, rel in saved.items():
+                where = resolve_part(folder, rel, f"{side}.{name}")
+                saved_config = json.loads((where / "config.json").read_text())
+                ours = json.loads(json.dumps(dict(modules[name].config)))  # as JSON sees it (tuples -> lists)
+                differ = {k for k, v in ours.items() if not k.startswith("_") and saved_config.get(k, v) != v}
+                if differ:
+                    raise ValueError(f"{where}/config.json: {sorted(differ)} differ from the model's config")
+                modules[name].load_state_dict(load_file(where / SAFETENSORS_WEIGHTS_NAME))
         if parts.get("lora"):
             from peft import set_peft_model_state_dict
 
-            state = load_file(folder / parts["lora"] / "adapter_model.safetensors")
+            state = load_file(resolve_part(folder, parts["lora"], "lora") / "adapter_model.safetensors")
             result = set_peft_model_state_dict(self.language_model, state)
             unexpected = getattr(result, "unexpected_keys", [])
             if unexpected:
-                raise ValueError(f"{folder / parts['lora']}: adapter keys not in the model: {unexpected[:5]}")
-        rows = load_file(folder / parts["token_embeddings"])
+                raise ValueError(f"{folder}/{parts['lora']}: adapter keys not in the model: {unexpected[:5]}")
+        rows = load_file(resolve_part(folder, parts["token_embeddings"], "token_embeddings"))
         ids = rows["token_ids"].tolist()
         if ids != self.tokens.all_added_ids:
             raise ValueError(
-                f"{folder / parts['token_embeddings']}: added-token ids {ids[:4]}... do not match the tokenizer's "
+                f"{folder}/{parts['token_embeddings']}: added-token ids {ids[:4]}... do not match the tokenizer's "
                 f"{self.tokens.all_added_ids[:4]}..."
             )
         emb = self.language_model.get_input_embeddings().weight
@@ -305,9 +330,52 @@ class AnyGPTModel(nn.Module):
             out.weight[ids] = rows["output_embeddings"].to(out.weight)
 
 
-def read_index(folder: str | os.PathLike) -> dict:
-    path = Path(folder) / "anygpt_index.json"
+def resolve_part(folder: str | os.PathLike, rel: str, what: str) -> Path:
+    """``folder / rel`` for a path named in an index, refusing absolute paths and paths that leave ``folder``."""
+    folder = Path(folder).resolve()
+    path = (folder / str(rel)).resolve()
+    if Path(str(rel)).is_absolute() or not path.is_relative_to(folder):
+        raise ValueError(f"{folder / INDEX_FILE}: {what} path {rel!r} points outside the model folder")
+    if not path.exists():
+        raise ValueError(f"{folder / INDEX_FILE}: {what} {rel!r} is missing from the folder")
+    return path
+
+
+def write_index(folder: str | os.PathLike, config: AnyGPTConfig, parts: dict) -> None:
+    from anygpt import __version__
+
+    index = {
+        "format": "anygpt",
+        "format_version": FORMAT_VERSION,
+        "anygpt_version": __version__,
+        "config": config.to_dict(),
+        "parts": parts,
+    }
+    (Path(folder) / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+
+
+def read_index(folder: str | os.PathLike) -> tuple[AnyGPTConfig, dict]:
+    """Read and validate ``anygpt_index.json``: (config, parts). Clear ValueErrors name the file and the problem."""
+    path = Path(folder) / INDEX_FILE
     try:
-        return json.loads(path.read_text())
+        index = json.loads(path.read_text())
     except json.JSONDecodeError as err:
         raise ValueError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(index, dict):
+        raise ValueError(f"{path}: expected a JSON object")
+    if index.get("format_version") != FORMAT_VERSION:
+        raise ValueError(
+            f"{path}: format_version {index.get('format_version')!r}, this anygpt reads version {FORMAT_VERSION}"
+        )
+    missing = [k for k in ("config", "parts") if not isinstance(index.get(k), dict)]
+    if missing:
+        raise ValueError(f"{path}: missing or invalid key(s) {missing}")
+    parts = index["parts"]
+    for key in ("token_embeddings", "tokenizer"):
+        if key not in parts:
+            raise ValueError(f"{path}: parts has no {key!r}")
+    try:
+        config = AnyGPTConfig.from_dict(index["config"])
+    except (KeyError, TypeError) as err:
+        raise ValueError(f"{path}: invalid config ({err})") from None
+    return config, parts

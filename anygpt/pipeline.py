@@ -10,8 +10,8 @@ Example:
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,19 +21,16 @@ import numpy as np
 import torch
 from PIL import Image
 
-from anygpt import __version__
 from anygpt.config import AnyGPTConfig, config_from_preset, list_presets
 from anygpt.conversation import Conversation, MediaRef
 from anygpt.media import Audio, MediaError, Video, load_media
 from anygpt.modality import MEDIA_MODALITIES, Modality
-from anygpt.model import AnyGPTModel, read_index
+from anygpt.model import INDEX_FILE, AnyGPTModel, read_index, resolve_part, write_index
 from anygpt.tokens import SignalTokenProcessor, repair_signal_groups
 from anygpt.utils import atomic_directory
 
 logger = logging.getLogger(__name__)
 
-INDEX_FILE = "anygpt_index.json"
-FORMAT_VERSION = 1
 
 MediaInput = str | os.PathLike | Image.Image | Audio | Video
 
@@ -105,15 +102,8 @@ class AnyGPTPipeline:
         """
         path = Path(name_or_dir).expanduser()
         if (path / INDEX_FILE).is_file():
-            index = read_index(path)
-            if index.get("format_version") != FORMAT_VERSION:
-                raise ValueError(
-                    f"{path / INDEX_FILE}: format_version {index.get('format_version')!r}, "
-                    f"this anygpt reads version {FORMAT_VERSION}"
-                )
-            config = AnyGPTConfig.from_dict(index["config"])
-            parts = index["parts"]
-            pipe = cls.from_config(config, tokenizer_dir=path / parts["tokenizer"])
+            config, parts = read_index(path)
+            pipe = cls.from_config(config, tokenizer_dir=resolve_part(path, parts["tokenizer"], "tokenizer"))
             pipe.model.load_trained(path, parts)
             logger.info("loaded anygpt pipeline from %s", path)
             return pipe
@@ -132,16 +122,16 @@ class AnyGPTPipeline:
         Frozen backbones (encoder, LLM base weights, decoders) are not written: the index refers to them by preset,
         hub id or path.
         """
+        folder = Path(folder).expanduser()
+        if folder.exists() and not folder.is_dir():
+            raise ValueError(f"save_pretrained: {folder} exists and is not a folder")
+        if folder.is_dir() and any(folder.iterdir()) and not (folder / INDEX_FILE).is_file():
+            raise ValueError(
+                f"save_pretrained: {folder} is not empty and holds no {INDEX_FILE}; refusing to replace it "
+                "(choose an empty or new folder, or one written by save_pretrained)"
+            )
         with atomic_directory(folder) as tmp:
-            parts = self.model.save_trained(tmp)
-            index = {
-                "format": "anygpt",
-                "format_version": FORMAT_VERSION,
-                "anygpt_version": __version__,
-                "config": self.config.to_dict(),
-                "parts": parts,
-            }
-            (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+            write_index(tmp, self.config, self.model.save_trained(tmp))
         logger.info("saved anygpt pipeline to %s", folder)
 
     def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> AnyGPTPipeline:
@@ -161,6 +151,7 @@ class AnyGPTPipeline:
         max_new_tokens: int,
         temperature: float,
         top_p: float,
+        decoder_settings: dict[str, Any] | None = None,
     ) -> set[Modality] | None:
         """Validate the arguments of ``__call__``; return the forced output modalities (None for "auto")."""
         if not isinstance(prompt, str):
@@ -176,6 +167,7 @@ class AnyGPTPipeline:
             raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
         if not 0 < top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+        _check_decoder_settings(decoder_settings or {})
         return self.parse_modalities(modalities)
 
     def parse_modalities(self, modalities: str | list[str] | None) -> set[Modality] | None:
@@ -184,14 +176,15 @@ class AnyGPTPipeline:
             return None
         if isinstance(modalities, str):
             modalities = [m for m in modalities.split(",") if m.strip()]
-        forced = {Modality.parse(m) for m in modalities}
-        unknown = forced - set(self.decoders)
+        names = [m.value if isinstance(m, Modality) else str(m).strip().lower() for m in modalities]
+        valid = [m.value for m in self.decoders]
+        unknown = [n for n in names if n not in valid]
         if unknown:
             raise ValueError(
-                f"modalities: no decoder for {', '.join(sorted(m.value for m in unknown))}; this model outputs "
-                f"{', '.join(m.value for m in self.decoders)} (or 'auto')"
+                f"modalities: unknown or unavailable output modality {unknown[0]!r}; expected 'auto' or a list of "
+                f"{', '.join(valid)}"
             )
-        return forced
+        return {Modality(n) for n in names}
 
     def load_inputs(self, modality: Modality, items: list[MediaInput]) -> list[tuple[MediaRef, Any]]:
         """Read media (paths or objects) and give each a content key. Raises ``MediaError`` for bad files."""
@@ -318,7 +311,7 @@ class AnyGPTPipeline:
         else:
             full_embeds = torch.cat([inputs_embeds, gen_embeds], dim=1)
             out = llm(inputs_embeds=full_embeds, output_hidden_states=True, use_cache=False)
-            hidden, ids = out.hidden_states[-1], torch.cat([input_ids, gen], dim=1)
+            hidden, ids = out.hidden_states[-1][:, prompt_len:], gen  # groups of earlier turns are not re-rendered
         return {m: self.model.signal_conditioning(m, hidden, ids)[0] for m in present}
 
     def decode(
@@ -393,21 +386,33 @@ class AnyGPTPipeline:
         Returns:
             ``AnyGPTOutput``.
         """
-        media = {
-            Modality.IMAGE: list(images or []),
-            Modality.AUDIO: list(audios or []),
-            Modality.VIDEO: list(videos or []),
-        }
+        media = {Modality.IMAGE: _as_list(images), Modality.AUDIO: _as_list(audios), Modality.VIDEO: _as_list(videos)}
+        settings = dict(
+            num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale,
+            height=height,
+            width=width,
+            num_frames=num_frames,
+            audio_seconds=audio_seconds,
+        )
         forced = self.check_inputs(
-            prompt, media, modalities, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p
+            prompt,
+            media,
+            modalities,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            decoder_settings=settings,
         )
         loaded = [pair for m in MEDIA_MODALITIES for pair in self.load_inputs(m, media[m])]
         if conversation is None:
-            conversation = Conversation(template=self.config.llm.template)
+            conversation = Conversation()
+        if conversation.template is None:
+            conversation.template = self.config.llm.template
         self.encode_media(conversation, loaded)
         conversation.add_user(prompt, [ref for ref, _ in loaded])
         try:
-            with torch.random.fork_rng(devices=[]):
+            with torch.random.fork_rng(devices=_rng_devices(self.device)):  # the caller's RNG state is kept
                 if seed is not None:
                     torch.manual_seed(seed)
                 input_ids, inputs_embeds = self.build_inputs(conversation)
@@ -429,17 +434,9 @@ class AnyGPTPipeline:
         result = AnyGPTOutput(
             text=text, token_ids=generated, conditioning={m.value: c for m, c in conditioning.items()}
         )
-        settings = dict(
-            num_inference_steps=num_inference_steps,
-            guidance_scale=guidance_scale,
-            height=height,
-            width=width,
-            num_frames=num_frames,
-            audio_seconds=audio_seconds,
-            show_progress=show_progress,
-        )
         for offset, (modality, cond) in enumerate(conditioning.items()):
-            outputs = self.decode(modality, cond, seed=None if seed is None else seed + offset, **settings)
+            seed_m = None if seed is None else seed + offset
+            outputs = self.decode(modality, cond, seed=seed_m, show_progress=show_progress, **settings)
             {Modality.IMAGE: result.images, Modality.VIDEO: result.videos, Modality.AUDIO: result.audios}[
                 modality
             ].extend(outputs)
@@ -476,3 +473,34 @@ def _check_media_object(modality: Modality, item: Any) -> None:
         raise MediaError(
             f"{modality.value} input: expected a file path or a {expected.__name__} object, got {type(item).__name__}"
         )
+
+
+def _rng_devices(device: torch.device) -> list[int]:
+    return [device.index or 0] if device.type == "cuda" else []
+
+
+def _as_list(items: Any) -> list:
+    """``None`` -> [], one item (a path or a media object) -> [item], a list or tuple -> a list."""
+    if items is None:
+        return []
+    if isinstance(items, list | tuple):
+        return list(items)
+    return [items]
+
+
+def _check_decoder_settings(settings: dict[str, Any]) -> None:
+    """Decoder settings: None (the decoder's default) or a sensible value; a clear ValueError otherwise."""
+    for name in ("num_inference_steps", "num_frames", "height", "width"):
+        value = settings.get(name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    for name in ("height", "width"):
+        value = settings.get(name)
+        if value is not None and value % 8:
+            raise ValueError(f"{name} must be a multiple of 8 (the VAE's downsampling), got {value}")
+    guidance = settings.get("guidance_scale")
+    if guidance is not None and not (math.isfinite(guidance) and guidance >= 0):
+        raise ValueError(f"guidance_scale must be a finite number >= 0, got {guidance!r}")
+    seconds = settings.get("audio_seconds")
+    if seconds is not None and not (math.isfinite(seconds) and seconds > 0):
+        raise ValueError(f"audio_seconds must be a finite number > 0, got {seconds!r}")

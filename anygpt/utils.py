@@ -41,7 +41,7 @@ def resolve_local_model(source: str, *, what: str) -> str:
     except Exception as err:  # huggingface_hub raises several kinds for "not in cache"
         raise FileNotFoundError(
             f"{what} {source!r} is neither a local folder nor in the Hugging Face cache ({HF_HUB_CACHE}); "
-            f"download it first, e.g. `huggingface-cli download {source}`, or pass the folder path"
+            f"download it first, e.g. `hf download {source}`, or pass the folder path"
         ) from err
 
 
@@ -59,6 +59,9 @@ def atomic_directory(target: str | os.PathLike) -> Iterator[Path]:
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the result should follow the user's umask
     try:
         yield tmp
         if target.exists():

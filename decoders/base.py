@@ -23,6 +23,7 @@ import torch
 from diffusers import DiffusionPipeline
 
 from anygpt.modality import Modality
+from anygpt.utils import resolve_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -37,12 +38,6 @@ __all__ = [
     "register_decoder",
 ]
 
-TORCH_DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-}
-
 TINY_SOURCE = "tiny"
 
 
@@ -56,7 +51,8 @@ class DecoderSpec:
 
     Attributes:
         modality: what the decoder produces.
-        cond_len: tokens per conditioning sequence (77 for CLIP text encoders; 1 for pooled conditioning).
+        cond_len: tokens per conditioning sequence (77 for CLIP text encoders by default, any length up to the
+            tokenizer's ``model_max_length`` when configured; 1 for pooled conditioning).
         cond_dim: width of each token (SD 1.5: 768, ZeroScope: 1024, AudioLDM: 512).
         pooled: the conditioning is one vector per sample, ``prompt_embeds`` of shape (B, cond_dim)
             (AudioLDM).
@@ -158,7 +154,11 @@ class DecoderConfig:
         num_frames: default video length in frames.
         fps: frame rate attached to generated videos.
         audio_seconds: default audio length in seconds.
-        cond_len: conditioning tokens; ``None`` means the kind's standard (77, or 1 for pooled conditioning).
+        cond_len: conditioning tokens (>= 1); ``None`` means the kind's standard (77, or 1 for pooled
+            conditioning). A sequence decoder (Stable Diffusion, ZeroScope) takes any length up to its tokenizer's
+            ``model_max_length`` (77): the UNet's cross-attention accepts any sequence length, and
+            :meth:`Decoder.encode_captions` keeps the first ``cond_len`` tokens of the pipeline's encoding.
+            Pooled decoders (AudioLDM) take only ``None`` or 1.
         cond_dim: conditioning width; ``None`` means the kind's real model's (768, 1024, 512). Tiny components
             are built at this width (the tiny presets use 32). Checked against the loaded text encoder.
     """
@@ -181,8 +181,12 @@ class DecoderConfig:
         self.kind = decoder_class(self.kind).kind  # normalises the name; raises listing the valid kinds
         if not isinstance(self.source, str) or not self.source.strip():
             raise ValueError(f"source must be 'tiny', a model id or a local folder, got {self.source!r}")
-        if self.torch_dtype not in TORCH_DTYPES:
-            raise ValueError(f"torch_dtype must be one of {', '.join(TORCH_DTYPES)}, got {self.torch_dtype!r}")
+        if not isinstance(self.torch_dtype, str):
+            raise ValueError(f"torch_dtype must be a dtype name such as 'float32', got {self.torch_dtype!r}")
+        try:
+            resolve_dtype(self.torch_dtype)
+        except ValueError as error:
+            raise ValueError(f"torch_dtype: {error}") from None
         _check_int("seed", self.seed, minimum=0)
         _check_int("num_inference_steps", self.num_inference_steps, minimum=1)
         _check_int("num_frames", self.num_frames, minimum=1)
@@ -204,7 +208,9 @@ class DecoderConfig:
                 _check_int(name, getattr(self, name), minimum=1)
         cls = decoder_class(self.kind)
         if cls.pooled and self.cond_len not in (None, 1):
-            raise ValueError(f"{self.kind} conditioning is one pooled vector: cond_len must be 1, got {self.cond_len}")
+            raise ValueError(
+                f"{self.kind} conditioning is one pooled vector: cond_len must be None or 1, got {self.cond_len}"
+            )
 
     @property
     def is_tiny(self) -> bool:
@@ -344,7 +350,7 @@ class Decoder(ABC):
         self.load_count = 0
         self._pipeline: DiffusionPipeline | None = None
         self._device: torch.device | None = None
-        self._dtype: torch.dtype = TORCH_DTYPES[config.torch_dtype]
+        self._dtype: torch.dtype = resolve_dtype(config.torch_dtype)
         self._negative: torch.Tensor | None = None
 
     # ---- description
@@ -427,12 +433,13 @@ class Decoder(ABC):
         self._pipeline = None
         self._negative = None
 
-    def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> Decoder:
+    def to(self, device: str | torch.device | None = None, dtype: torch.dtype | str | None = None) -> Decoder:
         """Move the pipeline now if it is loaded, otherwise when it loads.
 
         Args:
             device: target device, or ``None`` to keep the current one.
-            dtype: target floating dtype, or ``None`` to keep the current one.
+            dtype: target floating dtype (a ``torch.dtype`` or a name such as ``"bfloat16"``), or ``None`` to
+                keep the current one.
 
         Returns:
             ``self``.
@@ -440,7 +447,7 @@ class Decoder(ABC):
         if device is not None:
             self._device = torch.device(device)
         if dtype is not None:
-            self._dtype = dtype
+            self._dtype = resolve_dtype(dtype)
         if self._pipeline is not None:
             self._place(self._pipeline)
         self._negative = None
@@ -454,6 +461,12 @@ class Decoder(ABC):
 
         This is the stage-2 training target of the output projector.
 
+        When ``config.cond_len`` is shorter than the pipeline's native length (the tokenizer's
+        ``model_max_length``, 77), the result is the pipeline's own (B, 77, D) encoding cut to its first
+        ``cond_len`` tokens. CLIP's text encoder is causal, so the embedding at position ``i`` depends only on
+        tokens ``0..i``: the kept rows are exactly what the encoder computes for those tokens, whatever follows.
+        Caption text past the first ``cond_len - 1`` tokens (after the start token) does not reach the result.
+
         Args:
             captions: B strings.
 
@@ -465,6 +478,8 @@ class Decoder(ABC):
             raise ValueError("captions must be a non-empty list of strings")
         pipe = self.load()
         embeds = self._encode_with_pipeline(pipe, list(captions), pipe._execution_device)
+        if not self.pooled and embeds.dim() == 3 and embeds.shape[1] > self.spec.cond_len:
+            embeds = embeds[:, : self.spec.cond_len].contiguous()
         self._check_shape(embeds, "encoded captions")
         return embeds
 
@@ -536,7 +551,10 @@ class Decoder(ABC):
         return self._outputs(pipe, output)
 
     def empty_caption_embedding(self) -> torch.Tensor:
-        """``encode_captions([""])``, computed once per load: the default negative conditioning, (1, ...)."""
+        """``encode_captions([""])``, computed once per load: the default negative conditioning, (1, ...).
+
+        It goes through :meth:`encode_captions`, so it has the configured ``cond_len`` like the prompts.
+        """
         if self._negative is None:
             self._negative = self.encode_captions([""])
         return self._negative
@@ -557,7 +575,7 @@ class Decoder(ABC):
         """Convert the pipeline's output (called with :attr:`output_type`) to one media object per sample."""
 
     def _spec_of(self, pipe: DiffusionPipeline) -> DecoderSpec:
-        """The conditioning shape the loaded pipeline's text encoder produces."""
+        """The conditioning the loaded pipeline's text encoder natively produces (its longest ``cond_len``)."""
         return DecoderSpec(
             modality=self.modality,
             cond_len=pipe.tokenizer.model_max_length,
@@ -585,11 +603,18 @@ class Decoder(ABC):
             raise ValueError(f"{self.kind} decoder {name}: expected shape ({shape}), found {found}")
 
     def _check_loaded_spec(self, pipe: DiffusionPipeline) -> None:
+        """The config's width must be the text encoder's; its length at most the tokenizer's maximum."""
         loaded, declared = self._spec_of(pipe), self.spec
-        if loaded != declared:
+        source = self.config.source
+        if loaded.cond_dim != declared.cond_dim:
             raise ValueError(
-                f"{self.kind} decoder from {self.config.source!r} produces conditioning {loaded.cond_shape}, "
-                f"but the config declares {declared.cond_shape}: set cond_len/cond_dim in its DecoderConfig"
+                f"{self.kind} decoder from {source!r} has a text encoder of width {loaded.cond_dim}, but the "
+                f"config declares cond_dim={declared.cond_dim}: set cond_dim={loaded.cond_dim} in its DecoderConfig"
+            )
+        if declared.cond_len > loaded.cond_len:
+            raise ValueError(
+                f"{self.kind} decoder from {source!r}: cond_len={declared.cond_len} is longer than its tokenizer's "
+                f"model_max_length={loaded.cond_len}: set cond_len to at most {loaded.cond_len} in its DecoderConfig"
             )
 
     def _from_pretrained(self) -> DiffusionPipeline:

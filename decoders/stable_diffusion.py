@@ -1,4 +1,4 @@
-"""Stable Diffusion (1.5) as an image decoder: conditioning is CLIP text hidden states (B, 77, 768)."""
+"""Stable Diffusion (1.5) as an image decoder: conditioning is CLIP text hidden states (B, L, 768), L <= 77."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""ZeroScope v2 (``TextToVideoSDPipeline``) as a video decoder: conditioning is (B, 77, 1024) CLIP states."""
+"""ZeroScope v2 (``TextToVideoSDPipeline``) as a video decoder: conditioning is (B, L, 1024) CLIP states, L <= 77."""
 
 from __future__ import annotations
 

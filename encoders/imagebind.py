@@ -111,7 +111,9 @@ class ImageBindConfig:
         depth_*, thermal_*, imu_*: the other trunks (unused by anygpt; needed to load Meta's checkpoint).
         pretrained: load weights from a checkpoint (see :func:`find_imagebind_checkpoint`) rather than random
             init.
-        checkpoint: path of a checkpoint to load (implies loading); ``None`` to look in the default places.
+        checkpoint: path of a checkpoint to load (implies loading); a missing file is an error, never replaced by
+            another. ``None`` to look in the default places (``$ANYGPT_IMAGEBIND_CHECKPOINT``, then
+            :func:`default_checkpoint_path`).
         video_clips, video_frames_per_clip, video_clip_seconds, video_spatial_crops: video preprocessing.
         audio_clips, audio_clip_seconds, audio_sample_rate, num_mel_bins, target_frames: audio preprocessing.
     """
@@ -566,18 +568,33 @@ def default_checkpoint_path() -> Path:
 
 
 def find_imagebind_checkpoint(config: ImageBindConfig | None = None) -> Path:
-    """Find the ImageBind checkpoint: ``config.checkpoint``, then ``$ANYGPT_IMAGEBIND_CHECKPOINT``, then
-    :func:`default_checkpoint_path`. The first existing file wins.
+    """Find the ImageBind checkpoint.
+
+    When ``config.checkpoint`` is set, that file and only that file is used: if it does not exist, this raises
+    rather than falling back elsewhere. Otherwise ``$ANYGPT_IMAGEBIND_CHECKPOINT`` then
+    :func:`default_checkpoint_path` are tried, and the first existing file wins.
 
     Raises:
-        FileNotFoundError: naming every place looked and where to get the weights.
+        FileNotFoundError: ``config.checkpoint`` is set but is not a file (naming that path); or, with no
+            ``config.checkpoint``, naming every place looked and where to get the weights.
     """
+    how = (
+        f"Download Meta's {CHECKPOINT_FILENAME} (CC BY-NC-SA 4.0) from {CHECKPOINT_URL} to "
+        f"{default_checkpoint_path()}, or point ${CHECKPOINT_ENV} or config.checkpoint at it."
+    )
+    if config is not None and config.checkpoint:
+        given = Path(config.checkpoint).expanduser().absolute()
+        if given.is_file():
+            return given
+        state = "is a directory, not a file" if given.is_dir() else "does not exist"
+        raise FileNotFoundError(
+            f"ImageBind checkpoint {given} (set by config.checkpoint={config.checkpoint!r}) {state}; no other "
+            f"place is searched when checkpoint is set. Fix the path, or set checkpoint=None (with pretrained=True) "
+            f"to search ${CHECKPOINT_ENV} and {default_checkpoint_path()}. Meta's {CHECKPOINT_FILENAME}: "
+            f"{CHECKPOINT_URL}"
+        )
     env = os.environ.get(CHECKPOINT_ENV, "").strip()
     places: list[tuple[str, Path | None]] = [
-        (
-            "config.checkpoint",
-            Path(config.checkpoint).expanduser().absolute() if config and config.checkpoint else None,
-        ),
         (f"${CHECKPOINT_ENV}", Path(env).expanduser().absolute() if env else None),
         ("default", default_checkpoint_path()),
     ]
@@ -586,16 +603,10 @@ def find_imagebind_checkpoint(config: ImageBindConfig | None = None) -> Path:
         if path is None:
             looked.append(f"{label} (not set)")
         elif path.is_file():
-            if config is not None and config.checkpoint and label != "config.checkpoint":
-                logger.warning("config.checkpoint %s not found; using %s (%s)", config.checkpoint, path, label)
             return path
         else:
             looked.append(f"{label} {path} ({'a directory' if path.is_dir() else 'missing'})")
-    raise FileNotFoundError(
-        f"ImageBind checkpoint not found; looked at: {'; '.join(looked)}. Download Meta's "
-        f"{CHECKPOINT_FILENAME} (CC BY-NC-SA 4.0) from {CHECKPOINT_URL} to {default_checkpoint_path()}, "
-        f"or point ${CHECKPOINT_ENV} or config.checkpoint at it."
-    )
+    raise FileNotFoundError(f"ImageBind checkpoint not found; looked at: {'; '.join(looked)}. {how}")
 
 
 def load_imagebind_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -640,7 +651,7 @@ def build_imagebind_encoder(config: ImageBindConfig | str = "tiny", *, seed: int
         The encoder, float32 on the CPU, in eval mode, no parameter requiring grad.
 
     Raises:
-        FileNotFoundError: weights wanted but no checkpoint found.
+        FileNotFoundError: ``config.checkpoint`` names a missing file, or weights wanted but no checkpoint found.
         RuntimeError: checkpoint unreadable or not matching the config.
     """
     if isinstance(config, str):

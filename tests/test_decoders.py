@@ -13,6 +13,7 @@ from PIL import Image
 
 from anygpt.media import Audio, Video
 from anygpt.modality import Modality
+from anygpt.utils import resolve_dtype
 from decoders import (
     Decoder,
     DecoderConfig,
@@ -234,6 +235,54 @@ def test_explicit_negative_and_batch1_expansion(shared: dict[str, Decoder]) -> N
         np.testing.assert_array_equal(as_array(a), as_array(b))
 
 
+# ---- conditioning length: any query count up to the tokenizer's 77
+
+
+SEQUENCE_CASES = [c for c in CASES if c.modality is not Modality.AUDIO]
+
+
+@pytest.mark.parametrize("cond_len", [24, 8])
+@pytest.mark.parametrize("case", SEQUENCE_CASES, ids=[c.preset for c in SEQUENCE_CASES])
+def test_shorter_cond_len_encodes_and_generates(case: Case, cond_len: int, shared: dict[str, Decoder]) -> None:
+    decoder = build_decoder(DecoderConfig.from_preset(case.preset, cond_len=cond_len))
+    assert decoder.spec.cond_len == cond_len and decoder.spec.cond_shape == (cond_len, 32)
+    captions = ["a red circle", "a blue square"]
+    embeds = decoder.encode_captions(captions)
+    assert embeds.shape == (2, cond_len, 32)
+    native = shared[case.preset].encode_captions(captions)  # same seed, standard 77 tokens
+    assert native.shape == (2, 77, 32) and torch.equal(embeds, native[:, :cond_len])
+    assert decoder.empty_caption_embedding().shape == (1, cond_len, 32)  # the default negative matches
+
+    # CLIP's text encoder is causal: tokens past the kept ones change nothing in them
+    prefix = " ".join(["red"] * (cond_len - 1))
+    a, b = decoder.encode_captions([f"{prefix} circle square", f"{prefix} dog"])
+    assert torch.equal(a, b)
+
+    outputs = decoder.generate(embeds[:1], num_inference_steps=1, generator=seeded(), show_progress=False, **case.small)
+    assert len(outputs) == 1 and isinstance(outputs[0], Image.Image | Video)
+    with pytest.raises(ValueError, match=rf"expected shape \(B, {cond_len}, 32\), found \(1, 77, 32\)"):
+        decoder.generate(torch.zeros(1, 77, 32))
+    with pytest.raises(ValueError, match=rf"negative_prompt_embeds: expected shape \(1 or 2, {cond_len}, 32\)"):
+        decoder.generate(embeds, negative_prompt_embeds=native[:1])
+
+
+@pytest.mark.parametrize("case", SEQUENCE_CASES, ids=[c.preset for c in SEQUENCE_CASES])
+def test_cond_len_longer_than_tokenizer_fails_on_load(case: Case) -> None:
+    decoder = build_decoder(DecoderConfig.from_preset(case.preset, cond_len=78))
+    assert decoder.spec.cond_len == 78
+    with pytest.raises(ValueError, match=r"cond_len=78 is longer than its tokenizer's model_max_length=77"):
+        decoder.generate(torch.zeros(1, 78, 32))
+    assert not decoder.is_loaded
+
+
+def test_pooled_decoder_rejects_a_cond_len() -> None:
+    assert DecoderConfig.from_preset("tiny-audioldm", cond_len=1).cond_len == 1
+    with pytest.raises(
+        ValueError, match="audioldm conditioning is one pooled vector: cond_len must be None or 1, got 8"
+    ):
+        DecoderConfig.from_preset("tiny-audioldm", cond_len=8)
+
+
 def test_to_before_load_applies_at_load() -> None:
     decoder = build_decoder(DecoderConfig.from_preset("tiny-stable-diffusion")).to("cpu", torch.bfloat16)
     assert not decoder.is_loaded
@@ -241,6 +290,20 @@ def test_to_before_load_applies_at_load() -> None:
     assert decoder.pipeline.unet.dtype == torch.bfloat16 and embeds.dtype == torch.bfloat16
     decoder.to(dtype=torch.float32)
     assert decoder.pipeline.unet.dtype == torch.float32 and decoder.load_count == 1
+    decoder.to(dtype="bfloat16")  # names go through anygpt.utils.resolve_dtype
+    assert decoder.pipeline.unet.dtype == torch.bfloat16 and decoder.dtype == torch.bfloat16
+
+
+def test_dtype_names_are_anygpt_utils_resolve_dtype() -> None:
+    config = DecoderConfig.from_preset("tiny-stable-diffusion", torch_dtype="bfloat16")
+    assert build_decoder(config).dtype == resolve_dtype("bfloat16") == torch.bfloat16
+    with pytest.raises(ValueError) as reference:
+        resolve_dtype("float64")
+    with pytest.raises(ValueError, match="^torch_dtype: ") as error:
+        DecoderConfig.from_preset("tiny-stable-diffusion", torch_dtype="float64")
+    assert str(reference.value) in str(error.value)  # one map, one list of valid names
+    with pytest.raises(ValueError, match="torch_dtype must be a dtype name"):
+        DecoderConfig.from_preset("tiny-stable-diffusion", torch_dtype=torch.float16)
 
 
 # ---- real sources: missing weights
@@ -257,7 +320,7 @@ def test_missing_real_model_raises_file_not_found(preset: str, tmp_path, monkeyp
     with pytest.raises(FileNotFoundError) as error:
         decoder.generate(torch.zeros(1, *decoder.spec.cond_shape))
     message = str(error.value)
-    assert model_id in message and str(cache) in message and "hf download" in message
+    assert str(cache) in message and f"`hf download {model_id}`" in message  # same hint as anygpt.utils
     assert not decoder.is_loaded
 
 
@@ -272,8 +335,8 @@ def test_missing_local_folder_names_the_path(tmp_path) -> None:
 def test_local_folder_source_loads_with_from_pretrained(case: Case, shared: dict[str, Decoder], tmp_path) -> None:
     tiny = shared[case.preset]
     tiny.pipeline.save_pretrained(tmp_path)
-    with pytest.raises(ValueError, match="set cond_len/cond_dim"):  # standard width declared, tiny width found
-        build_decoder(DecoderConfig(kind=tiny.config.kind, source=str(tmp_path))).load()
+    with pytest.raises(ValueError, match="width 32, but the config declares cond_dim=.*set cond_dim=32"):
+        build_decoder(DecoderConfig(kind=tiny.config.kind, source=str(tmp_path))).load()  # standard width declared
     local = build_decoder(DecoderConfig.from_preset(case.preset, source=str(tmp_path)))
     captions = ["a red circle"]
     torch.testing.assert_close(local.encode_captions(captions), tiny.encode_captions(captions), rtol=0, atol=1e-6)
@@ -337,6 +400,7 @@ def test_unknown_names_list_the_valid_ones() -> None:
         ({"guidance_scale": -1.0}, "guidance_scale"),
         ({"audio_seconds": 0}, "audio_seconds"),
         ({"cond_dim": 0}, "cond_dim"),
+        ({"cond_len": 0}, "cond_len"),
         ({"source": ""}, "source"),
     ],
 )
@@ -348,7 +412,7 @@ def test_config_validation(overrides: dict[str, Any], field: str) -> None:
 def test_config_rejects_unknown_keys_and_pooled_length() -> None:
     with pytest.raises(ValueError, match="valid keys"):
         DecoderConfig.from_dict({"kind": "audioldm", "colour": "red", "cond_dim": 8})
-    with pytest.raises(ValueError, match="cond_len must be 1"):
+    with pytest.raises(ValueError, match="cond_len must be None or 1"):
         DecoderConfig(kind="audioldm", cond_len=77, cond_dim=8)
 
 

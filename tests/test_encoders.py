@@ -332,17 +332,34 @@ def clean_env(tmp_path, monkeypatch):
     return tmp_path
 
 
+def test_explicit_missing_checkpoint_names_that_path_and_never_falls_back(encoder, clean_env, monkeypatch):
+    # a valid checkpoint waits at both fallback places: neither may stand in for the file the user named
+    valid = clean_env / "env.pth"
+    torch.save(encoder.model.state_dict(), valid)
+    monkeypatch.setenv(CHECKPOINT_ENV, str(valid))
+    cached = default_checkpoint_path()
+    cached.parent.mkdir(parents=True)
+    cached.write_bytes(valid.read_bytes())
+    given = clean_env / "given.pth"
+    with pytest.raises(FileNotFoundError) as excinfo:
+        build_imagebind_encoder(ImageBindConfig.from_preset("tiny", checkpoint=str(given)))
+    message = str(excinfo.value)
+    assert str(given) in message and "does not exist" in message and "config.checkpoint" in message
+    with pytest.raises(FileNotFoundError, match=rf"{clean_env} .*is a directory"):
+        find_imagebind_checkpoint(ImageBindConfig.from_preset("tiny", checkpoint=str(clean_env)))
+    # without an explicit checkpoint the same environment resolves through the env variable, then the default
+    assert find_imagebind_checkpoint(ImageBindConfig.from_preset("tiny", pretrained=True)) == valid
+    monkeypatch.delenv(CHECKPOINT_ENV)
+    assert find_imagebind_checkpoint(ImageBindConfig.from_preset("tiny", pretrained=True)) == cached
+
+
 def test_missing_checkpoint_names_every_place(clean_env, monkeypatch):
     monkeypatch.setenv(CHECKPOINT_ENV, str(clean_env / "env" / "ib.pth"))
-    config = ImageBindConfig.from_preset("tiny", checkpoint=str(clean_env / "given.pth"))
+    config = ImageBindConfig.from_preset("tiny", pretrained=True)
     with pytest.raises(FileNotFoundError) as excinfo:
         build_imagebind_encoder(config)
     message = str(excinfo.value)
-    for place in (
-        clean_env / "given.pth",
-        clean_env / "env" / "ib.pth",
-        clean_env / "cache/anygpt/imagebind_huge.pth",
-    ):
+    for place in (clean_env / "env" / "ib.pth", clean_env / "cache/anygpt/imagebind_huge.pth"):
         assert str(place) in message
     assert "dl.fbaipublicfiles.com" in message
     assert default_checkpoint_path() == clean_env / "cache" / "anygpt" / "imagebind_huge.pth"
