@@ -298,7 +298,9 @@ class AnyGPTPipeline:
         gen = torch.tensor([generated], device=input_ids.device)
         gen_embeds = llm.get_input_embeddings()(gen).to(inputs_embeds.dtype)
         if past_key_values is not None and past_key_values.get_seq_length() >= prompt_len:
-            past_key_values.crop(-(past_key_values.get_seq_length() - prompt_len))  # keep the prompt's part only
+            extra = past_key_values.get_seq_length() - prompt_len
+            if extra > 0:
+                past_key_values.crop(-extra)  # keep the prompt's part only (a negative count removes from the end)
             mask = torch.ones((1, prompt_len + gen.shape[1]), dtype=torch.long, device=gen.device)
             out = llm(
                 inputs_embeds=gen_embeds,
