@@ -326,3 +326,21 @@ def test_any_query_count_works_end_to_end():
     config.output_projector_overrides = {"image": {"num_queries": 77}}
     with pytest.raises(ValueError, match="set decoders.image.cond_len instead"):
         AnyGPTPipeline.from_config(config)
+
+
+def test_half_precision_with_real_sample_media(samples_dir):
+    """``.to(dtype=...)`` moves every part; NExT-GPT's own JPEG / 48 kHz WAV / 29.97 fps MP4 samples go through."""
+    pipe = AnyGPTPipeline.from_pretrained("tiny").to(dtype=torch.bfloat16)
+    data = samples_dir / "T_X_pair_data"
+    out = pipe(
+        "what is in these?",
+        images=[data / "cc3m" / "images" / "001310451.jpg"],
+        audios=[data / "audiocap" / "audios" / "102666.wav"],
+        videos=[data / "webvid" / "videos" / "00007033.mp4"],
+        modalities="image,video,audio",
+        **GEN,
+    )
+    assert pipe.model.dtype == torch.bfloat16 and all(d.dtype == torch.bfloat16 for d in pipe.decoders.values())
+    assert all(c.dtype == torch.bfloat16 for c in out.conditioning.values())
+    assert out.images[0].size == (64, 64) and out.videos[0].frames.dtype == np.uint8
+    assert out.audios[0].waveform.dtype == np.float32 and np.isfinite(out.audios[0].waveform).all()
