@@ -13,6 +13,7 @@ import hashlib
 import logging
 import math
 import os
+from collections.abc import Container
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -186,16 +187,27 @@ class AnyGPTPipeline:
             )
         return {Modality(n) for n in names}
 
-    def load_inputs(self, modality: Modality, items: list[MediaInput]) -> list[tuple[MediaRef, Any]]:
-        """Read media (paths or objects) and give each a content key. Raises ``MediaError`` for bad files."""
+    def load_inputs(
+        self, modality: Modality, items: list[MediaInput], known: Container[str] = ()
+    ) -> list[tuple[MediaRef, Any]]:
+        """Read media (paths or objects) and give each a content key. Raises ``MediaError`` for bad files.
+
+        A file whose key is in ``known`` (features already cached) is hashed but not decoded again: its value is None.
+        """
         loaded = []
         for item in items:
             if isinstance(item, str | os.PathLike):
                 path = Path(item).expanduser()
-                # the encoder samples a few clips: decode only as many frames as it can use
-                max_frames = self.model.encoder.max_video_frames if modality is Modality.VIDEO else None
-                value = load_media(modality, path, max_frames=max_frames)
-                key = _file_key(modality, path)
+                try:
+                    key = _file_key(modality, path)
+                except OSError:
+                    key = None  # load_media below reports the problem with the file
+                value = None
+                if key is None or key not in known:
+                    # the encoder samples a few clips: decode only as many frames as it can use
+                    max_frames = self.model.encoder.max_video_frames if modality is Modality.VIDEO else None
+                    value = load_media(modality, path, max_frames=max_frames)
+                    key = key or _file_key(modality, path)
                 loaded.append((MediaRef(modality, key, str(path)), value))
             else:
                 _check_media_object(modality, item)
@@ -406,11 +418,11 @@ class AnyGPTPipeline:
             top_p=top_p,
             decoder_settings=settings,
         )
-        loaded = [pair for m in MEDIA_MODALITIES for pair in self.load_inputs(m, media[m])]
         if conversation is None:
             conversation = Conversation()
         if conversation.template is None:
             conversation.template = self.config.llm.template
+        loaded = [pair for m in MEDIA_MODALITIES for pair in self.load_inputs(m, media[m], conversation.features)]
         self.encode_media(conversation, loaded)
         conversation.add_user(prompt, [ref for ref, _ in loaded])
         try:

@@ -75,6 +75,16 @@ def test_media_encoded_once_across_turns(tiny_pipe, media_files, monkeypatch):
         return original(modality, items)
 
     monkeypatch.setattr(tiny_pipe.model.encoder, "encode", counting)
+    import anygpt.pipeline as pipeline_module
+
+    decoded = []
+    real_load = pipeline_module.load_media
+
+    def counting_load(modality, path, **kwargs):
+        decoded.append(modality)
+        return real_load(modality, path, **kwargs)
+
+    monkeypatch.setattr(pipeline_module, "load_media", counting_load)
     conv = Conversation()
     tiny_pipe("what is this?", images=[media_files["image"]], conversation=conv, **GEN)
     tiny_pipe("and now?", conversation=conv, **GEN)
@@ -86,6 +96,7 @@ def test_media_encoded_once_across_turns(tiny_pipe, media_files, monkeypatch):
         **GEN,
     )
     assert calls == [(Modality.IMAGE, 1), (Modality.AUDIO, 1)]
+    assert decoded == [Modality.IMAGE, Modality.AUDIO]  # the cached image file is hashed, not decoded again
     assert [t.role for t in conv.turns] == ["user", "assistant"] * 3
     # the third prompt holds two image items (turns 1 and 3) and one audio item
     ids, order = tiny_pipe.model.tokenize_pieces(conv.prompt_pieces(tiny_pipe.tokenizer.eos_token_id))
