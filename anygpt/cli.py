@@ -303,6 +303,10 @@ def _build_parser() -> argparse.ArgumentParser:
 
     inf = sub.add_parser("info", help="list presets, projectors, decoders and encoders")
     inf.add_argument("topic", nargs="?", default="all")
+
+    from training.cli import add_commands
+
+    add_commands(sub)
     return parser
 
 
@@ -349,8 +353,12 @@ def _paths(record: dict[str, Any]) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _build_parser()
     args = parser.parse_args(argv)
+    from training.cli import COMMANDS as TRAINING_COMMANDS
+
+    training = args.command in TRAINING_COMMANDS
     logging.basicConfig(
-        level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+        level=logging.INFO if (args.verbose or training) else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
     )
     if not args.verbose:  # libraries' deprecation notices are for developers, not for users of the command
         import diffusers
@@ -359,10 +367,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         diffusers.utils.logging.set_verbosity_error()
         transformers.utils.logging.set_verbosity_error()
     from anygpt.media import MediaError
+    from training.trainer import TrainingError
 
     try:
         if args.command == "generate":
             _cmd_generate(args)
+        elif training:
+            from training.cli import run
+
+            run(args)
         else:
             for key, names in info(args.topic).items():
                 print(f"{key}: {', '.join(names)}")
@@ -370,6 +383,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         logger.debug("error details", exc_info=True)
         print(f"anygpt: error: {err}".splitlines()[0], file=sys.stderr)
         return 2
+    except TrainingError as err:
+        print(f"anygpt: training stopped: {err}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("anygpt: interrupted", file=sys.stderr)
         return 130

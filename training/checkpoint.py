@@ -1,0 +1,139 @@
+"""Resumable checkpoints: ``checkpoint-STEP/`` with everything needed to continue exactly.
+
+Contents: ``trainable.safetensors`` (the trained tensors only), ``optimizer.pt``, ``scheduler.pt``,
+``rng-RANK.pt`` (every process's RNG states) and ``trainer_state.json`` (step, data position, config). A
+checkpoint is written into a hidden temporary folder and renamed into place when complete, so a killed run never
+leaves a checkpoint that looks complete but is not. ``.pt`` files are read back with ``weights_only=True``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+logger = logging.getLogger(__name__)
+
+STATE_FILE = "trainer_state.json"
+_NAME = re.compile(r"^checkpoint-(\d+)$")
+
+
+def list_checkpoints(output_dir: str | Path) -> list[Path]:
+    """Complete checkpoints in ``output_dir``, oldest first."""
+    folder = Path(output_dir)
+    if not folder.is_dir():
+        return []
+    found = []
+    for child in folder.iterdir():
+        match = _NAME.match(child.name)
+        if match and (child / STATE_FILE).is_file():
+            found.append((int(match.group(1)), child))
+    return [path for _, path in sorted(found)]
+
+
+def rng_state() -> dict:
+    py_version, py_state, py_gauss = random.getstate()
+    np_state = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "python_version": py_version,
+        "python": torch.tensor(py_state, dtype=torch.int64),
+        "python_gauss": py_gauss,
+        "numpy_keys": torch.from_numpy(np_state[1].astype(np.int64)),
+        "numpy_pos": int(np_state[2]),
+        "numpy_has_gauss": int(np_state[3]),
+        "numpy_cached_gaussian": float(np_state[4]),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate((state["python_version"], tuple(state["python"].tolist()), state["python_gauss"]))
+    np.random.set_state(
+        (
+            "MT19937",
+            state["numpy_keys"].numpy().astype(np.uint32),
+            state["numpy_pos"],
+            state["numpy_has_gauss"],
+            state["numpy_cached_gaussian"],
+        )
+    )
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(
+    accelerator,
+    output_dir: Path,
+    step: int,
+    *,
+    trainable: dict[str, torch.Tensor],
+    optimizer,
+    scheduler,
+    state: dict,
+    keep: int,
+) -> Path:
+    """Write ``checkpoint-{step}`` atomically (all processes call this) and prune old ones. Returns its path."""
+    final = Path(output_dir) / f"checkpoint-{step}"
+    tmp = Path(output_dir) / f".checkpoint-{step}.tmp"
+    if accelerator.is_main_process:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    torch.save(rng_state(), tmp / f"rng-{accelerator.process_index}.pt")
+    sharded = accelerator.distributed_type.value in ("DEEPSPEED", "FSDP")
+    if sharded:  # the optimizer state lives in shards: let accelerate gather and write it
+        accelerator.save_state(str(tmp / "accelerate_state"))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        save_file({k: v.detach().float().cpu().contiguous() for k, v in trainable.items()}, tmp / "trainable.safetensors")
+        if not sharded:
+            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        (tmp / STATE_FILE).write_text(json.dumps({**state, "step": step, "sharded": sharded}, indent=2))
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+        for old in list_checkpoints(output_dir)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+        logger.info("saved %s", final)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def load_checkpoint(accelerator, folder: Path, *, optimizer, scheduler) -> tuple[dict, dict]:
+    """Read a checkpoint: returns (trainable tensors, trainer state); restores optimizer, scheduler and RNG."""
+    folder = Path(folder)
+    state_path = folder / STATE_FILE
+    if not state_path.is_file():
+        raise ValueError(f"{folder}: not a complete checkpoint ({STATE_FILE} missing)")
+    state = json.loads(state_path.read_text())
+    if state.get("world_size") != accelerator.num_processes:
+        logger.warning(
+            "%s was written by %s process(es), resuming with %d: the data plan is global, so the batches are the "
+            "same, but RNG streams of the processes differ",
+            folder,
+            state.get("world_size"),
+            accelerator.num_processes,
+        )
+    trainable = load_file(folder / "trainable.safetensors")
+    if state.get("sharded"):
+        accelerator.load_state(str(folder / "accelerate_state"))
+    else:
+        optimizer.load_state_dict(torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=True))
+    scheduler.load_state_dict(torch.load(folder / "scheduler.pt", map_location="cpu", weights_only=True))
+    rng_file = folder / f"rng-{accelerator.process_index}.pt"
+    if rng_file.is_file():
+        set_rng_state(torch.load(rng_file, weights_only=True))
+    return trainable, state

@@ -1,0 +1,91 @@
+"""``anygpt train``, ``anygpt data sample`` and ``anygpt cache``: the training side of the command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+
+def add_commands(sub) -> None:
+    """Add the training sub-commands to the ``anygpt`` parser."""
+    train = sub.add_parser("train", help="run a training stage (1, 2 or 3) from a YAML config")
+    train.add_argument("--stage", type=int, choices=(1, 2, 3), required=True)
+    train.add_argument("--config", required=True, help="the stage's YAML config")
+    train.add_argument("--from", dest="start", help="preset name or a previous stage's final/ folder")
+    train.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a config key"
+    )
+    train.add_argument("--output-dir", help="where checkpoints, metrics and final/ go")
+    train.add_argument("--max-steps", type=int, help="optimizer steps (overrides train.max_steps)")
+    train.add_argument("--resume", help="'auto' (the newest checkpoint in the output folder) or a checkpoint folder")
+
+    data = sub.add_parser("data", help="datasets: write a small synthetic sample dataset")
+    data_sub = data.add_subparsers(dest="data_command", required=True)
+    sample = data_sub.add_parser("sample", help="write a synthetic dataset in NExT-GPT's formats + stage configs")
+    sample.add_argument("dir", help="folder to write (new or empty)")
+    sample.add_argument("--seed", type=int, default=0)
+    sample.add_argument("--size", type=int, default=12, help="records per dataset")
+
+    cache = sub.add_parser("cache", help="precompute encoder features and caption embeddings for a stage config")
+    cache.add_argument("--config", required=True)
+    cache.add_argument("--stage", type=int, choices=(1, 2, 3))
+    cache.add_argument("--from", dest="start", help="preset name or a final/ folder (default: the config's model)")
+    cache.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    cache.add_argument("--cache-dir", help="the cache folder (default: the config's cache_dir)")
+
+
+COMMANDS = ("train", "data", "cache")
+
+
+def run(args: argparse.Namespace) -> None:
+    if args.command == "train":
+        _train(args)
+    elif args.command == "data":
+        _sample(args)
+    else:
+        _cache(args)
+
+
+def _train(args: argparse.Namespace) -> None:
+    from training.config import load_config
+    from training.trainer import StageTrainer
+
+    config = load_config(args.config, overrides=args.overrides, stage=args.stage)
+    trainer = StageTrainer(
+        config, start=args.start, output_dir=args.output_dir, max_steps=args.max_steps, resume=args.resume
+    )
+    final = trainer.train()
+    if trainer.accelerator.is_main_process:
+        print(f"final model: {final}")
+
+
+def _sample(args: argparse.Namespace) -> None:
+    from training.sample_configs import write_sample
+
+    root = write_sample(args.dir, seed=args.seed, size=args.size)
+    print(f"sample dataset: {root}")
+    for stage in (1, 2, 3):
+        print(f"  anygpt train --stage {stage} --config {root / f'stage{stage}.yaml'}")
+
+
+def _cache(args: argparse.Namespace) -> None:
+    from training.config import ConfigError, load_config
+    from training.precompute import precompute
+
+    overrides = list(args.overrides)
+    if args.cache_dir:
+        overrides.append(f"cache_dir={Path(args.cache_dir).expanduser().resolve()}")
+    data = None
+    if args.stage is None:
+        import yaml
+
+        data = yaml.safe_load(Path(args.config).read_text()) if Path(args.config).is_file() else None
+    config = load_config(args.config, overrides=overrides, stage=args.stage or (data or {}).get("stage"))
+    if config.cache_dir is None:
+        raise ConfigError(f"{config.source}: cache_dir: not set; give --cache-dir DIR or set cache_dir in the config")
+    stats = precompute(config, start=args.start)
+    print(json.dumps(stats))

@@ -1,0 +1,431 @@
+"""Training configs: one YAML file per stage run, validated before anything heavy happens.
+
+Every section is a dataclass; an unknown key, a value of the wrong type or a path that does not exist is a
+``ConfigError`` naming the key (``train.batch_size``) and the file. Paths inside a config file resolve relative to
+that file, never to the working directory. ``--set key=value`` overrides use the same dotted names.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from anygpt.modality import MEDIA_MODALITIES, Modality
+from training.data.records import DatasetSpec
+
+STAGES = (1, 2, 3)
+
+
+class ConfigError(ValueError):
+    """A training config that cannot be used; the message names the file and the key."""
+
+
+@dataclass
+class DataConfig:
+    """Which data a stage reads and how batches are drawn.
+
+    Attributes:
+        datasets: the stage's datasets (see ``training.data.DatasetSpec``).
+        sampling: ``round_robin`` (each batch from one dataset, datasets taken in turn in proportion to their
+            weights, as NExT-GPT does) or ``mixed`` (each item of a batch from a dataset drawn by weight).
+        max_length: longest token sequence; longer examples are cut before the first media or signal group that
+            does not fit whole.
+        pair_task: how caption pairs are used: ``caption`` (media in, caption out), ``generate`` (caption in,
+            caption + signal tokens out) or None (the stage's default: 1 caption, 2 and 3 generate).
+        caption_prompts: user prompts of captioning examples, taken in turn.
+    """
+
+    datasets: list[dict[str, Any]] = field(default_factory=list)
+    sampling: str = "round_robin"
+    max_length: int = 512
+    pair_task: str | None = None
+    caption_prompts: list[str] = field(default_factory=lambda: ["generate a caption"])
+
+
+@dataclass
+class TrainableConfig:
+    """Which parts train. None: the stage's default (``training.recipes.STAGE_DEFAULTS``).
+
+    ``token_rows``: ``none``, ``signal`` (the signal tokens' rows of the input embedding and LM head) or ``all``
+    (every added token). Only these rows train, never the whole embedding matrix.
+    """
+
+    input_projectors: bool | None = None
+    output_projectors: bool | None = None
+    lora: bool | None = None
+    token_rows: str | None = None
+
+
+@dataclass
+class DiffusionLossConfig:
+    """The optional noise-prediction loss through each frozen decoder's UNet (min-SNR weighted)."""
+
+    enabled: bool = False
+    weight: float = 1.0
+    min_snr_gamma: float = 5.0
+
+
+@dataclass
+class LossConfig:
+    """Loss terms.
+
+    Attributes:
+        caption_embedding_weight: weight of the distance between the output projector's conditioning and the
+            caption's embedding by the decoder's own text encoder.
+        distance: ``l2`` (NExT-GPT: mean per-token Euclidean distance) or ``mse``.
+        modality_weights: per output modality factor on that distance (NExT-GPT's stage 3 weighs video x2).
+        diffusion: the optional diffusion loss.
+    """
+
+    caption_embedding_weight: float = 1.0
+    distance: str = "l2"
+    modality_weights: dict[str, float] = field(default_factory=dict)
+    diffusion: DiffusionLossConfig = field(default_factory=DiffusionLossConfig)
+
+
+@dataclass
+class OptimConfig:
+    """AdamW and the learning-rate schedule (NExT-GPT: betas (0.9, 0.95), weight decay 0.001, clip 1.0)."""
+
+    lr: float = 4e-4
+    weight_decay: float = 0.001
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    schedule: str = "cosine"  # cosine | linear | constant (all after warmup)
+    warmup_steps: int | None = None
+    warmup_ratio: float = 0.03
+    max_grad_norm: float | None = 1.0
+
+
+@dataclass
+class RunConfig:
+    """The loop.
+
+    Attributes:
+        batch_size: examples per process per micro-batch. The global batch is
+            ``batch_size x processes x gradient_accumulation_steps``.
+        max_steps: optimizer steps; None: ``epochs`` over the stage's data.
+        mixed_precision: ``no``, ``bf16`` or ``fp16`` (fp16 needs a GPU).
+        save_every: write ``checkpoint-STEP/`` every N steps (0: only at the end).
+        keep_checkpoints: how many checkpoints to keep (the newest).
+        log_every: write a ``metrics.jsonl`` line and TensorBoard scalars every N steps.
+    """
+
+    batch_size: int = 4
+    gradient_accumulation_steps: int = 1
+    max_steps: int | None = None
+    epochs: float = 1.0
+    mixed_precision: str = "no"
+    gradient_checkpointing: bool = False
+    seed: int = 13
+    log_every: int = 1
+    save_every: int = 500
+    keep_checkpoints: int = 2
+    device: str | None = None  # None: accelerate's choice (a GPU when there is one)
+
+
+@dataclass
+class TrainConfig:
+    """One stage run.
+
+    Attributes:
+        stage: 1 (encoder-side alignment), 2 (decoder-side alignment) or 3 (instruction tuning).
+        model: a preset name or a folder written by a previous stage (``.../final``); ``--from`` overrides it.
+        output_dir: where checkpoints, metrics and ``final/`` go (relative to the config file; when the file has
+            none, ``runs/stage{N}`` in the working directory, like any command's output).
+        data_root: the folder dataset paths are relative to (itself relative to the config file); default: the
+            config file's folder. Shipped configs use NExT-GPT's data layout and take ``--set data_root=DIR``.
+        cache_dir: the feature cache (None: no cache; features are computed every time).
+        lora: LoRA settings to use when the starting model has no trained adapter yet (stage 3), e.g. ``{r: 32}``.
+    """
+
+    stage: int
+    output_dir: str
+    model: str = "tiny"
+    data_root: str | None = None
+    cache_dir: str | None = None
+    data: DataConfig = field(default_factory=DataConfig)
+    trainable: TrainableConfig = field(default_factory=TrainableConfig)
+    lora: dict[str, Any] | None = None
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: RunConfig = field(default_factory=RunConfig)
+    source: str = field(default="<dict>", repr=False)  # the file it came from, for messages
+
+    # ------------------------------------------------------------------ derived
+    def dataset_specs(self) -> list[DatasetSpec]:
+        return [_dataset_spec(d, i, self.source) for i, d in enumerate(self.data.datasets)]
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data.pop("source")
+        return data
+
+    def validate(self) -> None:
+        """Check values (types are checked while loading). Raises ``ConfigError``."""
+        where = self.source
+
+        def fail(key: str, message: str) -> None:
+            raise ConfigError(f"{where}: {key}: {message}")
+
+        if not Path(self.data_root).is_dir():
+            fail("data_root", f"folder not found: {self.data_root}")
+        if self.stage not in STAGES:
+            fail("stage", f"expected one of {STAGES}, got {self.stage!r}")
+        if not self.data.datasets:
+            fail("data.datasets", "a stage needs at least one dataset")
+        if self.data.sampling not in ("round_robin", "mixed"):
+            fail("data.sampling", f"expected 'round_robin' or 'mixed', got {self.data.sampling!r}")
+        if self.data.max_length < 8:
+            fail("data.max_length", f"must be >= 8, got {self.data.max_length}")
+        if self.data.pair_task not in (None, "caption", "generate"):
+            fail("data.pair_task", f"expected 'caption', 'generate' or null, got {self.data.pair_task!r}")
+        if not self.data.caption_prompts:
+            fail("data.caption_prompts", "give at least one prompt")
+        if self.trainable.token_rows not in (None, "none", "signal", "all"):
+            fail("trainable.token_rows", f"expected none, signal or all, got {self.trainable.token_rows!r}")
+        if self.loss.distance not in ("l2", "mse"):
+            fail("loss.distance", f"expected 'l2' or 'mse', got {self.loss.distance!r}")
+        for name, weight in self.loss.modality_weights.items():
+            try:
+                modality = Modality.parse(name)
+            except ValueError:
+                modality = None
+            if modality not in MEDIA_MODALITIES:
+                fail(f"loss.modality_weights.{name}", "not an output media modality (image, video, audio)")
+            if weight < 0:
+                fail(f"loss.modality_weights.{name}", f"must be >= 0, got {weight}")
+        if self.loss.caption_embedding_weight < 0:
+            fail("loss.caption_embedding_weight", "must be >= 0")
+        if self.loss.diffusion.min_snr_gamma <= 0:
+            fail("loss.diffusion.min_snr_gamma", "must be > 0")
+        if self.optim.lr <= 0:
+            fail("optim.lr", f"must be > 0, got {self.optim.lr}")
+        if len(self.optim.betas) != 2 or not all(0 <= b < 1 for b in self.optim.betas):
+            fail("optim.betas", f"expected two numbers in [0, 1), got {self.optim.betas}")
+        if self.optim.schedule not in ("cosine", "linear", "constant"):
+            fail("optim.schedule", f"expected cosine, linear or constant, got {self.optim.schedule!r}")
+        if self.optim.warmup_steps is not None and self.optim.warmup_steps < 0:
+            fail("optim.warmup_steps", "must be >= 0")
+        if not 0 <= self.optim.warmup_ratio < 1:
+            fail("optim.warmup_ratio", "must be in [0, 1)")
+        if self.optim.max_grad_norm is not None and self.optim.max_grad_norm <= 0:
+            fail("optim.max_grad_norm", "must be > 0 or null")
+        run = self.train
+        for key in ("batch_size", "gradient_accumulation_steps", "log_every"):
+            if getattr(run, key) < 1:
+                fail(f"train.{key}", f"must be >= 1, got {getattr(run, key)}")
+        if run.max_steps is not None and run.max_steps < 1:
+            fail("train.max_steps", f"must be >= 1, got {run.max_steps}")
+        if run.max_steps is None and run.epochs <= 0:
+            fail("train.epochs", f"must be > 0, got {run.epochs}")
+        if run.save_every < 0 or run.keep_checkpoints < 1:
+            fail("train.save_every / train.keep_checkpoints", "save_every >= 0 and keep_checkpoints >= 1")
+        if run.mixed_precision not in ("no", "bf16", "fp16"):
+            fail("train.mixed_precision", f"expected no, bf16 or fp16, got {run.mixed_precision!r}")
+        for i, spec in enumerate(self.dataset_specs()):
+            if not spec.path.is_file():
+                fail(f"data.datasets[{i}].path", f"file not found: {spec.path}")
+            if not spec.media_root.is_dir():
+                fail(f"data.datasets[{i}].media_root", f"folder not found: {spec.media_root}")
+            if spec.embedding_root is not None and not spec.embedding_root.is_dir():
+                fail(f"data.datasets[{i}].embedding_root", f"folder not found: {spec.embedding_root}")
+        names = [spec.name for spec in self.dataset_specs()]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            fail("data.datasets", f"dataset names must be unique (they key the feature cache); repeated: {dupes}")
+
+
+# ---------------------------------------------------------------------------------------------- loading
+def load_config(
+    path: str | Path | None = None,
+    *,
+    data: dict[str, Any] | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+    stage: int | None = None,
+) -> TrainConfig:
+    """Read a YAML config (or a dict), apply ``key=value`` overrides, resolve paths and validate.
+
+    Args:
+        path: the YAML file. Relative paths inside it resolve against its folder.
+        data: a dict instead of a file (relative paths then resolve against the working directory).
+        overrides: ``["train.max_steps=10", "optim.lr=1e-4"]``; values are parsed as YAML.
+        stage: the stage asked on the command line; must agree with the file's ``stage`` (which may be omitted).
+
+    Raises:
+        ConfigError: unknown keys, wrong types, bad values, missing files; the message names the file and the key.
+    """
+    if path is not None:
+        path = Path(path).expanduser().resolve()
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            data = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: not valid YAML ({err})") from None
+        base, source = path.parent, str(path)
+    else:
+        base, source = Path.cwd(), "<config>"
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping of keys at the top level, got {type(data).__name__}")
+    data = copy.deepcopy(data)
+    for item in overrides:
+        _apply_override(data, item, source)
+    if stage is not None:
+        if data.get("stage") not in (None, stage):
+            raise ConfigError(f"{source}: stage: the file is for stage {data['stage']}, --stage asks for {stage}")
+        data["stage"] = stage
+    if "stage" not in data:
+        raise ConfigError(f"{source}: stage: missing (1, 2 or 3; or pass --stage)")
+    default_output = data.get("output_dir") is None
+    if default_output:
+        data["output_dir"] = str(Path.cwd() / "runs" / f"stage{data['stage']}")
+    config = _build(TrainConfig, data, "", source)
+    config.source = source
+    _resolve_paths(config, base)
+    config.validate()
+    return config
+
+
+def _apply_override(data: dict, item: str, source: str) -> None:
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected key=value, e.g. train.max_steps=10")
+    key, raw = item.split("=", 1)
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError:
+        value = raw
+    parts = key.strip().split(".")
+    node = data
+    for i, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {item!r}: {'.'.join(parts[: i + 1])} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def _resolve_paths(config: TrainConfig, base: Path) -> None:
+    from anygpt.config import list_presets
+
+    def resolve(value: str | None) -> str | None:
+        if value is None:
+            return None
+        path = Path(value).expanduser()
+        return str(path if path.is_absolute() else (base / path).resolve())
+
+    config.output_dir = resolve(config.output_dir)
+    config.cache_dir = resolve(config.cache_dir)
+    config.data_root = resolve(config.data_root) or str(base)
+    if config.model not in list_presets():
+        config.model = resolve(config.model)
+    data_base = Path(config.data_root)
+    for entry in config.data.datasets:
+        if not isinstance(entry, dict):
+            continue  # reported by dataset_specs()
+        for key in ("path", "media_root", "embedding_root"):
+            if entry.get(key) is not None:
+                path = Path(str(entry[key])).expanduser()
+                entry[key] = str(path if path.is_absolute() else (data_base / path).resolve())
+
+
+def _dataset_spec(entry: Any, index: int, source: str) -> DatasetSpec:
+    key = f"data.datasets[{index}]"
+    if not isinstance(entry, dict):
+        raise ConfigError(f"{source}: {key}: expected a mapping, got {type(entry).__name__}")
+    known = {f.name for f in dataclasses.fields(DatasetSpec)}
+    unknown = sorted(set(entry) - known)
+    if unknown:
+        raise ConfigError(f"{source}: {key}: unknown key(s) {unknown}; valid keys are {sorted(known)}")
+    if "path" not in entry:
+        raise ConfigError(f"{source}: {key}.path: missing (the dataset's JSON file)")
+    try:
+        return DatasetSpec(**entry)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"{source}: {key}: {err}") from None
+
+
+def _build(cls: type, data: Any, prefix: str, source: str):
+    """Build dataclass ``cls`` from ``data`` with unknown-key and type checks."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: {prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.name != "source"}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(
+            f"{source}: unknown key(s) {[prefix + k for k in unknown]}; valid keys here are {sorted(fields)}"
+        )
+    kwargs = {}
+    for name, value in data.items():
+        kwargs[name] = _coerce(hints[name], value, prefix + name, source)
+    missing = [
+        n
+        for n, f in fields.items()
+        if n not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    ]
+    if missing:
+        raise ConfigError(f"{source}: missing key(s) {[prefix + m for m in missing]}")
+    return cls(**kwargs)
+
+
+def _coerce(hint: Any, value: Any, key: str, source: str) -> Any:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(hint)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(arg, value, key, source)
+            except ConfigError as err:
+                errors.append(err)
+        raise errors[0]
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, key + ".", source)
+    if hint is Any:
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{source}: {key}: expected a list, got {value!r}")
+        (arg,) = typing.get_args(hint) or (Any,)
+        return [_coerce(arg, v, f"{key}[{i}]", source) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{source}: {key}: expected a mapping, got {value!r}")
+        _, arg = typing.get_args(hint) or (str, Any)
+        return {str(k): _coerce(arg, v, f"{key}.{k}", source) for k, v in value.items()}
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{source}: {key}: expected true or false, got {value!r}")
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{source}: {key}: expected an integer, got {value!r}")
+    if hint is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads 4e-4 as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{source}: {key}: expected a number, got {value!r}")
+    if hint is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{source}: {key}: expected a string, got {value!r}")
+    return value

@@ -1,0 +1,217 @@
+"""Records -> token sequences with labels: the chat template of the model, applied as at inference.
+
+The layout is the one ``anygpt.conversation.Conversation.prompt_pieces`` gives at inference (system, ``USER:``,
+media placeholders, text, ``ASSISTANT:``, reply, end of turn), so what the model is trained on is what it reads
+when it chats. Text that belongs together is tokenised as one string (as at inference); which of its tokens are
+supervised comes from the tokenizer's character offsets.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from anygpt.conversation import get_template
+from anygpt.modality import Modality
+from training.data.records import PLACEHOLDERS, MediaFile, OutputMedia, Pair, Record, Sample, Turn
+
+IGNORE_INDEX = -100
+_BY_PLACEHOLDER = {v: k for k, v in PLACEHOLDERS.items()}
+
+
+@dataclass
+class Example:
+    """One tokenised training example.
+
+    Attributes:
+        input_ids, labels: same length; labels are ``IGNORE_INDEX`` where nothing is supervised.
+        media: input media in the order of their placeholder runs.
+        outputs: output media in the order of their signal groups.
+    """
+
+    input_ids: list[int]
+    labels: list[int]
+    media: list[MediaFile] = field(default_factory=list)
+    outputs: list[OutputMedia] = field(default_factory=list)
+    dataset: str = ""
+    truncated: bool = False
+
+
+def pair_to_sample(pair: Pair, task: str, caption_prompts: list[str]) -> Sample:
+    """A caption pair as a one-exchange conversation.
+
+    ``caption``: media in, caption out (stage 1; NExT-GPT's "generate a caption" prompt).
+    ``generate``: caption in, caption followed by the media's signal tokens out (stage 2, as NExT-GPT).
+    """
+    modality = pair.media.modality
+    tag = PLACEHOLDERS[modality]
+    if task == "caption":
+        prompt = caption_prompts[pair.index % len(caption_prompts)]
+        turns = [
+            Turn("user", f"{tag}\n{prompt}", inputs=[pair.media]),
+            Turn("assistant", pair.caption),
+        ]
+    elif task == "generate":
+        output = OutputMedia(modality, pair.caption, pair.caption_embedding, pair.media)
+        turns = [Turn("user", pair.caption), Turn("assistant", f"{pair.caption} {tag}", outputs=[output])]
+    else:
+        raise ValueError(f"unknown pair task {task!r}: expected 'caption' or 'generate'")
+    return Sample(pair.dataset, pair.index, turns)
+
+
+def _split_placeholders(text: str) -> list[str | Modality]:
+    """``"a <image> b"`` -> ``["a ", Modality.IMAGE, " b"]``."""
+    parts: list[str | Modality] = []
+    rest = text
+    while rest:
+        hits = [(rest.find(tag), tag) for tag in _BY_PLACEHOLDER if rest.find(tag) >= 0]
+        if not hits:
+            parts.append(rest)
+            break
+        pos, tag = min(hits)
+        if pos:
+            parts.append(rest[:pos])
+        parts.append(_BY_PLACEHOLDER[tag])
+        rest = rest[pos + len(tag) :]
+    return parts
+
+
+class ExampleBuilder:
+    """Turns records into ``Example``s for one model.
+
+    Args:
+        model: the ``AnyGPTModel`` (tokenizer, added tokens, template, tokens per media item).
+        max_length: longest sequence.
+        pair_task: how to use caption pairs (``caption`` or ``generate``).
+        caption_prompts: prompts of captioning examples.
+    """
+
+    def __init__(self, model, *, max_length: int, pair_task: str, caption_prompts: list[str]):
+        self.model = model
+        self.tokenizer = model.tokenizer
+        self.template = get_template(model.config.llm.template)
+        self.max_length = max_length
+        self.pair_task = pair_task
+        self.caption_prompts = list(caption_prompts)
+
+    # ------------------------------------------------------------------ layout
+    def pieces(self, sample: Sample) -> list[tuple[str | list[int] | MediaFile | OutputMedia, bool]]:
+        """(piece, supervised) in order: text, token ids, an input media item or an output's signal group."""
+        tpl = self.template
+        eos = self.tokenizer.eos_token_id
+        out: list[tuple] = []
+        if tpl.system:
+            out.append((tpl.system + tpl.sep, False))
+        for turn in sample.turns:
+            if turn.role == "user":
+                out.append((f"{tpl.user} " if tpl.user else "", False))
+                media = iter(turn.inputs)
+                for part in _split_placeholders(turn.text):
+                    out.append((next(media), False) if isinstance(part, Modality) else (part, False))
+                out.append((tpl.sep, False))
+            else:
+                out.append((tpl.assistant, False))
+                outputs = iter(turn.outputs)
+                first = True
+                for part in _split_placeholders(turn.text):
+                    if isinstance(part, Modality):  # (a str enum: test it first)
+                        out.append((next(outputs), True))
+                    else:
+                        out.append(((" " if first and tpl.assistant else "") + part, True))
+                    first = False
+                out.append((tpl.assistant_end, True))
+                if tpl.end_with_eos and eos is not None:
+                    out.append(([eos], True))
+        return [(p, s) for p, s in out if not (isinstance(p, str | list) and len(p) == 0)]
+
+    # ------------------------------------------------------------------ tokenisation
+    def _tokenize_text(self, run: list[tuple[str, bool]]) -> tuple[list[int], list[bool]]:
+        text = "".join(t for t, _ in run)
+        spans, pos = [], 0
+        for t, supervised in run:
+            spans.append((pos, pos + len(t), supervised))
+            pos += len(t)
+        if getattr(self.tokenizer, "is_fast", False):
+            enc = self.tokenizer(
+                text, add_special_tokens=False, split_special_tokens=True, return_offsets_mapping=True
+            )
+            flags = []
+            for start, end in enc.offset_mapping:
+                flags.append(any(s < max(end, start + 1) and e > start and sup for s, e, sup in spans))
+            return list(enc.input_ids), flags
+        ids, flags = [], []  # slow tokenizer: segments one by one
+        for t, supervised in run:
+            seg = self.tokenizer(t, add_special_tokens=False, split_special_tokens=True).input_ids
+            ids.extend(seg)
+            flags.extend([supervised] * len(seg))
+        return ids, flags
+
+    def build(self, record: Record) -> Example:
+        sample = pair_to_sample(record, self.pair_task, self.caption_prompts) if isinstance(record, Pair) else record
+        model = self.model
+        ids: list[int] = []
+        sup: list[bool] = []
+        runs: list[tuple[int, int, str, int]] = []  # (start, end, "media"|"output", index) atomic spans
+        media: list[MediaFile] = []
+        outputs: list[OutputMedia] = []
+        if self.tokenizer.bos_token_id is not None:
+            ids.append(self.tokenizer.bos_token_id)
+            sup.append(False)
+        text_run: list[tuple[str, bool]] = []
+
+        def flush() -> None:
+            if text_run:
+                t_ids, t_sup = self._tokenize_text(text_run)
+                ids.extend(t_ids)
+                sup.extend(t_sup)
+                text_run.clear()
+
+        for piece, supervised in self.pieces(sample):
+            if isinstance(piece, str):
+                text_run.append((piece, supervised))
+                continue
+            flush()
+            start = len(ids)
+            if isinstance(piece, MediaFile):
+                n = model.num_media_tokens(piece.modality)
+                ids.extend([model.tokens.placeholder[piece.modality]] * n)
+                sup.extend([False] * n)
+                runs.append((start, len(ids), "media", len(media)))
+                media.append(piece)
+            elif isinstance(piece, OutputMedia):
+                group = model.tokens.signal[piece.modality]
+                ids.extend(group)
+                sup.extend([supervised] * len(group))
+                runs.append((start, len(ids), "output", len(outputs)))
+                outputs.append(piece)
+            else:
+                ids.extend(int(i) for i in piece)
+                sup.extend([supervised] * len(piece))
+        flush()
+
+        truncated = len(ids) > self.max_length
+        if truncated:
+            cut = self.max_length
+            for start, end, _, _ in runs:
+                if start < cut < end:
+                    cut = start  # never split a media run or a signal group
+            ids, sup = ids[:cut], sup[:cut]
+            media = media[: sum(1 for s, e, kind, _ in runs if kind == "media" and e <= cut)]
+            outputs = outputs[: sum(1 for s, e, kind, _ in runs if kind == "output" and e <= cut)]
+        labels = [i if s else IGNORE_INDEX for i, s in zip(ids, sup, strict=True)]
+        return Example(ids, labels, media, outputs, dataset=sample.dataset, truncated=truncated)
+
+
+def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad a micro-batch: ``input_ids``, ``labels``, ``attention_mask`` of shape (B, T)."""
+    length = max(len(e.input_ids) for e in examples)
+    input_ids = torch.full((len(examples), length), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), length), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(examples), length), dtype=torch.long)
+    for row, e in enumerate(examples):
+        n = len(e.input_ids)
+        input_ids[row, :n] = torch.tensor(e.input_ids)
+        labels[row, :n] = torch.tensor(e.labels)
+        mask[row, :n] = 1
+    return {"input_ids": input_ids, "labels": labels, "attention_mask": mask}

@@ -1,0 +1,591 @@
+"""The training loop: plain accelerate, one loop for every stage.
+
+A run: load the starting model (a preset or a previous stage's ``final/``), apply the stage's recipe (what
+trains), read the datasets, validate everything against the model, then train with a deterministic batch plan,
+writing ``metrics.jsonl``, TensorBoard scalars, resumable ``checkpoint-STEP/`` folders and ``final/`` (a folder
+``AnyGPTPipeline.from_pretrained`` loads).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+from tqdm.auto import tqdm
+
+from anygpt.modality import Modality
+from training.cache import CaptionEmbeddingCache, MediaFeatureCache
+from training.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from training.config import ConfigError, TrainConfig
+from training.data.records import OutputMedia, Pair, Record
+from training.examples import Example, ExampleBuilder, collate
+from training.losses import caption_distance_sum, token_cross_entropy_sum
+from training.recipes import PAIR_TASK, Trainable, apply_trainable, resolve_trainable
+from training.sampling import BatchPlan
+
+logger = logging.getLogger(__name__)
+
+METRICS_FILE = "metrics.jsonl"
+FINAL_DIR = "final"
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (e.g. a non-finite loss); the message names the step."""
+
+
+# ---------------------------------------------------------------------------------------------- the module
+class StageModule(nn.Module):
+    """What the optimizer sees: the model plus the trainable token rows; ``forward`` returns loss sums."""
+
+    def __init__(self, model, token_rows, *, distance: str):
+        super().__init__()
+        self.model = model
+        self.token_rows = token_rows
+        self.distance = distance
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        labels: torch.Tensor,
+        attention_mask: torch.Tensor,
+        media: dict[str, tuple[torch.Tensor, torch.Tensor | None]],
+        targets: dict[str, torch.Tensor],
+    ) -> dict[str, torch.Tensor]:
+        model = self.model
+        features = {}
+        for name, (embeds, tokens) in media.items():
+            features[Modality(name)] = model.project_media(Modality(name), embeds, tokens)
+        inputs_embeds = model.embed_inputs(input_ids, features)
+        out = model.language_model(
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            output_hidden_states=bool(targets),
+            use_cache=False,
+        )
+        ce, _ = token_cross_entropy_sum(out.logits, labels)
+        sums = {"ce": ce}
+        for name, target in targets.items():
+            cond, where = model.signal_conditioning(Modality(name), out.hidden_states[-1], input_ids)
+            if len(where) != target.shape[0]:
+                raise RuntimeError(f"{name}: {len(where)} signal groups in the batch, {target.shape[0]} targets")
+            sums[f"caption_{name}"] = caption_distance_sum(cond, target, self.distance)
+        return sums
+
+
+@dataclass
+class Loaded:
+    records: list[list[Record]]
+    names: list[str]
+    weights: list[float]
+
+
+# ---------------------------------------------------------------------------------------------- the trainer
+class StageTrainer:
+    """Runs one stage.
+
+    Args:
+        config: the validated ``TrainConfig``.
+        start: preset name or folder to start from (None: ``config.model``).
+        output_dir: overrides ``config.output_dir``.
+        max_steps: overrides ``config.train.max_steps``.
+        resume: None (a fresh run; refuses a folder holding a previous run), ``"auto"`` (continue from the newest
+            complete checkpoint in the output folder, if any) or a checkpoint folder.
+        accelerator: an ``accelerate.Accelerator`` (built from the config when None).
+    """
+
+    def __init__(
+        self,
+        config: TrainConfig,
+        *,
+        start: str | None = None,
+        output_dir: str | os.PathLike | None = None,
+        max_steps: int | None = None,
+        resume: str | None = None,
+        accelerator=None,
+    ):
+        self.config = config
+        self.start = str(start) if start is not None else config.model
+        self.output_dir = Path(output_dir).expanduser().resolve() if output_dir else Path(config.output_dir)
+        if max_steps is not None:
+            if max_steps < 1:
+                raise ConfigError(f"--max-steps must be >= 1, got {max_steps}")
+            config.train.max_steps = max_steps
+        self.resume = resume
+        self.accelerator = accelerator or self._make_accelerator()
+        self.trainable: Trainable = resolve_trainable(config.stage, config.trainable)
+        self.pair_task = config.data.pair_task or PAIR_TASK[config.stage]
+
+    # ------------------------------------------------------------------ setup
+    def _make_accelerator(self):
+        from accelerate import Accelerator, DistributedDataParallelKwargs
+
+        run = self.config.train
+        if run.mixed_precision == "fp16" and not torch.cuda.is_available():
+            raise ConfigError(f"{self.config.source}: train.mixed_precision: fp16 needs a GPU; use bf16 or no")
+        return Accelerator(
+            mixed_precision=run.mixed_precision,
+            cpu=run.device == "cpu",
+            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+        )
+
+    def _resume_folder(self) -> Path | None:
+        existing = list_checkpoints(self.output_dir)
+        if self.resume is None:
+            if existing or (self.output_dir / FINAL_DIR).exists():
+                raise ConfigError(
+                    f"{self.output_dir} holds a previous run; pass --resume auto to continue it, or choose another "
+                    "--output-dir"
+                )
+            return None
+        if self.resume == "auto":
+            return existing[-1] if existing else None
+        folder = Path(self.resume).expanduser().resolve()
+        if not (folder / "trainer_state.json").is_file():
+            raise ConfigError(f"--resume {self.resume}: not a complete checkpoint folder (no trainer_state.json)")
+        return folder
+
+    def load_pipeline(self):
+        """The starting pipeline, with the config's LoRA settings when the model has no trained adapter yet."""
+        from anygpt.config import config_from_preset, list_presets
+        from anygpt.llm import LoraSettings
+        from anygpt.model import INDEX_FILE, read_index, resolve_part
+        from anygpt.pipeline import AnyGPTPipeline
+
+        source = Path(self.start).expanduser()
+        if (source / INDEX_FILE).is_file():
+            model_config, parts = read_index(source)
+        elif self.start in list_presets():
+            model_config, parts = config_from_preset(self.start), None
+        else:
+            raise ConfigError(
+                f"--from / model: {self.start!r} is neither a preset ({', '.join(list_presets())}) nor a folder "
+                f"holding {INDEX_FILE} (a stage's final/ folder)"
+            )
+        if self.config.lora is not None:
+            try:
+                wanted = LoraSettings(**self.config.lora)
+            except (TypeError, ValueError) as err:
+                raise ConfigError(f"{self.config.source}: lora: {err}") from None
+            if parts and parts.get("lora") and model_config.llm.lora != wanted:
+                raise ConfigError(
+                    f"{self.config.source}: lora: {self.start} already holds a trained adapter with "
+                    f"{model_config.llm.lora}; remove `lora:` to keep training it"
+                )
+            model_config.llm.lora = wanted
+        tokenizer_dir = resolve_part(source, parts["tokenizer"], "tokenizer") if parts else None
+        pipe = AnyGPTPipeline.from_config(model_config, tokenizer_dir=tokenizer_dir)
+        if parts:
+            pipe.model.load_trained(source, parts)
+        return pipe
+
+    def read_data(self) -> Loaded:
+        from training.data.readers import DatasetError, read_dataset
+
+        records, names, weights = [], [], []
+        for spec in self.config.dataset_specs():
+            try:
+                recs = read_dataset(spec)
+            except DatasetError as err:
+                raise ConfigError(f"{self.config.source}: dataset {spec.name}: {err}") from None
+            if not recs:
+                raise ConfigError(f"{self.config.source}: dataset {spec.name} ({spec.path}) holds no records")
+            records.append(recs)
+            names.append(spec.name)
+            weights.append(spec.weight)
+            logger.info("dataset %s: %d records from %s", spec.name, len(recs), spec.path)
+        return Loaded(records, names, weights)
+
+    def check_compatible(self, data: Loaded) -> None:
+        """Every dataset fits the model and the stage: modalities, caption-embedding shapes, something to learn."""
+        model = self.model
+        source = self.config.source
+        produces = False
+        for name, recs in zip(data.names, data.records, strict=True):
+            example = self.builder.build(recs[0])
+            for rec in recs[: min(len(recs), 64)]:
+                ex = self.builder.build(rec)
+                for item in ex.media:
+                    if item.modality.value not in model.input_projectors:
+                        raise ConfigError(
+                            f"{source}: dataset {name} has {item.modality.value} inputs, but the model reads only "
+                            f"{list(model.input_projectors)}"
+                        )
+                for out in ex.outputs:
+                    if out.modality.value not in model.output_projectors:
+                        raise ConfigError(
+                            f"{source}: dataset {name} asks for {out.modality.value} outputs, but the model produces "
+                            f"only {list(model.output_projectors)}"
+                        )
+                    if out.caption_embedding is not None:
+                        self._check_embedding_file(name, out)
+                produces = produces or bool(ex.outputs)
+            if all(label == -100 for label in example.labels):
+                raise ConfigError(
+                    f"{source}: dataset {name}: its first example has no supervised token after cutting to "
+                    f"data.max_length {self.config.data.max_length}; raise max_length"
+                )
+        if self.trainable.output_projectors and not produces:
+            raise ConfigError(
+                f"{source}: this stage trains the output projectors, but no dataset produces media (for caption "
+                "pairs set data.pair_task: generate)"
+            )
+
+    def _check_embedding_file(self, dataset: str, out: OutputMedia) -> None:
+        spec = self.model.decoder_specs[out.modality]
+        try:
+            shape = np.load(out.caption_embedding, mmap_mode="r", allow_pickle=False).shape
+        except (OSError, ValueError) as err:
+            raise ConfigError(f"dataset {dataset}: cannot read caption embedding {out.caption_embedding}: {err}") from None
+        if tuple(shape) != tuple(spec.cond_shape):
+            raise ConfigError(
+                f"dataset {dataset}: caption embedding {out.caption_embedding} has shape {tuple(shape)}, the model's "
+                f"{out.modality.value} decoder is conditioned on {tuple(spec.cond_shape)} (embeddings of another "
+                "decoder?); drop embedding_root to compute them with this decoder's own text encoder"
+            )
+
+    def setup(self) -> None:
+        """Everything before the first step; every error here is a clear ``ConfigError``."""
+        config = self.config
+        self.resume_from = self._resume_folder()
+        self.pipe = self.load_pipeline()
+        self.model = self.pipe.model
+        self.decoders = self.pipe.decoders
+        self.token_rows = apply_trainable(self.model, self.trainable)
+        self.builder = ExampleBuilder(
+            self.model,
+            max_length=config.data.max_length,
+            pair_task=self.pair_task,
+            caption_prompts=config.data.caption_prompts,
+        )
+        self.data = self.read_data()
+        self.check_compatible(self.data)
+
+        acc = self.accelerator
+        run = config.train
+        self.global_batch = run.batch_size * acc.num_processes * run.gradient_accumulation_steps
+        self.plan = BatchPlan(
+            [len(r) for r in self.data.records], self.data.weights, self.global_batch, config.data.sampling, run.seed
+        )
+        self.max_steps = run.max_steps or max(1, math.ceil(run.epochs * self.plan.steps_per_epoch()))
+
+        torch.manual_seed(run.seed)
+        self.module = StageModule(self.model, self.token_rows, distance=config.loss.distance)
+        if run.gradient_checkpointing:
+            llm = self.model.language_model
+            llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            if hasattr(llm, "enable_input_require_grads"):
+                llm.enable_input_require_grads()
+        self.params = [(n, p) for n, p in self.module.named_parameters() if p.requires_grad]
+        if not self.params:
+            raise ConfigError(f"{config.source}: nothing to train: the recipe and `trainable:` leave every part frozen")
+        decay = [p for n, p in self.params if p.ndim >= 2 and not n.startswith("token_rows.")]
+        no_decay = [p for n, p in self.params if not (p.ndim >= 2 and not n.startswith("token_rows."))]
+        optim = config.optim
+        self.optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=optim.lr,
+            betas=tuple(optim.betas),
+            eps=optim.eps,
+        )
+        from transformers import get_scheduler
+
+        warmup = optim.warmup_steps if optim.warmup_steps is not None else int(optim.warmup_ratio * self.max_steps)
+        name = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[optim.schedule]
+        self.scheduler = get_scheduler(
+            name, self.optimizer, num_warmup_steps=warmup, num_training_steps=self.max_steps
+        )
+        self.module, self.optimizer = acc.prepare(self.module, self.optimizer)
+        self.model.encoder.to(acc.device)
+        for decoder in self.decoders.values():
+            decoder.to(device=acc.device)
+        self.media_cache = MediaFeatureCache(config.cache_dir, self.model.encoder)
+        self.caption_caches = {m: CaptionEmbeddingCache(config.cache_dir, d) for m, d in self.decoders.items()}
+        self.need_tokens = {m: p.uses_tokens for m, p in self.model.input_projectors.items()}
+        n_trainable = sum(p.numel() for _, p in self.params)
+        n_total = sum(p.numel() for p in self.model.parameters())
+        logger.info(
+            "stage %d: %d trainable tensors, %s parameters (%.3f%% of %s); global batch %d; %d steps",
+            config.stage,
+            len(self.params),
+            f"{n_trainable:,}",
+            100 * n_trainable / max(1, n_total),
+            f"{n_total:,}",
+            self.global_batch,
+            self.max_steps,
+        )
+
+    # ------------------------------------------------------------------ batches
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        module = self.accelerator.unwrap_model(self.module)
+        return {n: p for n, p in module.named_parameters() if p.requires_grad}
+
+    def micro_batches(self, step: int) -> list[list[Example]]:
+        acc = self.accelerator
+        accumulation = self.config.train.gradient_accumulation_steps
+        batches = []
+        for micro in range(accumulation):
+            items = self.plan.shard(step, acc.process_index, acc.num_processes, micro, accumulation)
+            batches.append([self.builder.build(self.data.records[d][i]) for d, i in items])
+        return batches
+
+    def tensors(self, examples: list[Example]) -> dict:
+        device = self.accelerator.device
+        batch = {k: v.to(device) for k, v in collate(examples, self.model.tokenizer.pad_token_id).items()}
+        items = [m for e in examples for m in e.media]
+        media: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        if items:
+            need = any(self.need_tokens.get(m.modality.value, False) for m in items)
+            feats = self.media_cache.get(items, need_tokens=need)
+            for modality in {m.modality for m in items}:
+                rows = [f for m, f in zip(items, feats, strict=True) if m.modality == modality]
+                embeds = torch.stack([r[0] for r in rows]).to(device)
+                tokens = torch.stack([r[1] for r in rows]).to(device) if rows[0][1] is not None else None
+                media[modality.value] = (embeds, tokens)
+        targets: dict[str, torch.Tensor] = {}
+        if self.config.loss.caption_embedding_weight > 0:
+            outputs = [o for e in examples for o in e.outputs]
+            for modality in dict.fromkeys(o.modality for o in outputs):
+                mine = [o for o in outputs if o.modality == modality]
+                targets[modality.value] = torch.stack(self._caption_targets(modality, mine)).to(device)
+        batch["media"] = media
+        batch["targets"] = targets
+        return batch
+
+    def _caption_targets(self, modality: Modality, outputs: list[OutputMedia]) -> list[torch.Tensor]:
+        result: list[torch.Tensor | None] = [None] * len(outputs)
+        todo = []
+        for i, out in enumerate(outputs):
+            if out.caption_embedding is not None:
+                array = np.load(out.caption_embedding, allow_pickle=False)
+                spec = self.model.decoder_specs[modality]
+                if tuple(array.shape) != tuple(spec.cond_shape):
+                    raise TrainingError(
+                        f"caption embedding {out.caption_embedding} has shape {array.shape}, expected {spec.cond_shape}"
+                    )
+                result[i] = torch.from_numpy(array.astype(np.float32))
+            else:
+                todo.append(i)
+        if todo:
+            embeds = self.caption_caches[modality].get([outputs[i].caption for i in todo])
+            for i, e in zip(todo, embeds, strict=True):
+                result[i] = e.float()
+        return result
+
+    # ------------------------------------------------------------------ the loop
+    def train(self) -> Path:
+        """Run the stage; returns the ``final/`` folder."""
+        self.setup()
+        acc = self.accelerator
+        config = self.config
+        run = config.train
+        start_step = 0
+        if acc.is_main_process:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+        acc.wait_for_everyone()
+        if self.resume_from is not None:
+            start_step = self._restore(self.resume_from)
+        if acc.is_main_process:
+            self._write_run_files(start_step)
+        writer = self._tensorboard(start_step)
+        bar = tqdm(
+            total=self.max_steps,
+            initial=start_step,
+            disable=not acc.is_local_main_process,
+            desc=f"stage {config.stage}",
+            dynamic_ncols=True,
+        )
+        self.module.train()
+        step = start_step
+        try:
+            for step in range(start_step, self.max_steps):
+                t0 = time.perf_counter()
+                metrics = self._step(step)
+                metrics["samples_per_s"] = self.global_batch / max(time.perf_counter() - t0, 1e-9)
+                bar.update(1)
+                bar.set_postfix(loss=f"{metrics['loss']:.4f}", sps=f"{metrics['samples_per_s']:.1f}")
+                done = step + 1
+                if done % run.log_every == 0 or done == self.max_steps:
+                    self._log(done, metrics, writer)
+                if run.save_every and done % run.save_every == 0 and done < self.max_steps:
+                    self._save(done)
+        except KeyboardInterrupt:
+            logger.warning("interrupted at step %d: writing a checkpoint to resume from", step)
+            self._save(step)
+            raise
+        finally:
+            bar.close()
+            if writer is not None:
+                writer.close()
+            self.media_cache.flush()
+            for cache in self.caption_caches.values():
+                cache.flush()
+        self._save(self.max_steps)
+        return self._save_final()
+
+    def _step(self, step: int) -> dict:
+        acc = self.accelerator
+        config = self.config
+        micro = self.micro_batches(step)
+        batches = [self.tensors(m) for m in micro]
+        # global normalisers: every process and every micro-batch divides by the same counts
+        names = ["ce"] + [f"caption_{m.value}" for m in self.model.decoder_specs]
+        local = torch.zeros(len(names), device=acc.device)
+        for b in batches:
+            local[0] += int((b["labels"][:, 1:] != -100).sum())
+            for j, name in enumerate(names[1:], start=1):
+                target = b["targets"].get(name.removeprefix("caption_"))
+                local[j] += 0 if target is None else target.shape[0]
+        counts = acc.reduce(local, reduction="sum") if acc.num_processes > 1 else local
+        weights = {"ce": 1.0}
+        for name in names[1:]:
+            modality = name.removeprefix("caption_")
+            weights[name] = config.loss.caption_embedding_weight * config.loss.modality_weights.get(modality, 1.0)
+        sums = torch.zeros(len(names), device=acc.device)
+        for i, b in enumerate(batches):
+            last = i == len(batches) - 1
+            context = acc.no_sync(self.module) if not last and acc.num_processes > 1 else _null()
+            with context:
+                parts = self.module(b["input_ids"], b["labels"], b["attention_mask"], b["media"], b["targets"])
+                loss = parts["ce"] * 0.0  # always a tensor: every process runs backward (DDP)
+                for j, name in enumerate(names):
+                    if name in parts and counts[j] > 0:
+                        loss = loss + weights[name] * parts[name] / counts[j]
+                        sums[j] += parts[name].detach().float()
+                acc.backward(loss * acc.num_processes)  # DDP averages gradients over processes
+        totals = acc.reduce(sums, reduction="sum") if acc.num_processes > 1 else sums
+        means = {n: (totals[j] / counts[j]).item() for j, n in enumerate(names) if counts[j] > 0}
+        loss_value = sum(weights[n] * v for n, v in means.items())
+        if not math.isfinite(loss_value):
+            self.optimizer.zero_grad(set_to_none=True)
+            raise TrainingError(
+                f"non-finite loss at step {step + 1} ({means}); the last checkpoint in {self.output_dir} is intact. "
+                "Lower optim.lr, use bf16 instead of fp16, or check the data of this step"
+            )
+        grad_norm = None
+        if config.optim.max_grad_norm is not None:
+            params = [p for _, p in self.params]
+            grad_norm = acc.clip_grad_norm_(params, config.optim.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        metrics = {"loss": loss_value, **{f"loss_{n}": v for n, v in means.items()}}
+        metrics["lr"] = self.scheduler.get_last_lr()[0]
+        if grad_norm is not None:
+            metrics["grad_norm"] = float(grad_norm)
+        metrics["tokens"] = int(counts[0].item())
+        return metrics
+
+    # ------------------------------------------------------------------ files
+    def _state(self) -> dict:
+        return {
+            "stage": self.config.stage,
+            "start": self.start,
+            "world_size": self.accelerator.num_processes,
+            "global_batch": self.global_batch,
+            "max_steps": self.max_steps,
+            "config": self.config.to_dict(),
+        }
+
+    def _save(self, step: int) -> None:
+        save_checkpoint(
+            self.accelerator,
+            self.output_dir,
+            step,
+            trainable=self.trainable_state(),
+            optimizer=self.optimizer,
+            scheduler=self.scheduler,
+            state=self._state(),
+            keep=self.config.train.keep_checkpoints,
+        )
+
+    def _restore(self, folder: Path) -> int:
+        trainable, state = load_checkpoint(
+            self.accelerator, folder, optimizer=self.optimizer, scheduler=self.scheduler
+        )
+        mine = self.trainable_state()
+        if set(trainable) != set(mine):
+            raise ConfigError(
+                f"{folder}: its trained tensors {sorted(set(trainable) ^ set(mine))[:4]}... differ from this run's "
+                "(another stage or recipe?)"
+            )
+        if state.get("stage") != self.config.stage:
+            raise ConfigError(f"{folder}: a checkpoint of stage {state.get('stage')}, this run is stage {self.config.stage}")
+        if state.get("global_batch") != self.global_batch:
+            raise ConfigError(
+                f"{folder}: written with global batch {state.get('global_batch')}, this run has {self.global_batch} "
+                "(batch_size x processes x gradient_accumulation_steps): the data position would not match"
+            )
+        with torch.no_grad():
+            for name, param in mine.items():
+                param.copy_(trainable[name].to(param))
+        step = int(state["step"])
+        logger.info("resumed from %s at step %d", folder, step)
+        return step
+
+    def _write_run_files(self, start_step: int) -> None:
+        import yaml
+
+        (self.output_dir / "train_config.yaml").write_text(yaml.safe_dump(self.config.to_dict(), sort_keys=False))
+        metrics = self.output_dir / METRICS_FILE
+        if metrics.exists():  # keep the lines up to the step we resume from (a straight run's file, exactly)
+            kept = [
+                line
+                for line in metrics.read_text().splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= start_step
+            ]
+            metrics.write_text("".join(line + "\n" for line in kept))
+
+    def _tensorboard(self, start_step: int):
+        if not self.accelerator.is_main_process:
+            return None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:  # tensorboard not installed: metrics.jsonl still has everything
+            logger.warning("tensorboard is not installed: writing metrics.jsonl only")
+            return None
+        return SummaryWriter(str(self.output_dir / "tensorboard"), purge_step=start_step + 1 if start_step else None)
+
+    def _log(self, step: int, metrics: dict, writer) -> None:
+        if not self.accelerator.is_main_process:
+            return
+        record = {"step": step, **{k: (round(v, 8) if isinstance(v, float) else v) for k, v in metrics.items()}}
+        with open(self.output_dir / METRICS_FILE, "a") as handle:
+            handle.write(json.dumps(record) + "\n")
+        if writer is not None:
+            for key, value in metrics.items():
+                writer.add_scalar(f"train/{key}", value, step)
+
+    def _save_final(self) -> Path:
+        from anygpt.pipeline import AnyGPTPipeline
+
+        acc = self.accelerator
+        acc.wait_for_everyone()
+        folder = self.output_dir / FINAL_DIR
+        if self.token_rows is not None:
+            self.token_rows.merge()
+        if acc.is_main_process:
+            AnyGPTPipeline(self.model, self.decoders).save_pretrained(folder)
+            logger.info("stage %d done: %s", self.config.stage, folder)
+        acc.wait_for_everyone()
+        return folder
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def train_stage(config: TrainConfig, **kwargs) -> Path:
+    """Run one stage (see ``StageTrainer``); returns the ``final/`` folder."""
+    return StageTrainer(config, **kwargs).train()
