@@ -97,7 +97,9 @@ def save_checkpoint(
         accelerator.save_state(str(tmp / "accelerate_state"))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        save_file({k: v.detach().float().cpu().contiguous() for k, v in trainable.items()}, tmp / "trainable.safetensors")
+        save_file(
+            {k: v.detach().float().cpu().contiguous() for k, v in trainable.items()}, tmp / "trainable.safetensors"
+        )
         if not sharded:
             torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")

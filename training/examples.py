@@ -133,9 +133,7 @@ class ExampleBuilder:
             spans.append((pos, pos + len(t), supervised))
             pos += len(t)
         if getattr(self.tokenizer, "is_fast", False):
-            enc = self.tokenizer(
-                text, add_special_tokens=False, split_special_tokens=True, return_offsets_mapping=True
-            )
+            enc = self.tokenizer(text, add_special_tokens=False, split_special_tokens=True, return_offsets_mapping=True)
             flags = []
             for start, end in enc.offset_mapping:
                 flags.append(any(s < max(end, start + 1) and e > start and sup for s, e, sup in spans))

@@ -27,7 +27,10 @@ def precompute(config: TrainConfig, *, start: str | None = None, chunk: int = 64
     device = trainer.accelerator.device
     model.encoder.to(device)
     builder = ExampleBuilder(
-        model, max_length=config.data.max_length, pair_task=trainer.pair_task, caption_prompts=config.data.caption_prompts
+        model,
+        max_length=config.data.max_length,
+        pair_task=trainer.pair_task,
+        caption_prompts=config.data.caption_prompts,
     )
     trainer.model, trainer.builder = model, builder
     data = trainer.read_data()

@@ -25,7 +25,7 @@ from anygpt.modality import Modality
 from training.cache import CaptionEmbeddingCache, MediaFeatureCache
 from training.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from training.config import ConfigError, TrainConfig
-from training.data.records import OutputMedia, Pair, Record
+from training.data.records import OutputMedia, Record
 from training.examples import Example, ExampleBuilder, collate
 from training.losses import caption_distance_sum, token_cross_entropy_sum
 from training.recipes import PAIR_TASK, Trainable, apply_trainable, resolve_trainable
@@ -243,7 +243,9 @@ class StageTrainer:
         try:
             shape = np.load(out.caption_embedding, mmap_mode="r", allow_pickle=False).shape
         except (OSError, ValueError) as err:
-            raise ConfigError(f"dataset {dataset}: cannot read caption embedding {out.caption_embedding}: {err}") from None
+            raise ConfigError(
+                f"dataset {dataset}: cannot read caption embedding {out.caption_embedding}: {err}"
+            ) from None
         if tuple(shape) != tuple(spec.cond_shape):
             raise ConfigError(
                 f"dataset {dataset}: caption embedding {out.caption_embedding} has shape {tuple(shape)}, the model's "
@@ -299,9 +301,7 @@ class StageTrainer:
 
         warmup = optim.warmup_steps if optim.warmup_steps is not None else int(optim.warmup_ratio * self.max_steps)
         name = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[optim.schedule]
-        self.scheduler = get_scheduler(
-            name, self.optimizer, num_warmup_steps=warmup, num_training_steps=self.max_steps
-        )
+        self.scheduler = get_scheduler(name, self.optimizer, num_warmup_steps=warmup, num_training_steps=self.max_steps)
         self.module, self.optimizer = acc.prepare(self.module, self.optimizer)
         self.model.encoder.to(acc.device)
         for decoder in self.decoders.values():
@@ -507,9 +507,7 @@ class StageTrainer:
         )
 
     def _restore(self, folder: Path) -> int:
-        trainable, state = load_checkpoint(
-            self.accelerator, folder, optimizer=self.optimizer, scheduler=self.scheduler
-        )
+        trainable, state = load_checkpoint(self.accelerator, folder, optimizer=self.optimizer, scheduler=self.scheduler)
         mine = self.trainable_state()
         if set(trainable) != set(mine):
             raise ConfigError(
@@ -517,7 +515,9 @@ class StageTrainer:
                 "(another stage or recipe?)"
             )
         if state.get("stage") != self.config.stage:
-            raise ConfigError(f"{folder}: a checkpoint of stage {state.get('stage')}, this run is stage {self.config.stage}")
+            raise ConfigError(
+                f"{folder}: a checkpoint of stage {state.get('stage')}, this run is stage {self.config.stage}"
+            )
         if state.get("global_batch") != self.global_batch:
             raise ConfigError(
                 f"{folder}: written with global batch {state.get('global_batch')}, this run has {self.global_batch} "
