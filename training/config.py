@@ -232,7 +232,11 @@ class TrainConfig:
             fail("train.mixed_precision", f"expected no, bf16 or fp16, got {run.mixed_precision!r}")
         for i, spec in enumerate(self.dataset_specs()):
             if not spec.path.is_file():
-                fail(f"data.datasets[{i}].path", f"file not found: {spec.path}")
+                fail(
+                    f"data.datasets[{i}].path",
+                    f"file not found: {spec.path} (relative paths start at data_root {self.data_root}; "
+                    "set it with --set data_root=DIR)",
+                )
             if not spec.media_root.is_dir():
                 fail(f"data.datasets[{i}].media_root", f"folder not found: {spec.media_root}")
             if spec.embedding_root is not None and not spec.embedding_root.is_dir():

@@ -25,8 +25,8 @@ from anygpt.modality import Modality
 from training.cache import CaptionEmbeddingCache, MediaFeatureCache
 from training.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from training.config import ConfigError, TrainConfig
-from training.data.records import OutputMedia, Record
-from training.examples import Example, ExampleBuilder, collate
+from training.data.records import OutputMedia, Pair, Record
+from training.examples import Example, ExampleBuilder, collate, pair_to_sample
 from training.losses import caption_distance_sum, token_cross_entropy_sum
 from training.recipes import PAIR_TASK, Trainable, apply_trainable, resolve_trainable
 from training.sampling import BatchPlan
@@ -45,11 +45,12 @@ class TrainingError(RuntimeError):
 class StageModule(nn.Module):
     """What the optimizer sees: the model plus the trainable token rows; ``forward`` returns loss sums."""
 
-    def __init__(self, model, token_rows, *, distance: str):
+    def __init__(self, model, token_rows, *, distance: str, diffusion=None):
         super().__init__()
         self.model = model
         self.token_rows = token_rows
         self.distance = distance
+        self.__dict__["diffusion"] = diffusion  # frozen decoders: not submodules (not wrapped, not moved)
 
     def forward(
         self,
@@ -58,25 +59,32 @@ class StageModule(nn.Module):
         attention_mask: torch.Tensor,
         media: dict[str, tuple[torch.Tensor, torch.Tensor | None]],
         targets: dict[str, torch.Tensor],
+        diffusion: dict | None = None,
     ) -> dict[str, torch.Tensor]:
         model = self.model
+        diffusion = diffusion or {}
         features = {}
         for name, (embeds, tokens) in media.items():
             features[Modality(name)] = model.project_media(Modality(name), embeds, tokens)
         inputs_embeds = model.embed_inputs(input_ids, features)
+        wanted = list(dict.fromkeys([*targets, *diffusion]))
         out = model.language_model(
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
-            output_hidden_states=bool(targets),
+            output_hidden_states=bool(wanted),
             use_cache=False,
         )
         ce, _ = token_cross_entropy_sum(out.logits, labels)
         sums = {"ce": ce}
-        for name, target in targets.items():
+        for name in wanted:
             cond, where = model.signal_conditioning(Modality(name), out.hidden_states[-1], input_ids)
-            if len(where) != target.shape[0]:
-                raise RuntimeError(f"{name}: {len(where)} signal groups in the batch, {target.shape[0]} targets")
-            sums[f"caption_{name}"] = caption_distance_sum(cond, target, self.distance)
+            if name in targets:
+                target = targets[name]
+                if len(where) != target.shape[0]:
+                    raise RuntimeError(f"{name}: {len(where)} signal groups in the batch, {target.shape[0]} targets")
+                sums[f"caption_{name}"] = caption_distance_sum(cond, target, self.distance)
+            if name in diffusion:
+                sums[f"diffusion_{name}"] = self.diffusion.loss_sum(Modality(name), cond, diffusion[name])
         return sums
 
 
@@ -209,21 +217,24 @@ class StageTrainer:
         source = self.config.source
         produces = False
         for name, recs in zip(data.names, data.records, strict=True):
+            for rec in recs:
+                sample = pair_to_sample(rec, self.pair_task, ["x"]) if isinstance(rec, Pair) else rec
+                inputs = {m.modality.value for t in sample.turns for m in t.inputs}
+                outputs = {o.modality.value for t in sample.turns for o in t.outputs}
+                if inputs - set(model.input_projectors):
+                    raise ConfigError(
+                        f"{source}: dataset {name} has {sorted(inputs - set(model.input_projectors))[0]} inputs, but "
+                        f"the model reads only {list(model.input_projectors)}"
+                    )
+                if outputs - set(model.output_projectors):
+                    raise ConfigError(
+                        f"{source}: dataset {name} asks for {sorted(outputs - set(model.output_projectors))[0]} "
+                        f"outputs, but the model produces only {list(model.output_projectors)}"
+                    )
             example = self.builder.build(recs[0])
             for rec in recs[: min(len(recs), 64)]:
                 ex = self.builder.build(rec)
-                for item in ex.media:
-                    if item.modality.value not in model.input_projectors:
-                        raise ConfigError(
-                            f"{source}: dataset {name} has {item.modality.value} inputs, but the model reads only "
-                            f"{list(model.input_projectors)}"
-                        )
                 for out in ex.outputs:
-                    if out.modality.value not in model.output_projectors:
-                        raise ConfigError(
-                            f"{source}: dataset {name} asks for {out.modality.value} outputs, but the model produces "
-                            f"only {list(model.output_projectors)}"
-                        )
                     if out.caption_embedding is not None:
                         self._check_embedding_file(name, out)
                 produces = produces or bool(ex.outputs)
@@ -279,7 +290,14 @@ class StageTrainer:
         self.max_steps = run.max_steps or max(1, math.ceil(run.epochs * self.plan.steps_per_epoch()))
 
         torch.manual_seed(run.seed)
-        self.module = StageModule(self.model, self.token_rows, distance=config.loss.distance)
+        self.diffusion = None
+        if config.loss.diffusion.enabled:
+            from training.diffusion import DiffusionLoss
+
+            self.diffusion = DiffusionLoss(self.decoders, gamma=config.loss.diffusion.min_snr_gamma)
+        self.module = StageModule(
+            self.model, self.token_rows, distance=config.loss.distance, diffusion=self.diffusion
+        )
         if run.gradient_checkpointing:
             llm = self.model.language_model
             llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -302,6 +320,14 @@ class StageTrainer:
         warmup = optim.warmup_steps if optim.warmup_steps is not None else int(optim.warmup_ratio * self.max_steps)
         name = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[optim.schedule]
         self.scheduler = get_scheduler(name, self.optimizer, num_warmup_steps=warmup, num_training_steps=self.max_steps)
+        if acc.distributed_type.value == "DEEPSPEED":
+            ds_config = acc.state.deepspeed_plugin.deepspeed_config
+            if ds_config.get("gradient_accumulation_steps") not in (None, "auto", run.gradient_accumulation_steps):
+                raise ConfigError(
+                    f"{config.source}: train.gradient_accumulation_steps {run.gradient_accumulation_steps} differs "
+                    f"from the DeepSpeed config's {ds_config['gradient_accumulation_steps']}; make them equal"
+                )
+            ds_config["train_micro_batch_size_per_gpu"] = run.batch_size
         self.module, self.optimizer = acc.prepare(self.module, self.optimizer)
         self.model.encoder.to(acc.device)
         for decoder in self.decoders.values():
@@ -357,6 +383,15 @@ class StageTrainer:
                 targets[modality.value] = torch.stack(self._caption_targets(modality, mine)).to(device)
         batch["media"] = media
         batch["targets"] = targets
+        batch["diffusion"] = {}
+        if self.diffusion is not None:
+            outputs = [o for e in examples for o in e.outputs]
+            for modality in dict.fromkeys(o.modality for o in outputs):
+                mine = [o for o in outputs if o.modality == modality]
+                index = [i for i, o in enumerate(mine) if o.media is not None and o.media.path.is_file()]
+                if index:
+                    paths = [mine[i].media.path for i in index]
+                    batch["diffusion"][modality.value] = self.diffusion.prepare(modality, index, paths)
         return batch
 
     def _caption_targets(self, modality: Modality, outputs: list[OutputMedia]) -> list[torch.Tensor]:
@@ -436,24 +471,36 @@ class StageTrainer:
         micro = self.micro_batches(step)
         batches = [self.tensors(m) for m in micro]
         # global normalisers: every process and every micro-batch divides by the same counts
-        names = ["ce"] + [f"caption_{m.value}" for m in self.model.decoder_specs]
+        outs = [m.value for m in self.model.decoder_specs]
+        names = ["ce"] + [f"caption_{m}" for m in outs] + [f"diffusion_{m}" for m in outs]
         local = torch.zeros(len(names), device=acc.device)
         for b in batches:
             local[0] += int((b["labels"][:, 1:] != -100).sum())
             for j, name in enumerate(names[1:], start=1):
-                target = b["targets"].get(name.removeprefix("caption_"))
-                local[j] += 0 if target is None else target.shape[0]
+                kind, modality = name.split("_", 1)
+                if kind == "caption":
+                    target = b["targets"].get(modality)
+                    local[j] += 0 if target is None else target.shape[0]
+                else:
+                    inputs = b["diffusion"].get(modality)
+                    local[j] += 0 if inputs is None else inputs.index.shape[0]
         counts = acc.reduce(local, reduction="sum") if acc.num_processes > 1 else local
         weights = {"ce": 1.0}
         for name in names[1:]:
-            modality = name.removeprefix("caption_")
-            weights[name] = config.loss.caption_embedding_weight * config.loss.modality_weights.get(modality, 1.0)
+            kind, modality = name.split("_", 1)
+            factor = config.loss.modality_weights.get(modality, 1.0)
+            if kind == "caption":
+                weights[name] = config.loss.caption_embedding_weight * factor
+            else:
+                weights[name] = config.loss.diffusion.weight * factor
         sums = torch.zeros(len(names), device=acc.device)
         for i, b in enumerate(batches):
             last = i == len(batches) - 1
             context = acc.no_sync(self.module) if not last and acc.num_processes > 1 else _null()
             with context:
-                parts = self.module(b["input_ids"], b["labels"], b["attention_mask"], b["media"], b["targets"])
+                parts = self.module(
+                    b["input_ids"], b["labels"], b["attention_mask"], b["media"], b["targets"], b["diffusion"]
+                )
                 loss = parts["ce"] * 0.0  # always a tensor: every process runs backward (DDP)
                 for j, name in enumerate(names):
                     if name in parts and counts[j] > 0:
