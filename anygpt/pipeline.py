@@ -13,7 +13,7 @@ import hashlib
 import logging
 import math
 import os
-from collections.abc import Container
+from collections.abc import Callable, Container, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,6 +34,16 @@ logger = logging.getLogger(__name__)
 
 
 MediaInput = str | os.PathLike | Image.Image | Audio | Video
+
+DECODER_SETTINGS: tuple[str, ...] = (
+    "num_inference_steps",
+    "guidance_scale",
+    "height",
+    "width",
+    "num_frames",
+    "audio_seconds",
+)
+"""The decoder settings of ``__call__``; ``decoder_overrides`` may set any of them per output modality."""
 
 
 @dataclass
@@ -251,8 +261,13 @@ class AnyGPTPipeline:
         max_new_tokens: int,
         temperature: float,
         top_p: float,
+        streamer: Any = None,
     ) -> tuple[list[int], Any]:
         """Run the LLM.
+
+        Args:
+            streamer: optional transformers streamer (e.g. ``TextIteratorStreamer``) that receives the new token ids as
+                they are generated; signal tokens are special tokens, so ``skip_special_tokens=True`` hides them.
 
         Returns:
             the produced ids with every signal group complete (forced groups appended), and the key/value cache
@@ -276,6 +291,7 @@ class AnyGPTPipeline:
             pad_token_id=self.tokenizer.pad_token_id,
             eos_token_id=self.tokenizer.eos_token_id,
             return_dict_in_generate=True,
+            streamer=streamer,
         )
         ids = out.sequences[0].tolist()
         eos = self.tokenizer.eos_token_id
@@ -381,6 +397,9 @@ class AnyGPTPipeline:
         num_frames: int | None = None,
         audio_seconds: float | None = None,
         show_progress: bool = True,
+        decoder_overrides: Mapping[str | Modality, Mapping[str, Any]] | None = None,
+        streamer: Any = None,
+        on_decode: Callable[[Modality, int, int], None] | None = None,
     ) -> AnyGPTOutput:
         """Answer ``prompt`` (with optional media) with text and, as the LLM decides or as forced, media.
 
@@ -396,6 +415,12 @@ class AnyGPTPipeline:
             num_inference_steps, guidance_scale, height, width, num_frames, audio_seconds: decoder settings
                 (None: each decoder's default).
             show_progress: progress bars for decoder work.
+            decoder_overrides: per output modality, decoder settings that replace the shared ones above for that
+                decoder only (None keeps the shared value), e.g. ``{"image": {"num_inference_steps": 30}}``.
+            streamer: a transformers streamer (``TextStreamer``, ``TextIteratorStreamer``) that receives the reply's
+                token ids as the LLM produces them (see ``generate_tokens``).
+            on_decode: called as ``on_decode(modality, index, total)`` before each decoder runs (progress reports);
+                an exception it raises stops the call.
 
         Returns:
             ``AnyGPTOutput``.
@@ -409,6 +434,7 @@ class AnyGPTPipeline:
             num_frames=num_frames,
             audio_seconds=audio_seconds,
         )
+        overrides = _decoder_overrides(decoder_overrides, list(self.decoders))
         forced = self.check_inputs(
             prompt,
             media,
@@ -436,6 +462,7 @@ class AnyGPTPipeline:
                     max_new_tokens=max_new_tokens,
                     temperature=temperature,
                     top_p=top_p,
+                    streamer=streamer,
                 )
             conditioning = self.signal_conditioning(input_ids, inputs_embeds, generated, cache)
         except BaseException:
@@ -449,8 +476,11 @@ class AnyGPTPipeline:
             text=text, token_ids=generated, conditioning={m.value: c for m, c in conditioning.items()}
         )
         for offset, (modality, cond) in enumerate(conditioning.items()):
+            if on_decode is not None:
+                on_decode(modality, offset, len(conditioning))
             seed_m = None if seed is None else seed + offset
-            outputs = self.decode(modality, cond, seed=seed_m, show_progress=show_progress, **settings)
+            decoder_settings = {**settings, **overrides.get(modality, {})}
+            outputs = self.decode(modality, cond, seed=seed_m, show_progress=show_progress, **decoder_settings)
             {Modality.IMAGE: result.images, Modality.VIDEO: result.videos, Modality.AUDIO: result.audios}[
                 modality
             ].extend(outputs)
@@ -500,6 +530,30 @@ def _as_list(items: Any) -> list:
     if isinstance(items, list | tuple):
         return list(items)
     return [items]
+
+
+def _decoder_overrides(
+    overrides: Mapping[str | Modality, Mapping[str, Any]] | None, available: list[Modality]
+) -> dict[Modality, dict[str, Any]]:
+    """Validate ``decoder_overrides``: known output modalities, known setting names, sensible values."""
+    result: dict[Modality, dict[str, Any]] = {}
+    for key, values in (overrides or {}).items():
+        try:
+            modality = Modality.parse(key)
+        except ValueError:
+            modality = None
+        if modality not in available:
+            valid = ", ".join(m.value for m in available)
+            raise ValueError(f"decoder_overrides: unknown output modality {key!r}; expected one of {valid}")
+        unknown = sorted(set(values) - set(DECODER_SETTINGS))
+        if unknown:
+            raise ValueError(
+                f"decoder_overrides[{modality.value!r}]: unknown setting {unknown[0]!r}; expected any of "
+                f"{', '.join(DECODER_SETTINGS)}"
+            )
+        _check_decoder_settings(dict(values))
+        result[modality] = {name: value for name, value in values.items() if value is not None}
+    return result
 
 
 def _check_decoder_settings(settings: dict[str, Any]) -> None:

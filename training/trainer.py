@@ -295,9 +295,7 @@ class StageTrainer:
             from training.diffusion import DiffusionLoss
 
             self.diffusion = DiffusionLoss(self.decoders, gamma=config.loss.diffusion.min_snr_gamma)
-        self.module = StageModule(
-            self.model, self.token_rows, distance=config.loss.distance, diffusion=self.diffusion
-        )
+        self.module = StageModule(self.model, self.token_rows, distance=config.loss.distance, diffusion=self.diffusion)
         if run.gradient_checkpointing:
             llm = self.model.language_model
             llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
