@@ -221,6 +221,20 @@ def test_diffusion_loss_option(sample, tmp_path):
     assert all(np.isfinite(r[k]) and r[k] > 0 for r in rows for k in r if k in keys)
 
 
+def test_bf16_with_gradient_checkpointing(sample, tmp_path):
+    from accelerate.state import AcceleratorState
+
+    # accelerate keeps one process-wide state: a run with another precision needs it reset (a CLI run is one process)
+    AcceleratorState._reset_state()
+    try:
+        out = tmp_path / "out"
+        sets = {"train.mixed_precision": "bf16", "train.gradient_checkpointing": "true"}
+        _run(sample, 3, out, steps=3, **sets)
+        assert all(np.isfinite(r["loss"]) for r in _metrics(out))
+    finally:
+        AcceleratorState._reset_state()
+
+
 # ---------------------------------------------------------------------------------------------- cache
 def test_warm_cache_calls_the_encoder_zero_times(sample, tmp_path, monkeypatch):
     from encoders.imagebind import ImageBindEncoder

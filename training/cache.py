@@ -63,7 +63,7 @@ class CacheStats:
 
 
 class _ShardStore:
-    """Entries spread over immutable shard files in one folder (no folder: memory only)."""
+    """Entries spread over immutable shard files in one folder (no folder: nothing is stored)."""
 
     def __init__(self, folder: Path | None):
         self.folder = folder
@@ -96,6 +96,8 @@ class _ShardStore:
         return {name: handle.get_tensor(f"{entry['n']}.{name}") for name in entry["tensors"]}
 
     def put(self, key: str, meta: dict, tensors: dict[str, torch.Tensor]) -> None:
+        if self.folder is None:
+            return  # no cache folder: nothing is kept, every use computes again
         tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
         self.memory[key] = tensors
         self.entries[key] = {**meta, "shard": None}
@@ -130,7 +132,7 @@ class MediaFeatureCache:
     """Encoder features per media file, keyed by media id.
 
     Args:
-        root: the cache folder (None: keep features in memory only, for this run).
+        root: the cache folder (None: no cache; every use encodes again).
         encoder: the frozen ``ImageBindEncoder``.
         load: ``(modality, path) -> decoded media`` (defaults to ``anygpt.media.load_media`` with the encoder's
             frame budget for video).
@@ -228,7 +230,7 @@ class CaptionEmbeddingCache:
     """Caption embeddings by one decoder's own text encoder, keyed by the caption's hash.
 
     Args:
-        root: the cache folder (None: memory only).
+        root: the cache folder (None: no cache; every use embeds again).
         decoder: a ``decoders.Decoder`` (its pipeline loads on the first miss).
     """
 
@@ -249,20 +251,26 @@ class CaptionEmbeddingCache:
     def get(self, captions: Sequence[str]) -> list[torch.Tensor]:
         """``(L, D)`` (or ``(D,)`` for a pooled decoder) per caption."""
         keys = [self.key(c) for c in captions]
+        found: dict[str, torch.Tensor] = {}
         todo = {}
         for caption, key in zip(captions, keys, strict=True):
-            if self.store.get(key) is None:
+            if key in found or key in todo:
+                continue
+            entry = self.store.get(key)
+            if entry is None:
                 todo[key] = caption
             else:
+                found[key] = entry["embeds"]
                 self.stats.hits += 1
         if todo:
             with torch.no_grad():
                 embeds = self.decoder.encode_captions(list(todo.values()))
             self.stats.encoder_calls += 1
             for i, key in enumerate(todo):
-                self.store.put(key, {}, {"embeds": embeds[i].float()})
+                found[key] = embeds[i].float().cpu()
+                self.store.put(key, {}, {"embeds": found[key]})
                 self.stats.misses += 1
-        return [self.store.get(key)["embeds"] for key in keys]
+        return [found[key] for key in keys]
 
     def flush(self) -> None:
         self.store.flush()

@@ -298,7 +298,11 @@ class StageTrainer:
         self.module = StageModule(self.model, self.token_rows, distance=config.loss.distance, diffusion=self.diffusion)
         if run.gradient_checkpointing:
             llm = self.model.language_model
-            llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            kwargs = {"use_reentrant": False}
+            if hasattr(llm, "activation_checkpointing_enable"):  # transformers >= 5.x name
+                llm.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+            else:
+                llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
             if hasattr(llm, "enable_input_require_grads"):
                 llm.enable_input_require_grads()
         self.params = [(n, p) for n, p in self.module.named_parameters() if p.requires_grad]
