@@ -448,6 +448,20 @@ def test_cli_train_and_errors(sample, tmp_path, capsys):
     assert code == 2 and "neither a preset" in capsys.readouterr().err
 
 
+def test_cli_cache_command(sample, tmp_path, capsys):
+    from anygpt.cli import main
+
+    args = ["cache", "--config", str(sample / "stage1.yaml"), "--cache-dir", str(tmp_path / "c")]
+    assert main(args) == 0
+    stats = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert stats["media_computed"] == 24 and stats["media_cached"] == 0  # 3 pair datasets x 8 records
+    assert main(args) == 0
+    stats = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert stats["media_computed"] == 0 and stats["media_cached"] == 24
+    assert main(["cache", "--config", str(sample / "stage1.yaml"), "--set", "cache_dir=null"]) == 2
+    assert "cache_dir: not set" in capsys.readouterr().err
+
+
 def test_cli_data_sample_writes_configs_that_load(tmp_path, capsys):
     from anygpt.cli import main
 

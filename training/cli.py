@@ -79,12 +79,7 @@ def _cache(args: argparse.Namespace) -> None:
     overrides = list(args.overrides)
     if args.cache_dir:
         overrides.append(f"cache_dir={Path(args.cache_dir).expanduser().resolve()}")
-    data = None
-    if args.stage is None:
-        import yaml
-
-        data = yaml.safe_load(Path(args.config).read_text()) if Path(args.config).is_file() else None
-    config = load_config(args.config, overrides=overrides, stage=args.stage or (data or {}).get("stage"))
+    config = load_config(args.config, overrides=overrides, stage=args.stage)
     if config.cache_dir is None:
         raise ConfigError(f"{config.source}: cache_dir: not set; give --cache-dir DIR or set cache_dir in the config")
     stats = precompute(config, start=args.start)
