@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,7 @@ logger = logging.getLogger("anygpt.app")
 
 MODEL_EVENTS = "model"  # the concurrency group of every event that calls the model
 CHOICES = ["auto", "image", "video", "audio"]
+CONTROL_CHARACTERS = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 
 
 # ---------------------------------------------------------------------------------------------------- rendering
@@ -43,22 +45,27 @@ def to_messages(exchanges: list[Exchange]) -> list[dict[str, Any]]:
     """The exchanges as Chatbot messages: user text and uploads; reply text, status or error, then generated media."""
     messages: list[dict[str, Any]] = []
     for exchange in exchanges:
-        user: list[Any] = [exchange.text] if exchange.text else []
+        user: list[Any] = [_printable(exchange.text)] if exchange.text else []
         user += [{"path": str(path)} for path in exchange.files]
         messages.append({"role": "user", "content": user})
         reply = exchange.reply
         if reply.error:
             text = f"⚠️ {reply.error}"
         elif reply.stopped:
-            text = f"{reply.text} _(stopped)_".strip()
+            text = f"{_printable(reply.text)} _(stopped)_".strip()
         else:
-            text = reply.text or ("" if reply.done else f"_{reply.status}…_")
+            text = _printable(reply.text) or ("" if reply.done else f"_{reply.status}…_")
         content: list[Any] = [text] if text else []
         if reply.text and not reply.done and reply.status.startswith("rendering"):
             content.append(f"_{reply.status}…_")
         content += [{"path": str(path)} for path in reply.files]
         messages.append({"role": "assistant", "content": content or ["(no text)"]})
     return messages
+
+
+def _printable(text: str) -> str:
+    """Text without control characters (an untrained model's bytes), line breaks and tabs kept."""
+    return CONTROL_CHARACTERS.sub("", text)
 
 
 # ---------------------------------------------------------------------------------------------------- the page
@@ -197,7 +204,8 @@ def build_app(engine: ChatEngine, *, title: str = "anygpt chat", note: str = "")
                 chatbot = gr.Chatbot(
                     elem_id="chat",
                     label="Chat",
-                    height=560,
+                    height="68vh",
+                    min_height=420,
                     placeholder="Ask something; attach images, audio or video with the paper clip.",
                     feedback_options=None,
                     buttons=["copy_all"],
@@ -284,6 +292,14 @@ def _end_session(session: ChatSession | None) -> None:  # the browser tab closed
 
 
 # ---------------------------------------------------------------------------------------------------- launching
+def model_note(model: str) -> str:
+    """The line under the title naming the model."""
+    note = f"Model: `{model}`."
+    if model == "tiny":
+        note += " Its weights are random: its text is gibberish and its media are noise."
+    return note
+
+
 def gradio_environment(output_dir: str | os.PathLike) -> dict[str, str]:
     """Environment that keeps every file Gradio stores or serves inside ``output_dir`` (set before building)."""
     root = Path(output_dir).expanduser().resolve() / "gradio"
@@ -357,11 +373,15 @@ def main(argv: list[str] | None = None) -> None:
     output_dir = Path(args.output_dir).expanduser() if args.output_dir else default_output_dir()
     os.environ.update(gradio_environment(output_dir))
     engine = ChatEngine.from_pretrained(args.model, output_dir, max_upload_bytes=int(args.max_upload_mb * 2**20))
-    note = f"Model: `{args.model}`."
-    if args.model == "tiny":
-        note += " Its weights are random: its text is gibberish and its media are noise."
     logger.warning("writing generated files to %s", engine.output_dir)
-    serve(engine, note=note, host=args.host, port=args.port, share=args.share, queue_size=args.queue_size)
+    serve(
+        engine,
+        note=model_note(args.model),
+        host=args.host,
+        port=args.port,
+        share=args.share,
+        queue_size=args.queue_size,
+    )
 
 
 if __name__ == "__main__":

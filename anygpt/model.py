@@ -87,8 +87,9 @@ class AnyGPTModel(nn.Module):
         if config.llm.lora is not None:
             from peft import get_peft_model
 
-            with warnings.catch_warnings():  # peft calls a transformers method deprecated in v5
+            with warnings.catch_warnings(), torch.random.fork_rng(devices=[]):
                 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
+                torch.manual_seed(config.seed)  # LoRA A matrices start random: the same for every build
                 llm = get_peft_model(llm, config.llm.lora.to_peft())
         hidden = llm.get_input_embeddings().weight.shape[1]
 

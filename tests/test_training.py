@@ -134,49 +134,75 @@ def test_stage_run_writes_files_loss_falls_and_final_changes_output(sample, tmp_
     assert not torch.allclose(a.conditioning["image"], b.conditioning["image"])
 
 
-def test_resume_equals_straight_run(sample, tmp_path, monkeypatch):
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_resume_equals_straight_run(sample, tmp_path, monkeypatch, stage):
     # one thread: CPU reductions then add in one order, so both runs can be compared exactly
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        _check_resume(sample, tmp_path, monkeypatch)
+        _check_resume(sample, tmp_path, monkeypatch, stage)
     finally:
         torch.set_num_threads(threads)
 
 
-def _check_resume(sample, tmp_path, monkeypatch):
-    straight = _run(sample, 2, tmp_path / "straight", steps=6, **{"train.save_every": 3})
+def _check_resume(sample, tmp_path, monkeypatch, stage):
+    import signal
 
-    # the same run, interrupted after step 3 (Ctrl-C writes a checkpoint), then resumed with --resume auto
-    calls = {"n": 0}
+    # stage 3 with LoRA dropout: the random stream must resume exactly too
+    sets = {"train.save_every": 100, "lora": "{r: 4, alpha: 8, dropout: 0.2}"} if stage == 3 else {}
+    sets.setdefault("train.save_every", 100)
+    straight = _run(sample, stage, tmp_path / "straight", steps=6, **sets)
+
+    # the same run, Ctrl-C pressed during step 3 (after its optimizer step): it finishes the step, writes
+    # checkpoint-3 and stops; then --resume auto continues it
     original = StageTrainer._step
 
     def interrupted(self, step):
-        if step == 3:
-            raise KeyboardInterrupt
-        calls["n"] += 1
-        return original(self, step)
+        metrics = original(self, step)
+        if step == 2:
+            signal.raise_signal(signal.SIGINT)
+        return metrics
 
     monkeypatch.setattr(StageTrainer, "_step", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        _run(sample, 2, tmp_path / "resumed", steps=6, **{"train.save_every": 100})
+        _run(sample, stage, tmp_path / "resumed", steps=6, **sets)
     monkeypatch.setattr(StageTrainer, "_step", original)
-    assert (tmp_path / "resumed" / "checkpoint-3").is_dir()
-    resumed = _run(sample, 2, tmp_path / "resumed", steps=6, resume="auto", **{"train.save_every": 100})
+    assert [p.name for p in (tmp_path / "resumed").glob("checkpoint-*")] == ["checkpoint-3"]
+    assert len(_metrics(tmp_path / "resumed")) == 3
+    resumed = _run(sample, stage, tmp_path / "resumed", steps=6, resume="auto", **sets)
 
     def strip(rows):
         return [{k: v for k, v in r.items() if k != "samples_per_s"} for r in rows]
 
     a, b = strip(_metrics(tmp_path / "straight")), strip(_metrics(tmp_path / "resumed"))
     assert [r["step"] for r in a] == [r["step"] for r in b] == [1, 2, 3, 4, 5, 6]
-    for x, y in zip(a, b, strict=True):
-        assert x == y
-    for rel in [f"output_projectors/{m}/diffusion_pytorch_model.safetensors" for m in ("image", "video", "audio")] + [
-        "token_embeddings.safetensors"
-    ]:
-        a, b = load_file(straight / rel), load_file(resumed / rel)
-        for k in a:
-            assert torch.equal(a[k], b[k]), (rel, k)
+    assert a == b
+    files = sorted(p.relative_to(straight) for p in straight.rglob("*.safetensors"))
+    assert files == sorted(p.relative_to(resumed) for p in resumed.rglob("*.safetensors"))
+    for rel in files:
+        x, y = load_file(straight / rel), load_file(resumed / rel)
+        assert all(torch.equal(x[k], y[k]) for k in x), rel
+
+
+def test_resume_refuses_a_checkpoint_of_another_run(sample, tmp_path):
+    _run(sample, 3, tmp_path / "three", steps=2)
+    with pytest.raises(ConfigError, match="written with stage 3"):
+        _run(sample, 2, tmp_path / "three", steps=2, resume=str(tmp_path / "three" / "checkpoint-2"))
+    with pytest.raises(ConfigError, match="written with max_steps 2"):
+        _run(sample, 3, tmp_path / "three", steps=4, resume="auto")
+
+
+def test_partial_metrics_line_does_not_block_resume(sample, tmp_path):
+    out = tmp_path / "out"
+    _run(sample, 1, out, steps=4, **{"train.save_every": 2})
+    shutil.rmtree(out / "final")
+    shutil.rmtree(out / "checkpoint-4")
+    with open(out / "metrics.jsonl", "a") as handle:
+        handle.write('{"step": 5, "lo')  # a write killed half-way
+    (out / ".checkpoint-6.tmp").mkdir()  # a checkpoint write killed half-way
+    _run(sample, 1, out, steps=4, resume="auto", **{"train.save_every": 2})
+    assert [r["step"] for r in _metrics(out)] == [1, 2, 3, 4]
+    assert not (out / ".checkpoint-6.tmp").exists()
 
 
 def test_fresh_run_refuses_previous_run_folder(sample, tmp_path):
@@ -210,6 +236,60 @@ def test_non_finite_loss_is_reported_with_its_step(sample, tmp_path, monkeypatch
     with pytest.raises(TrainingError, match="non-finite loss at step 3"):
         _run(sample, 1, tmp_path / "out", steps=5, **{"train.save_every": 1})
     assert (tmp_path / "out" / "checkpoint-2").is_dir()  # progress before the bad step is kept
+
+
+def test_non_finite_gradient_is_caught_before_the_update(sample, tmp_path, monkeypatch):
+    import training.trainer as trainer_module
+
+    real = trainer_module.StageModule.forward
+    state = {"calls": 0}
+
+    def poisoned(self, *args, **kwargs):
+        sums = real(self, *args, **kwargs)
+        state["calls"] += 1
+        if state["calls"] == 2:  # a finite loss whose gradient overflows
+            weight = self.model.input_projectors["image"].proj.weight
+            sums["ce"] = sums["ce"] + _inf_grad(weight)
+        return sums
+
+    monkeypatch.setattr(trainer_module.StageModule, "forward", poisoned)
+    with pytest.raises(TrainingError, match="non-finite gradient norm at step 2"):
+        _run(sample, 1, tmp_path / "out", steps=4, **{"train.save_every": 1})
+    assert [p.name for p in (tmp_path / "out").glob("checkpoint-*")] == ["checkpoint-1"]
+
+
+def _inf_grad(x: torch.Tensor) -> torch.Tensor:
+    """Zero in the forward pass, an infinite gradient for ``x`` in the backward pass."""
+
+    class Fn(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, t):
+            ctx.save_for_backward(t)
+            return t.new_zeros(())
+
+        @staticmethod
+        def backward(ctx, grad):
+            (t,) = ctx.saved_tensors
+            return torch.full_like(t, float("inf"))
+
+    return Fn.apply(x)
+
+
+def test_stage_2_without_any_output_loss_is_refused(sample, tmp_path):
+    trainer = StageTrainer(_config(sample, 2, **{"loss.caption_embedding_weight": 0}), output_dir=tmp_path / "o")
+    with pytest.raises(ConfigError, match="nothing would train the output projectors"):
+        trainer.setup()
+
+
+def test_lora_initialisation_does_not_depend_on_the_global_rng():
+    from anygpt.pipeline import AnyGPTPipeline
+
+    torch.manual_seed(1)
+    a = AnyGPTPipeline.from_pretrained("tiny").model.language_model
+    torch.manual_seed(2)
+    b = AnyGPTPipeline.from_pretrained("tiny").model.language_model
+    lora = [n for n, _ in a.named_parameters() if "lora_A" in n]
+    assert lora and all(torch.equal(a.get_parameter(n), b.get_parameter(n)) for n in lora)
 
 
 def test_diffusion_loss_option(sample, tmp_path):

@@ -42,6 +42,18 @@ def test_prompt_layout_equals_inference(model):
     assert model.tokenizer.decode(reply, skip_special_tokens=True).strip() == "a cat"
 
 
+def test_media_placed_as_at_inference_whatever_the_dataset_text(model):
+    """MosIT / LLaVA put <image> mid-text; training lays the turn out as the chat does: media, newline, text."""
+    inline = Sample(
+        "d", 0, [Turn("user", "I drew this. <image> What do you see?", inputs=[IMAGE]), Turn("assistant", "ok")]
+    )
+    example = _builder(model).build(inline)
+    conv = Conversation(template=model.config.llm.template)
+    conv.add_user("I drew this. What do you see?", [MediaRef(Modality.IMAGE, "k")])
+    prompt, _ = model.tokenize_pieces(conv.prompt_pieces(model.tokenizer.eos_token_id))
+    assert example.input_ids[: len(prompt)] == prompt
+
+
 def test_caption_pair_supervises_the_caption_only(model):
     pair = Pair("cc3m", 3, IMAGE, "a red circle")
     example = _builder(model, task="caption").build(pair)

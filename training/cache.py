@@ -7,11 +7,13 @@ Layout under the cache folder::
     captions-{modality}-{fingerprint}/shard-....safetensors   tensors "{n}"
     captions-{modality}-{fingerprint}/shard-....json          {sha256(caption): {"n"}}
 
-The fingerprint hashes the component's config and weights, so a changed encoder (or decoder text encoder) never
-reads stale entries. A media entry records the file's size, mtime and content hash: a file whose size or mtime
-changed is hashed again, and a changed hash means the entry is ignored and recomputed. Shards are written whole
-(temporary file, then rename; the JSON sidecar last), so a killed run leaves no corrupt entry, and several
-processes can write at once (each writes its own shards; no shared index).
+The encoder's fingerprint hashes its config, its weights and the source of the preprocessing code; a decoder's
+hashes its config and the names, sizes and mtimes of its text encoder's and tokenizer's files. A changed component
+never reads stale entries. A media entry records the file's size, mtime and content hash: a file whose size or mtime
+changed is hashed again, and a changed hash means the entry is ignored and recomputed (a file replaced by another of
+the same size *and* the same mtime, e.g. ``cp -p``, is not noticed: clear the cache folder after such a copy).
+Shards are written whole (temporary file, then rename; the JSON sidecar last), so a killed run leaves no corrupt
+entry, and several processes can write at once (each writes its own shards; no shared index).
 """
 
 from __future__ import annotations
@@ -53,6 +55,29 @@ def file_sha256(path: Path) -> str:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def code_fingerprint(*modules) -> str:
+    """A hash of the source of the modules that turn files into model inputs (preprocessing changes invalidate)."""
+    import inspect
+
+    digest = hashlib.sha256()
+    for module in modules:
+        digest.update(inspect.getsource(module).encode())
+    return digest.hexdigest()[:16]
+
+
+def files_fingerprint(folder: Path | None, subfolders: Sequence[str]) -> list:
+    """(name, size, mtime) of the weight files under ``folder``'s ``subfolders``: cheap, no loading."""
+    if folder is None or not folder.is_dir():
+        return []
+    found = []
+    for sub in subfolders:
+        for path in sorted((folder / sub).glob("*")):
+            if path.is_file():
+                stat = path.stat()
+                found.append([f"{sub}/{path.name}", stat.st_size, stat.st_mtime_ns])
+    return found
 
 
 @dataclass
@@ -148,8 +173,12 @@ class MediaFeatureCache:
         batch_size: int = 16,
         flush_every: int = 256,
     ):
+        import anygpt.media
+        import encoders.transforms
+
         self.encoder = encoder
-        self.fingerprint = module_fingerprint(encoder.config.to_dict(), encoder)
+        preprocessing = code_fingerprint(encoders.transforms, anygpt.media)
+        self.fingerprint = module_fingerprint({**encoder.config.to_dict(), "preprocessing": preprocessing}, encoder)
         folder = Path(root) / f"encoder-{self.fingerprint}" if root is not None else None
         self.store = _ShardStore(folder)
         self.load = load or self._default_load
@@ -236,8 +265,18 @@ class CaptionEmbeddingCache:
 
     def __init__(self, root: str | os.PathLike | None, decoder):
         self.decoder = decoder
-        # the decoder's config names its weights (a preset's hub id or folder, or a tiny model's seed)
-        self.fingerprint = module_fingerprint({"config": decoder.config.to_dict()}, None)
+        # the decoder's config names its weights (a hub id or folder, or a tiny model's seed); for real weights the
+        # text encoder's and tokenizer's files (names, sizes, mtimes) are part of the key too
+        local = None
+        if not decoder.config.is_tiny:
+            from anygpt.utils import resolve_local_model
+
+            try:
+                local = Path(resolve_local_model(decoder.config.source, what="decoder"))
+            except (FileNotFoundError, ValueError, OSError):
+                local = None
+        files = files_fingerprint(local, ["text_encoder", "tokenizer"])
+        self.fingerprint = module_fingerprint({"config": decoder.config.to_dict(), "files": files}, None)
         folder = None
         if root is not None:
             folder = Path(root) / f"captions-{decoder.spec.modality.value}-{self.fingerprint}"

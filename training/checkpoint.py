@@ -86,10 +86,11 @@ def save_checkpoint(
     """Write ``checkpoint-{step}`` atomically (all processes call this) and prune old ones. Returns its path."""
     final = Path(output_dir) / f"checkpoint-{step}"
     tmp = Path(output_dir) / f".checkpoint-{step}.tmp"
-    if accelerator.is_main_process:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir(parents=True)
+    if accelerator.is_main_process and tmp.exists():
+        shutil.rmtree(tmp)
+    accelerator.wait_for_everyone()
+    if accelerator.is_local_main_process:  # every machine (a multi-node run needs a shared file system)
+        tmp.mkdir(parents=True, exist_ok=True)
     accelerator.wait_for_everyone()
     torch.save(rng_state(), tmp / f"rng-{accelerator.process_index}.pt")
     sharded = accelerator.distributed_type.value in ("DEEPSPEED", "FSDP")
@@ -114,22 +115,37 @@ def save_checkpoint(
     return final
 
 
-def load_checkpoint(accelerator, folder: Path, *, optimizer, scheduler) -> tuple[dict, dict]:
-    """Read a checkpoint: returns (trainable tensors, trainer state); restores optimizer, scheduler and RNG."""
+def clean_partial(output_dir: str | Path) -> None:
+    """Remove the temporary folders of checkpoint writes that were killed."""
+    for tmp in Path(output_dir).glob(".checkpoint-*.tmp"):
+        shutil.rmtree(tmp, ignore_errors=True)
+        logger.info("removed %s (an unfinished checkpoint write)", tmp)
+
+
+def read_checkpoint(folder: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """The trainer state and the trained tensors of a checkpoint, read without touching the run (to validate)."""
     folder = Path(folder)
     state_path = folder / STATE_FILE
     if not state_path.is_file():
         raise ValueError(f"{folder}: not a complete checkpoint ({STATE_FILE} missing)")
-    state = json.loads(state_path.read_text())
+    try:
+        state = json.loads(state_path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{state_path}: not valid JSON ({err})") from None
+    return state, load_file(folder / "trainable.safetensors")
+
+
+def restore_checkpoint(accelerator, folder: str | Path, state: dict, *, optimizer, scheduler) -> None:
+    """Restore optimizer, scheduler and this process's RNG from a checkpoint validated with ``read_checkpoint``."""
+    folder = Path(folder)
     if state.get("world_size") != accelerator.num_processes:
         logger.warning(
             "%s was written by %s process(es), resuming with %d: the data plan is global, so the batches are the "
-            "same, but RNG streams of the processes differ",
+            "same, but the processes' random streams differ",
             folder,
             state.get("world_size"),
             accelerator.num_processes,
         )
-    trainable = load_file(folder / "trainable.safetensors")
     if state.get("sharded"):
         accelerator.load_state(str(folder / "accelerate_state"))
     else:
@@ -138,4 +154,3 @@ def load_checkpoint(accelerator, folder: Path, *, optimizer, scheduler) -> tuple
     rng_file = folder / f"rng-{accelerator.process_index}.pt"
     if rng_file.is_file():
         set_rng_state(torch.load(rng_file, weights_only=True))
-    return trainable, state

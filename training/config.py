@@ -206,6 +206,8 @@ class TrainConfig:
             fail("loss.caption_embedding_weight", "must be >= 0")
         if self.loss.diffusion.min_snr_gamma <= 0:
             fail("loss.diffusion.min_snr_gamma", "must be > 0")
+        if self.loss.diffusion.weight < 0:
+            fail("loss.diffusion.weight", "must be >= 0")
         if self.optim.lr <= 0:
             fail("optim.lr", f"must be > 0, got {self.optim.lr}")
         if len(self.optim.betas) != 2 or not all(0 <= b < 1 for b in self.optim.betas):
@@ -228,6 +230,11 @@ class TrainConfig:
             fail("train.epochs", f"must be > 0, got {run.epochs}")
         if run.save_every < 0 or run.keep_checkpoints < 1:
             fail("train.save_every / train.keep_checkpoints", "save_every >= 0 and keep_checkpoints >= 1")
+        if run.device not in (None, "cpu"):
+            fail(
+                "train.device",
+                f"expected null (accelerate's choice: a GPU when there is one) or cpu, got {run.device!r}",
+            )
         if run.mixed_precision not in ("no", "bf16", "fp16"):
             fail("train.mixed_precision", f"expected no, bf16 or fp16, got {run.mixed_precision!r}")
         for i, spec in enumerate(self.dataset_specs()):

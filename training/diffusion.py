@@ -106,13 +106,17 @@ class DiffusionLoss:
             mel = torch.cat([mel, mel.new_full((frames - mel.shape[0], n_mels), math.log(1e-5))])
         return mel[:frames]
 
-    def prepare(self, modality: Modality, index: list[int], paths: list, generator=None) -> DiffusionInputs:
-        """Latents of the target media, noised at random timesteps (drawn from the global RNG)."""
+    def prepare(self, modality: Modality, index: list[int], paths: list, seeds: list[int]) -> DiffusionInputs:
+        """Latents of the target media, noised at a random timestep drawn, like the noise, from each item's seed."""
         scheduler = self._scheduler(modality)
         latents = self.latents(modality, paths)
-        noise = torch.randn(latents.shape, generator=generator, dtype=latents.dtype).to(latents.device)
-        steps = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator)
-        steps = steps.to(latents.device)
+        noise, steps = [], []
+        for seed in seeds:
+            generator = torch.Generator().manual_seed(int(seed))
+            noise.append(torch.randn(latents.shape[1:], generator=generator, dtype=torch.float32))
+            steps.append(int(torch.randint(0, scheduler.config.num_train_timesteps, (1,), generator=generator)))
+        noise = torch.stack(noise).to(latents.device, latents.dtype)
+        steps = torch.tensor(steps, device=latents.device)
         noisy = scheduler.add_noise(latents, noise, steps)
         if scheduler.config.prediction_type == "v_prediction":
             target = scheduler.get_velocity(latents, noise, steps)

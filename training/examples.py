@@ -1,9 +1,10 @@
 """Records -> token sequences with labels: the chat template of the model, applied as at inference.
 
 The layout is the one ``anygpt.conversation.Conversation.prompt_pieces`` gives at inference (system, ``USER:``,
-media placeholders, text, ``ASSISTANT:``, reply, end of turn), so what the model is trained on is what it reads
-when it chats. Text that belongs together is tokenised as one string (as at inference); which of its tokens are
-supervised comes from the tokenizer's character offsets.
+the turn's media, a newline, its text, ``ASSISTANT:``, reply, end of turn), so what the model is trained on is what
+it reads when it chats: a user turn's media go first whatever their place in the dataset's text (as LLaVA does).
+Text that belongs together is tokenised as one string (as at inference); which of its tokens are supervised comes
+from the tokenizer's character offsets.
 """
 
 from __future__ import annotations
@@ -77,6 +78,12 @@ def _split_placeholders(text: str) -> list[str | Modality]:
     return parts
 
 
+def _tidy(text: str) -> str:
+    """Text whose placeholders were taken out: no doubled spaces, no leading or trailing whitespace."""
+    lines = [" ".join(line.split()) for line in text.strip().splitlines()]
+    return "\n".join(line for line in lines if line)
+
+
 class ExampleBuilder:
     """Turns records into ``Example``s for one model.
 
@@ -105,10 +112,14 @@ class ExampleBuilder:
             out.append((tpl.system + tpl.sep, False))
         for turn in sample.turns:
             if turn.role == "user":
+                # as at inference (Conversation.prompt_pieces): the turn's media first, a newline, then its text
                 out.append((f"{tpl.user} " if tpl.user else "", False))
-                media = iter(turn.inputs)
-                for part in _split_placeholders(turn.text):
-                    out.append((next(media), False) if isinstance(part, Modality) else (part, False))
+                for item in turn.inputs:
+                    out.append((item, False))
+                if turn.inputs:
+                    out.append(("\n", False))
+                text = "".join(p for p in _split_placeholders(turn.text) if not isinstance(p, Modality))
+                out.append((_tidy(text) if turn.inputs else turn.text, False))
                 out.append((tpl.sep, False))
             else:
                 out.append((tpl.assistant, False))

@@ -74,18 +74,25 @@ class TokenRows(nn.Module):
             self._handles.append(head.register_forward_hook(self._head_hook))
         self._emb, self._head = emb, head
 
+    def forward(self, which: str) -> torch.Tensor:
+        """The rows (``"input"`` or ``"output"``). The hooks read them through this call, so wrappers that gather
+        parameters around a module's forward (FSDP, ZeRO-3) see them used."""
+        rows = self.input_rows if which == "input" or self.tied else self.output_rows
+        return rows * 1.0
+
     def _embedding_hook(self, module, args, output):
         input_ids = args[0]
         index = self.lookup.to(input_ids.device)[input_ids]
         hit = index >= 0
+        table = self("input")
         if not bool(hit.any()):
-            return output + 0.0 * self.input_rows.sum().to(output.dtype)  # keep the rows in the graph (DDP)
-        rows = self.input_rows.to(output.dtype)[index.clamp(min=0)]
+            return output + 0.0 * table.sum().to(output.dtype)  # keep the rows in the graph (DDP)
+        rows = table.to(output.dtype)[index.clamp(min=0)]
         return torch.where(hit.unsqueeze(-1), rows, output)
 
     def _head_hook(self, module, args, output):
         hidden = args[0]
-        rows = self.input_rows if self.tied else self.output_rows
+        rows = self("output")
         logits = hidden.to(rows.dtype) @ rows.t()  # (..., n)
         bias = getattr(module, "bias", None)
         if bias is not None:

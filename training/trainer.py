@@ -8,10 +8,12 @@ writing ``metrics.jsonl``, TensorBoard scalars, resumable ``checkpoint-STEP/`` f
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import os
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +25,7 @@ from tqdm.auto import tqdm
 
 from anygpt.modality import Modality
 from training.cache import CaptionEmbeddingCache, MediaFeatureCache
-from training.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from training.checkpoint import clean_partial, list_checkpoints, read_checkpoint, restore_checkpoint, save_checkpoint
 from training.config import ConfigError, TrainConfig
 from training.data.records import OutputMedia, Pair, Record
 from training.examples import Example, ExampleBuilder, collate, pair_to_sample
@@ -158,6 +160,12 @@ class StageTrainer:
         folder = Path(self.resume).expanduser().resolve()
         if not (folder / "trainer_state.json").is_file():
             raise ConfigError(f"--resume {self.resume}: not a complete checkpoint folder (no trainer_state.json)")
+        newer = [p for p in existing if folder.parent == self.output_dir and _step_of(p) > _step_of(folder)]
+        if newer:
+            raise ConfigError(
+                f"--resume {folder}: newer checkpoints of the same run exist ({', '.join(p.name for p in newer)}); "
+                "resuming from an older one would mix two runs: remove the newer ones first, or resume from the newest"
+            )
         return folder
 
     def load_pipeline(self):
@@ -243,10 +251,26 @@ class StageTrainer:
                     f"{source}: dataset {name}: its first example has no supervised token after cutting to "
                     f"data.max_length {self.config.data.max_length}; raise max_length"
                 )
+        loss = self.config.loss
         if self.trainable.output_projectors and not produces:
             raise ConfigError(
                 f"{source}: this stage trains the output projectors, but no dataset produces media (for caption "
                 "pairs set data.pair_task: generate)"
+            )
+        if self.trainable.output_projectors and loss.caption_embedding_weight == 0 and not loss.diffusion.enabled:
+            raise ConfigError(
+                f"{source}: loss.caption_embedding_weight is 0 and loss.diffusion is off: nothing would train the "
+                "output projectors"
+            )
+        if loss.diffusion.enabled and not any(
+            o.media is not None and o.media.path.is_file()
+            for recs in data.records
+            for rec in recs[:64]
+            for o in self.builder.build(rec).outputs
+        ):
+            raise ConfigError(
+                f"{source}: loss.diffusion.enabled needs the target media files of generated items, and the "
+                "datasets name none that exist"
             )
 
     def _check_embedding_file(self, dataset: str, out: OutputMedia) -> None:
@@ -289,12 +313,15 @@ class StageTrainer:
         )
         self.max_steps = run.max_steps or max(1, math.ceil(run.epochs * self.plan.steps_per_epoch()))
 
-        torch.manual_seed(run.seed)
+        torch.manual_seed(run.seed + acc.process_index)  # dropout differs per process, as in one big batch
         self.diffusion = None
         if config.loss.diffusion.enabled:
             from training.diffusion import DiffusionLoss
 
             self.diffusion = DiffusionLoss(self.decoders, gamma=config.loss.diffusion.min_snr_gamma)
+        # the frozen encoder runs outside the optimised module (feature cache): keep it out of DDP / FSDP / ZeRO
+        self.encoder = self.model._modules.pop("encoder")
+        self.model.__dict__["encoder"] = self.encoder
         self.module = StageModule(self.model, self.token_rows, distance=config.loss.distance, diffusion=self.diffusion)
         if run.gradient_checkpointing:
             llm = self.model.language_model
@@ -329,12 +356,14 @@ class StageTrainer:
                     f"{config.source}: train.gradient_accumulation_steps {run.gradient_accumulation_steps} differs "
                     f"from the DeepSpeed config's {ds_config['gradient_accumulation_steps']}; make them equal"
                 )
+            ds_config["gradient_accumulation_steps"] = run.gradient_accumulation_steps
             ds_config["train_micro_batch_size_per_gpu"] = run.batch_size
+            acc.gradient_accumulation_steps = run.gradient_accumulation_steps
         self.module, self.optimizer = acc.prepare(self.module, self.optimizer)
-        self.model.encoder.to(acc.device)
+        self.encoder.to(acc.device)
         for decoder in self.decoders.values():
             decoder.to(device=acc.device)
-        self.media_cache = MediaFeatureCache(config.cache_dir, self.model.encoder)
+        self.media_cache = MediaFeatureCache(config.cache_dir, self.encoder)
         self.caption_caches = {m: CaptionEmbeddingCache(config.cache_dir, d) for m, d in self.decoders.items()}
         self.need_tokens = {m: p.uses_tokens for m, p in self.model.input_projectors.items()}
         n_trainable = sum(p.numel() for _, p in self.params)
@@ -352,19 +381,37 @@ class StageTrainer:
 
     # ------------------------------------------------------------------ batches
     def trainable_state(self) -> dict[str, torch.Tensor]:
+        """The trained tensors (this process's own parameters; not gathered)."""
         module = self.accelerator.unwrap_model(self.module)
         return {n: p for n, p in module.named_parameters() if p.requires_grad}
 
-    def micro_batches(self, step: int) -> list[list[Example]]:
+    @property
+    def sharded(self) -> bool:
+        """FSDP or DeepSpeed: parameters (ZeRO-3, FSDP) or optimizer state (ZeRO-2) live in shards."""
+        return self.accelerator.distributed_type.value in ("DEEPSPEED", "FSDP")
+
+    def gathered_trainable(self) -> dict[str, torch.Tensor]:
+        """The full trained tensors on the main process (all processes must call this; others get {})."""
+        if not self.sharded:
+            return self.trainable_state()
+        full = self.accelerator.get_state_dict(self.module)  # a collective: gathers shards to the main process
+        names = {n for n, _ in self.params}
+        return {n: t for n, t in (full or {}).items() if n in names}
+
+    def micro_batches(self, step: int) -> list[tuple[list[Example], list[int]]]:
+        """This process's micro-batches of ``step``: examples and their positions in the global batch."""
         acc = self.accelerator
         accumulation = self.config.train.gradient_accumulation_steps
+        per = self.config.train.batch_size
         batches = []
         for micro in range(accumulation):
             items = self.plan.shard(step, acc.process_index, acc.num_processes, micro, accumulation)
-            batches.append([self.builder.build(self.data.records[d][i]) for d, i in items])
+            start = (micro * acc.num_processes + acc.process_index) * per
+            examples = [self.builder.build(self.data.records[d][i]) for d, i in items]
+            batches.append((examples, list(range(start, start + len(examples)))))
         return batches
 
-    def tensors(self, examples: list[Example]) -> dict:
+    def tensors(self, examples: list[Example], positions: list[int] | None = None, step: int = 0) -> dict:
         device = self.accelerator.device
         batch = {k: v.to(device) for k, v in collate(examples, self.model.tokenizer.pad_token_id).items()}
         items = [m for e in examples for m in e.media]
@@ -387,13 +434,20 @@ class StageTrainer:
         batch["targets"] = targets
         batch["diffusion"] = {}
         if self.diffusion is not None:
-            outputs = [o for e in examples for o in e.outputs]
-            for modality in dict.fromkeys(o.modality for o in outputs):
-                mine = [o for o in outputs if o.modality == modality]
-                index = [i for i, o in enumerate(mine) if o.media is not None and o.media.path.is_file()]
+            positions = positions if positions is not None else list(range(len(examples)))
+            # each item's noise and timestep come from its own seed (run seed, step, place in the global batch), so
+            # any split over processes and micro-batches draws the same ones
+            outputs = [
+                (o, pos * 64 + k) for e, pos in zip(examples, positions, strict=True) for k, o in enumerate(e.outputs)
+            ]
+            seed = self.config.train.seed
+            for modality in dict.fromkeys(o.modality for o, _ in outputs):
+                mine = [(o, tag) for o, tag in outputs if o.modality == modality]
+                index = [i for i, (o, _) in enumerate(mine) if o.media is not None and o.media.path.is_file()]
                 if index:
-                    paths = [mine[i].media.path for i in index]
-                    batch["diffusion"][modality.value] = self.diffusion.prepare(modality, index, paths)
+                    paths = [mine[i][0].media.path for i in index]
+                    seeds = [hash((seed, step, mine[i][1])) % (2**63) for i in index]
+                    batch["diffusion"][modality.value] = self.diffusion.prepare(modality, index, paths, seeds)
         return batch
 
     def _caption_targets(self, modality: Modality, outputs: list[OutputMedia]) -> list[torch.Tensor]:
@@ -426,6 +480,7 @@ class StageTrainer:
         start_step = 0
         if acc.is_main_process:
             self.output_dir.mkdir(parents=True, exist_ok=True)
+            clean_partial(self.output_dir)
         acc.wait_for_everyone()
         if self.resume_from is not None:
             start_step = self._restore(self.resume_from)
@@ -439,8 +494,9 @@ class StageTrainer:
             desc=f"stage {config.stage}",
             dynamic_ncols=True,
         )
-        self.module.train()
-        step = start_step
+        self._train_mode()
+        self._stop = False
+        previous = _install_sigint(self)
         try:
             for step in range(start_step, self.max_steps):
                 t0 = time.perf_counter()
@@ -451,13 +507,16 @@ class StageTrainer:
                 done = step + 1
                 if done % run.log_every == 0 or done == self.max_steps:
                     self._log(done, metrics, writer)
+                if self._should_stop():
+                    logger.warning("interrupted after step %d: writing checkpoint-%d to resume from", done, done)
+                    self._save(done)
+                    raise KeyboardInterrupt
                 if run.save_every and done % run.save_every == 0 and done < self.max_steps:
                     self._save(done)
-        except KeyboardInterrupt:
-            logger.warning("interrupted at step %d: writing a checkpoint to resume from", step)
-            self._save(step)
-            raise
         finally:
+            _restore_sigint(previous)
+            self.model.__dict__.pop("encoder", None)
+            self.model._modules["encoder"] = self.encoder
             bar.close()
             if writer is not None:
                 writer.close()
@@ -467,15 +526,39 @@ class StageTrainer:
         self._save(self.max_steps)
         return self._save_final()
 
+    def _train_mode(self) -> None:
+        """Train mode for the parts that train only: frozen parts keep their dropout off."""
+        self.module.train()
+        self.model.eval()
+        if self.trainable.input_projectors:
+            self.model.input_projectors.train()
+        if self.trainable.output_projectors:
+            self.model.output_projectors.train()
+        if self.trainable.lora:
+            self.model.language_model.train()
+
+    def _should_stop(self) -> bool:
+        """Ctrl-C (SIGINT) was pressed; all processes agree, so they stop after the same step."""
+        flag = torch.tensor([1.0 if self._stop else 0.0], device=self.accelerator.device)
+        if self.accelerator.num_processes > 1:
+            flag = self.accelerator.reduce(flag, reduction="sum")
+        return bool(flag.item() > 0)
+
     def _step(self, step: int) -> dict:
         acc = self.accelerator
         config = self.config
-        micro = self.micro_batches(step)
-        batches = [self.tensors(m) for m in micro]
-        # global normalisers: every process and every micro-batch divides by the same counts
+        error: BaseException | None = None
+        batches: list[dict] = []
+        try:
+            batches = [self.tensors(ex, pos, step) for ex, pos in self.micro_batches(step)]
+        except Exception as err:  # noqa: BLE001 - reported below, on every process at once
+            error = err
+        # global normalisers: every process and every micro-batch divides by the same counts; the last slot says
+        # whether a process failed to build its batch (so no process waits forever for the others)
         outs = [m.value for m in self.model.decoder_specs]
         names = ["ce"] + [f"caption_{m}" for m in outs] + [f"diffusion_{m}" for m in outs]
-        local = torch.zeros(len(names), device=acc.device)
+        local = torch.zeros(len(names) + 1, device=acc.device)
+        local[-1] = 1.0 if error is not None else 0.0
         for b in batches:
             local[0] += int((b["labels"][:, 1:] != -100).sum())
             for j, name in enumerate(names[1:], start=1):
@@ -486,7 +569,13 @@ class StageTrainer:
                 else:
                     inputs = b["diffusion"].get(modality)
                     local[j] += 0 if inputs is None else inputs.index.shape[0]
-        counts = acc.reduce(local, reduction="sum") if acc.num_processes > 1 else local
+        reduced = acc.reduce(local, reduction="sum") if acc.num_processes > 1 else local
+        if reduced[-1] > 0:
+            if error is not None and acc.num_processes == 1:
+                raise error
+            where = f"this process: {error}" if error is not None else "another process failed (see its message)"
+            raise TrainingError(f"step {step + 1}: could not build the batch ({where})")
+        counts = reduced[:-1]
         weights = {"ce": 1.0}
         for name in names[1:]:
             kind, modality = name.split("_", 1)
@@ -495,10 +584,19 @@ class StageTrainer:
                 weights[name] = config.loss.caption_embedding_weight * factor
             else:
                 weights[name] = config.loss.diffusion.weight * factor
+        deepspeed = acc.distributed_type.value == "DEEPSPEED"
+        # DDP averages gradients over processes and DeepSpeed also divides by its accumulation steps: undo both, the
+        # loss is already normalised over the global batch
+        scale = acc.num_processes * (len(batches) if deepspeed else 1)
         sums = torch.zeros(len(names), device=acc.device)
         for i, b in enumerate(batches):
             last = i == len(batches) - 1
-            context = acc.no_sync(self.module) if not last and acc.num_processes > 1 else _null()
+            if deepspeed:
+                context = acc.accumulate(self.module)
+            elif not last and acc.num_processes > 1:
+                context = acc.no_sync(self.module)
+            else:
+                context = contextlib.nullcontext()
             with context:
                 parts = self.module(
                     b["input_ids"], b["labels"], b["attention_mask"], b["media"], b["targets"], b["diffusion"]
@@ -508,21 +606,26 @@ class StageTrainer:
                     if name in parts and counts[j] > 0:
                         loss = loss + weights[name] * parts[name] / counts[j]
                         sums[j] += parts[name].detach().float()
-                acc.backward(loss * acc.num_processes)  # DDP averages gradients over processes
+                acc.backward(loss * scale)
         totals = acc.reduce(sums, reduction="sum") if acc.num_processes > 1 else sums
         means = {n: (totals[j] / counts[j]).item() for j, n in enumerate(names) if counts[j] > 0}
         loss_value = sum(weights[n] * v for n, v in means.items())
         if not math.isfinite(loss_value):
             self.optimizer.zero_grad(set_to_none=True)
             raise TrainingError(
-                f"non-finite loss at step {step + 1} ({means}); the last checkpoint in {self.output_dir} is intact. "
-                "Lower optim.lr, use bf16 instead of fp16, or check the data of this step"
+                f"non-finite loss at step {step + 1} ({means}); the weights were not updated and the last checkpoint "
+                f"in {self.output_dir} is intact. Lower optim.lr, use bf16 instead of fp16, or check this step's data"
             )
-        grad_norm = None
-        if config.optim.max_grad_norm is not None:
-            params = [p for _, p in self.params]
-            grad_norm = acc.clip_grad_norm_(params, config.optim.max_grad_norm)
-        self.optimizer.step()
+        params = [p for _, p in self.params]
+        max_norm = config.optim.max_grad_norm if config.optim.max_grad_norm is not None else float("inf")
+        grad_norm = acc.clip_grad_norm_(params, max_norm)  # also the norm when clipping is off (max inf)
+        if grad_norm is not None and not math.isfinite(float(grad_norm)) and acc.scaler is None:
+            self.optimizer.zero_grad(set_to_none=True)
+            raise TrainingError(
+                f"non-finite gradient norm at step {step + 1} (loss {loss_value:.4g}); the weights were not updated "
+                f"and the last checkpoint in {self.output_dir} is intact. Lower optim.lr or check this step's data"
+            )
+        self.optimizer.step()  # fp16: the gradient scaler skips a step with inf/NaN gradients by itself
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         metrics = {"loss": loss_value, **{f"loss_{n}": v for n, v in means.items()}}
@@ -548,7 +651,7 @@ class StageTrainer:
             self.accelerator,
             self.output_dir,
             step,
-            trainable=self.trainable_state(),
+            trainable=self.gathered_trainable(),
             optimizer=self.optimizer,
             scheduler=self.scheduler,
             state=self._state(),
@@ -556,25 +659,33 @@ class StageTrainer:
         )
 
     def _restore(self, folder: Path) -> int:
-        trainable, state = load_checkpoint(self.accelerator, folder, optimizer=self.optimizer, scheduler=self.scheduler)
+        """Validate a checkpoint against this run, then load it; returns its step."""
+        try:
+            state, trainable = read_checkpoint(folder)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
         mine = self.trainable_state()
+        checks = [
+            ("stage", state.get("stage"), self.config.stage, "another stage"),
+            ("start", state.get("start"), self.start, "another starting model (--from)"),
+            ("global_batch", state.get("global_batch"), self.global_batch, "batch_size x processes x accumulation"),
+            ("max_steps", state.get("max_steps"), self.max_steps, "the learning-rate schedule would change"),
+        ]
+        for key, theirs, ours, why in checks:
+            if theirs != ours:
+                raise ConfigError(f"{folder}: written with {key} {theirs!r}, this run has {ours!r} ({why})")
         if set(trainable) != set(mine):
-            raise ConfigError(
-                f"{folder}: its trained tensors {sorted(set(trainable) ^ set(mine))[:4]}... differ from this run's "
-                "(another stage or recipe?)"
-            )
-        if state.get("stage") != self.config.stage:
-            raise ConfigError(
-                f"{folder}: a checkpoint of stage {state.get('stage')}, this run is stage {self.config.stage}"
-            )
-        if state.get("global_batch") != self.global_batch:
-            raise ConfigError(
-                f"{folder}: written with global batch {state.get('global_batch')}, this run has {self.global_batch} "
-                "(batch_size x processes x gradient_accumulation_steps): the data position would not match"
-            )
+            diff = sorted(set(trainable) ^ set(mine))
+            raise ConfigError(f"{folder}: its trained tensors differ from this run's ({diff[:3]}...): another recipe?")
+        for name, param in mine.items():
+            if tuple(trainable[name].shape) != tuple(param.shape):
+                raise ConfigError(
+                    f"{folder}: {name} has shape {tuple(trainable[name].shape)}, expected {tuple(param.shape)}"
+                )
         with torch.no_grad():
             for name, param in mine.items():
                 param.copy_(trainable[name].to(param))
+        restore_checkpoint(self.accelerator, folder, state, optimizer=self.optimizer, scheduler=self.scheduler)
         step = int(state["step"])
         logger.info("resumed from %s at step %d", folder, step)
         return step
@@ -585,12 +696,18 @@ class StageTrainer:
         (self.output_dir / "train_config.yaml").write_text(yaml.safe_dump(self.config.to_dict(), sort_keys=False))
         metrics = self.output_dir / METRICS_FILE
         if metrics.exists():  # keep the lines up to the step we resume from (a straight run's file, exactly)
-            kept = [
-                line
-                for line in metrics.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= start_step
-            ]
-            metrics.write_text("".join(line + "\n" for line in kept))
+            kept = []
+            for number, line in enumerate(metrics.read_text().splitlines(), start=1):
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    logger.warning("%s line %d is not valid JSON (a killed write?): dropped", metrics, number)
+                    continue
+                if isinstance(record, dict) and record.get("step", 0) <= start_step:
+                    kept.append(line)
+            tmp = metrics.with_suffix(".jsonl.tmp")
+            tmp.write_text("".join(line + "\n" for line in kept))
+            tmp.replace(metrics)
 
     def _tensorboard(self, start_step: int):
         if not self.accelerator.is_main_process:
@@ -618,21 +735,56 @@ class StageTrainer:
         acc = self.accelerator
         acc.wait_for_everyone()
         folder = self.output_dir / FINAL_DIR
-        if self.token_rows is not None:
-            self.token_rows.merge()
+        if self.sharded:
+            # the live parameters are shards: write the gathered tensors into a fresh copy of the model
+            state = self.gathered_trainable()
+            if acc.is_main_process:
+                pipe = self.load_pipeline()
+                rows = apply_trainable(pipe.model, self.trainable)
+                copy = StageModule(pipe.model, rows, distance=self.config.loss.distance)
+                with torch.no_grad():
+                    for name, param in copy.named_parameters():
+                        if name in state:
+                            param.copy_(state[name].to(param))
+                if rows is not None:
+                    rows.remove()
+                pipe.save_pretrained(folder)
+        else:
+            if self.token_rows is not None:
+                self.token_rows.merge()
+            if acc.is_main_process:
+                AnyGPTPipeline(self.model, self.decoders).save_pretrained(folder)
         if acc.is_main_process:
-            AnyGPTPipeline(self.model, self.decoders).save_pretrained(folder)
             logger.info("stage %d done: %s", self.config.stage, folder)
         acc.wait_for_everyone()
         return folder
 
 
-class _null:
-    def __enter__(self):
-        return self
+def _step_of(folder: Path) -> int:
+    return int(folder.name.rsplit("-", 1)[-1])
 
-    def __exit__(self, *exc):
-        return False
+
+def _install_sigint(trainer: StageTrainer):
+    """First Ctrl-C: finish the step, write a checkpoint, stop. Second Ctrl-C: stop at once (no checkpoint)."""
+
+    def handler(signum, frame):
+        if trainer._stop:
+            raise KeyboardInterrupt
+        trainer._stop = True
+        logger.warning("Ctrl-C: stopping after this step with a checkpoint (press again to stop at once)")
+
+    try:
+        return signal.signal(signal.SIGINT, handler)
+    except ValueError:  # not the main thread: no handler, Ctrl-C stops at once
+        return None
+
+
+def _restore_sigint(previous) -> None:
+    if previous is not None:
+        try:
+            signal.signal(signal.SIGINT, previous)
+        except ValueError:
+            pass
 
 
 def train_stage(config: TrainConfig, **kwargs) -> Path:

@@ -1,0 +1,552 @@
+"""The chat demo's logic, free of any UI: sessions, upload checks, streaming replies and saved outputs.
+
+``app.py`` wires a Gradio page to a :class:`ChatEngine`; everything here is plain Python and can be driven (and
+tested) without a browser.
+
+Example:
+    >>> engine = ChatEngine.from_pretrained("tiny", output_dir="/tmp/anygpt-demo")
+    >>> session = engine.new_session()
+    >>> for exchange in engine.respond(session, "draw a cat", [], GenerationSettings(modalities=["image"])):
+    ...     print(exchange.reply.text, exchange.reply.status)
+    >>> session.exchanges[-1].reply.images  # [Path(".../turn-0001_image0.png")]
+
+The pipeline is not thread-safe: :class:`ChatEngine` runs one pipeline call at a time (a lock), whatever the UI's
+queue does.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import logging
+import math
+import os
+import queue
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from anygpt.conversation import Conversation
+from anygpt.media import (
+    AUDIO_EXTENSIONS,
+    IMAGE_EXTENSIONS,
+    VIDEO_EXTENSIONS,
+    MediaError,
+    guess_modality,
+    save_audio,
+    save_image,
+    save_video,
+)
+from anygpt.modality import MEDIA_MODALITIES, Modality
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "ChatEngine",
+    "ChatSession",
+    "Exchange",
+    "GenerationSettings",
+    "GenerationStopped",
+    "Reply",
+    "check_upload",
+    "default_output_dir",
+]
+
+DEFAULT_MAX_UPLOAD_BYTES = 100 * 2**20
+_EXTENSIONS = {"image": IMAGE_EXTENSIONS, "audio": AUDIO_EXTENSIONS, "video": VIDEO_EXTENSIONS}
+
+
+class GenerationStopped(Exception):
+    """Raised inside a running pipeline call when the user pressed stop."""
+
+
+# ---------------------------------------------------------------------------------------------------- settings
+@dataclass
+class GenerationSettings:
+    """What one request asks of the pipeline (the demo's controls).
+
+    Attributes:
+        modalities: ``"auto"`` (the model decides), or a list of output modalities to force (``[]``: text only).
+        temperature: 0 = greedy decoding.
+        top_p: nucleus sampling mass in (0, 1].
+        max_new_tokens: longest reply.
+        steps: inference steps per output modality (``{"image": 25}``); a missing or None entry takes the decoder's
+            default.
+        guidance: guidance scale per output modality, likewise.
+        num_frames: video frames (None: the video decoder's default).
+        audio_seconds: audio length (None: the audio decoder's default).
+        seed: makes sampling and the decoders deterministic; None draws a fresh one every call.
+    """
+
+    modalities: str | list[str] = "auto"
+    temperature: float = 0.0
+    top_p: float = 1.0
+    max_new_tokens: int = 128
+    steps: dict[str, int | None] = field(default_factory=dict)
+    guidance: dict[str, float | None] = field(default_factory=dict)
+    num_frames: int | None = None
+    audio_seconds: float | None = None
+    seed: int | None = 0
+
+    @classmethod
+    def from_controls(
+        cls,
+        outputs: Sequence[str] | str | None,
+        temperature: float,
+        top_p: float,
+        max_new_tokens: float,
+        steps: dict[str, float | None],
+        guidance: dict[str, float | None],
+        num_frames: float | None = None,
+        audio_seconds: float | None = None,
+        seed: float | None = 0,
+    ) -> GenerationSettings:
+        """Settings from UI values: numbers may come as floats, ``outputs`` holds ``"auto"`` and/or modality names.
+
+        ``outputs`` containing ``"auto"`` (or given as the string ``"auto"``) means auto; otherwise the named
+        modalities are forced (none: text only). A negative or missing seed means a fresh random seed. Nothing is
+        validated here: ``pipeline_kwargs`` and the pipeline raise ``ValueError`` for bad values.
+        """
+        if outputs is None or isinstance(outputs, str):
+            outputs = [m for m in (outputs or "auto").split(",") if m.strip()]
+        names = [str(m).strip().lower() for m in outputs]
+        random_seed = seed is None or (isinstance(seed, int | float) and (math.isnan(seed) or seed < 0))
+        return cls(
+            modalities="auto" if "auto" in names else names,
+            temperature=temperature,
+            top_p=top_p,
+            max_new_tokens=_whole(max_new_tokens),
+            steps={k: _whole(v) for k, v in steps.items() if v is not None},
+            guidance={k: v for k, v in guidance.items() if v is not None},
+            num_frames=_whole(num_frames),
+            audio_seconds=audio_seconds,
+            seed=None if random_seed else _whole(seed),
+        )
+
+    def pipeline_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of ``AnyGPTPipeline.__call__``.
+
+        Raises:
+            ValueError: a count that is not a whole number, or a value that is not a number.
+        """
+        overrides: dict[str, dict[str, Any]] = {}
+        for modality, value in self.steps.items():
+            overrides.setdefault(modality, {})["num_inference_steps"] = _as_int(value, f"{modality} inference steps")
+        for modality, value in self.guidance.items():
+            overrides.setdefault(modality, {})["guidance_scale"] = _as_float(value, f"{modality} guidance scale")
+        seed = self.seed if self.seed is not None else int.from_bytes(os.urandom(4), "little")
+        return dict(
+            modalities=self.modalities,
+            temperature=_as_float(self.temperature, "temperature"),
+            top_p=_as_float(self.top_p, "top p"),
+            max_new_tokens=_as_int(self.max_new_tokens, "max new tokens"),
+            num_frames=None if self.num_frames is None else _as_int(self.num_frames, "video frames"),
+            audio_seconds=None if self.audio_seconds is None else _as_float(self.audio_seconds, "audio seconds"),
+            seed=_as_int(seed, "seed"),
+            decoder_overrides=overrides,
+        )
+
+
+def _whole(value: Any) -> Any:
+    """A float that holds a whole number (UI sliders send floats) as an int; anything else unchanged."""
+    if isinstance(value, float) and math.isfinite(value) and value == int(value):
+        return int(value)
+    return value
+
+
+def _as_float(value: Any, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    return float(value)
+
+
+def _as_int(value: Any, name: str) -> int:
+    value = _whole(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} must be a whole number, got {value!r}")
+    return value
+
+
+# ---------------------------------------------------------------------------------------------------- state
+@dataclass
+class Reply:
+    """One assistant answer as the UI shows it; it grows while the answer is produced.
+
+    Attributes:
+        text: the reply text so far (the final text once ``done``).
+        status: what is happening now (``"writing"``, ``"rendering video (2/3)"``), or a summary when done.
+        images, videos, audios: the saved output files (PNG, MP4, WAV) in the session's folder.
+        error: a message for the user when the request failed (bad upload, bad setting, internal error).
+        stopped: the user stopped it.
+        done: nothing more will change.
+    """
+
+    text: str = ""
+    status: str = ""
+    images: list[Path] = field(default_factory=list)
+    videos: list[Path] = field(default_factory=list)
+    audios: list[Path] = field(default_factory=list)
+    error: str | None = None
+    stopped: bool = False
+    done: bool = False
+
+    @property
+    def files(self) -> list[Path]:
+        return [*self.images, *self.videos, *self.audios]
+
+
+@dataclass
+class Exchange:
+    """A user turn (text and uploaded files) and its reply.
+
+    Attributes:
+        kept: whether the session's ``Conversation`` holds this exchange (a failed or early-stopped one is not
+            kept: the model does not see it in later turns).
+    """
+
+    text: str
+    files: list[Path]
+    reply: Reply = field(default_factory=Reply)
+    kept: bool = False
+
+
+@dataclass
+class ChatSession:
+    """One user's chat: the pipeline ``Conversation`` (turns and cached media features) and what the UI shows.
+
+    Attributes:
+        output_dir: this session's folder for generated files.
+        conversation: the model-side history; media are encoded once per conversation.
+        exchanges: what the chat shows, oldest first.
+        epoch: increases on every clear; a reply started before a clear stops updating the chat.
+    """
+
+    output_dir: Path
+    conversation: Conversation = field(default_factory=Conversation)
+    exchanges: list[Exchange] = field(default_factory=list)
+    epoch: int = 0
+    _turn: int = 0
+    _stop: threading.Event = field(default_factory=threading.Event, repr=False)
+
+    def stop(self) -> None:
+        """Stop the running request, if any (the LLM stops at its next token, the decoders before the next one)."""
+        self._stop.set()
+
+    def clear(self) -> None:
+        """Forget everything: a fresh conversation (a running request is stopped and no longer shown)."""
+        self.stop()
+        self.epoch += 1
+        self.conversation = Conversation()
+        self.exchanges = []
+
+    def next_stem(self) -> str:
+        self._turn += 1
+        return f"turn-{self._turn:04d}"
+
+    def _start_request(self) -> threading.Event:
+        self._stop = threading.Event()
+        return self._stop
+
+
+# ---------------------------------------------------------------------------------------------------- uploads
+def check_upload(path: str | os.PathLike, max_bytes: int = DEFAULT_MAX_UPLOAD_BYTES) -> Modality:
+    """The modality of an uploaded file, from its extension, after checking that it exists and is not too large.
+
+    Its content is checked when the pipeline reads it (``anygpt.media`` loaders raise ``MediaError``).
+
+    Raises:
+        MediaError: an unknown extension, a missing file or one larger than ``max_bytes``; the message names the
+            file by its base name only.
+    """
+    path = Path(path)
+    try:
+        modality = guess_modality(path.name)
+    except MediaError:
+        known = "; ".join(f"{kind}: {' '.join(sorted(ext))}" for kind, ext in _EXTENSIONS.items())
+        raise MediaError(f"{path.name}: not an image, audio or video file by its name (expected {known})") from None
+    try:
+        size = path.stat().st_size
+    except OSError:
+        raise MediaError(f"{path.name}: the upload did not arrive (no such file on the server)") from None
+    if not path.is_file():
+        raise MediaError(f"{path.name}: expected a file, found a folder")
+    if size > max_bytes:
+        raise MediaError(f"{path.name}: {_size(size)} is larger than the upload limit of {_size(max_bytes)}")
+    return modality
+
+
+def _size(size: int) -> str:
+    if size < 2**10:
+        return f"{size} bytes"
+    if size < 2**20:
+        return f"{size / 2**10:.1f} KB"
+    return f"{size / 2**20:.1f} MB"
+
+
+def _user_message(error: BaseException, files: Sequence[Path]) -> str:
+    """A one-line message for the chat: server paths of uploads replaced by their base names."""
+    text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    for path in sorted(files, key=lambda p: len(str(p)), reverse=True):
+        text = text.replace(str(path), path.name)
+    return text
+
+
+# ---------------------------------------------------------------------------------------------------- engine
+class _QueueStreamer:
+    """A transformers streamer that sends decoded text increments to a queue and raises when stop is set.
+
+    Unlike ``TextStreamer`` it does not wait for a word boundary: every token's text appears at once (except an
+    incomplete multi-byte character, which waits for the next token).
+    """
+
+    def __init__(self, tokenizer, events: queue.Queue, stop: threading.Event):
+        self.tokenizer = tokenizer
+        self.events = events
+        self.stop = stop
+        self.ids: list[int] = []
+        self.sent = 0
+        self.prompt_skipped = False
+
+    def put(self, value) -> None:
+        if self.stop.is_set():
+            raise GenerationStopped("stopped by the user")
+        if not self.prompt_skipped:  # generate() first passes the prompt ids (empty with inputs_embeds)
+            self.prompt_skipped = True
+            return
+        self.ids.extend(value.reshape(-1).tolist())
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if text.endswith("\ufffd"):
+            return
+        if len(text) > self.sent:
+            self.events.put(("text", text[self.sent :]))
+            self.sent = len(text)
+
+    def end(self) -> None:
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if len(text) > self.sent:
+            self.events.put(("text", text[self.sent :]))
+            self.sent = len(text)
+
+
+class ChatEngine:
+    """Runs chat requests on one pipeline, one at a time, and saves their media in per-session folders.
+
+    Args:
+        pipe: an ``AnyGPTPipeline``.
+        output_dir: the folder under which every session gets its own subfolder (created).
+        max_upload_bytes: the largest accepted upload; larger files are answered with an error in the chat.
+    """
+
+    def __init__(self, pipe, output_dir: str | os.PathLike, *, max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES):
+        self.pipe = pipe
+        self.output_dir = Path(output_dir).expanduser().resolve()
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        self.max_upload_bytes = int(max_upload_bytes)
+        self._lock = threading.Lock()
+
+    @classmethod
+    def from_pretrained(cls, name_or_dir: str | os.PathLike, output_dir: str | os.PathLike, **kwargs) -> ChatEngine:
+        """Load ``AnyGPTPipeline.from_pretrained(name_or_dir)`` and wrap it."""
+        from anygpt.pipeline import AnyGPTPipeline
+
+        return cls(AnyGPTPipeline.from_pretrained(name_or_dir), output_dir, **kwargs)
+
+    @property
+    def sessions_dir(self) -> Path:
+        return self.output_dir / "sessions"
+
+    def new_session(self) -> ChatSession:
+        """A fresh session whose files go to ``output_dir/sessions/<random id>/``."""
+        folder = self.sessions_dir / uuid.uuid4().hex[:16]
+        return ChatSession(output_dir=folder, conversation=Conversation())
+
+    def decoder_defaults(self) -> dict[str, dict[str, Any]]:
+        """Each output modality's decoder defaults (steps, guidance, frames, seconds), for the UI's controls."""
+        result = {}
+        for modality, decoder in self.pipe.decoders.items():
+            config = decoder.config
+            result[modality.value] = dict(
+                num_inference_steps=config.num_inference_steps,
+                guidance_scale=config.guidance_scale,
+                num_frames=config.num_frames,
+                audio_seconds=config.audio_seconds,
+            )
+        return result
+
+    @property
+    def output_modalities(self) -> list[str]:
+        return [m.value for m in self.pipe.decoders]
+
+    # ------------------------------------------------------------------------------------------ requests
+    def respond(
+        self,
+        session: ChatSession,
+        text: str,
+        files: Sequence[str | os.PathLike],
+        settings: GenerationSettings,
+    ) -> Iterator[Exchange]:
+        """Ask one question; yield the (growing) exchange after every change until its reply is done.
+
+        Bad uploads and bad settings end the reply with ``error`` set; the session stays usable. Nothing is yielded
+        for an empty message. The new exchange is appended to ``session.exchanges`` at once.
+        """
+        text = (text or "").strip()
+        paths = [Path(f) for f in files or []]
+        if not text and not paths:
+            return
+        exchange = Exchange(text=text, files=paths)
+        session.exchanges.append(exchange)
+        yield from self._run(session, exchange, settings)
+
+    def retry(self, session: ChatSession, settings: GenerationSettings) -> Iterator[Exchange]:
+        """Ask the last question again: its exchange is removed from the chat and the conversation, then re-run."""
+        if not session.exchanges:
+            return
+        last = session.exchanges.pop()
+        if last.kept:
+            session.conversation.pop_last_exchange()
+        exchange = Exchange(text=last.text, files=last.files)
+        session.exchanges.append(exchange)
+        yield from self._run(session, exchange, settings)
+
+    def _run(self, session: ChatSession, exchange: Exchange, settings: GenerationSettings) -> Iterator[Exchange]:
+        reply, epoch = exchange.reply, session.epoch
+        stop = session._start_request()
+        start = time.perf_counter()
+        try:
+            media: dict[Modality, list[Path]] = {m: [] for m in MEDIA_MODALITIES}
+            for path in exchange.files:
+                media[check_upload(path, self.max_upload_bytes)].append(path)
+            kwargs = settings.pipeline_kwargs()
+        except (MediaError, ValueError) as error:
+            reply.error, reply.done, reply.status = _user_message(error, exchange.files), True, "error"
+            yield exchange
+            return
+
+        events: queue.Queue = queue.Queue()
+        conversation = session.conversation
+        worker = threading.Thread(
+            target=contextvars.copy_context().run,
+            args=(self._work, events, stop, session, conversation, exchange, media, kwargs),
+            name="anygpt-demo-request",
+            daemon=True,
+        )
+        reply.status = "waiting for the model (another request is running)" if self._lock.locked() else "writing"
+        worker.start()
+        yield exchange
+        finished = False
+        try:
+            while not finished:
+                for kind, payload in _drain(events):  # everything that arrived since the last update, then one yield
+                    finished = self._apply(kind, payload, exchange, start)
+                if session.epoch != epoch:  # the chat was cleared meanwhile: this reply is no longer shown
+                    return
+                yield exchange
+        finally:
+            if not finished:  # cleared, or the UI went away: let the worker end
+                stop.set()
+
+    @staticmethod
+    def _apply(kind: str, payload: Any, exchange: Exchange, start: float) -> bool:
+        """Update the reply with one event from the worker; True for the last event."""
+        reply = exchange.reply
+        if kind == "start":
+            reply.status = "writing"
+        elif kind == "text":
+            reply.text += payload
+        elif kind == "decode":
+            modality, index, total = payload
+            reply.status = f"rendering {modality.value} ({index + 1}/{total})"
+        else:  # the end: "done", "stopped" or "error", with whether the conversation kept the exchange
+            result, exchange.kept = payload
+            if kind == "done":
+                output, saved = result
+                reply.text = output.text
+                reply.images, reply.videos, reply.audios = saved["image"], saved["video"], saved["audio"]
+                reply.status = f"done in {time.perf_counter() - start:.1f} s"
+            elif kind == "stopped":
+                reply.stopped, reply.status = True, "stopped"
+            else:
+                reply.error, reply.status = _user_message(result, exchange.files), "error"
+            reply.done = True
+        return reply.done
+
+    def _work(
+        self,
+        events: queue.Queue,
+        stop: threading.Event,
+        session: ChatSession,
+        conversation: Conversation,
+        exchange: Exchange,
+        media: dict[Modality, list[Path]],
+        kwargs: dict[str, Any],
+    ) -> None:
+        """The worker thread: one pipeline call under the lock, then the outputs are saved."""
+
+        def on_decode(modality: Modality, index: int, total: int) -> None:
+            if stop.is_set():
+                raise GenerationStopped("stopped by the user")
+            events.put(("decode", (modality, index, total)))
+
+        before = len(conversation.turns)
+        try:
+            with self._lock:
+                if stop.is_set():
+                    raise GenerationStopped("stopped before it started")
+                before = len(conversation.turns)
+                stem = session.next_stem()
+                events.put(("start", None))
+                streamer = _QueueStreamer(self.pipe.tokenizer, events, stop)
+                output = self.pipe(
+                    exchange.text,
+                    images=media[Modality.IMAGE],
+                    audios=media[Modality.AUDIO],
+                    videos=media[Modality.VIDEO],
+                    conversation=conversation,
+                    streamer=streamer,
+                    on_decode=on_decode,
+                    show_progress=True,
+                    **kwargs,
+                )
+            saved = self.save_outputs(output, session.output_dir, stem)
+            events.put(("done", ((output, saved), True)))
+        except GenerationStopped:
+            # stopped while decoding: the exchange is in the conversation already; while writing: it is not
+            events.put(("stopped", (None, len(conversation.turns) > before)))
+        except (MediaError, ValueError, TypeError) as error:
+            events.put(("error", (error, len(conversation.turns) > before)))
+        except Exception as error:  # keep serving: report it in the chat, log the traceback
+            logger.exception("demo request failed")
+            message = RuntimeError(f"internal error: {type(error).__name__}: {error}")
+            events.put(("error", (message, len(conversation.turns) > before)))
+
+    @staticmethod
+    def save_outputs(output, folder: Path, stem: str) -> dict[str, list[Path]]:
+        """Write an ``AnyGPTOutput``'s media as ``{stem}_image0.png``, ``_video0.mp4``, ``_audio0.wav`` (atomically)."""
+        saved: dict[str, list[Path]] = {"image": [], "video": [], "audio": []}
+        jobs = [("image", ".png", save_image, item) for item in output.images]
+        jobs += [("video", ".mp4", save_video, item) for item in output.videos]
+        jobs += [("audio", ".wav", save_audio, item) for item in output.audios]
+        for kind, ext, save, item in jobs:
+            path = folder / f"{stem}_{kind}{len(saved[kind])}{ext}"
+            saved[kind].append(save(item, path).resolve())
+        return saved
+
+
+def _drain(events: queue.Queue) -> list[tuple[str, Any]]:
+    """Wait for the next event, then take every event already queued behind it."""
+    items = [events.get()]
+    while True:
+        try:
+            items.append(events.get_nowait())
+        except queue.Empty:
+            return items
+
+
+def default_output_dir() -> Path:
+    """A fresh temporary folder for a demo run's files (``anygpt-demo-XXXX`` in the system's temp folder)."""
+    return Path(tempfile.mkdtemp(prefix="anygpt-demo-"))
