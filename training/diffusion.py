@@ -51,7 +51,8 @@ class DiffusionLoss:
 
     # ------------------------------------------------------------------ latents
     @torch.no_grad()
-    def latents(self, modality: Modality, paths: list) -> torch.Tensor:
+    def latents(self, modality: Modality, paths: list) -> tuple[torch.Tensor, torch.Tensor]:
+        """The VAE's latent distribution of each target file: (mean, std), already scaled."""
         decoder = self.decoders[modality]
         pipe = decoder.load()
         config = decoder.config
@@ -60,22 +61,24 @@ class DiffusionLoss:
         if modality is Modality.IMAGE:
             images = [load_media(modality, p) for p in paths]
             pixels = pipe.image_processor.preprocess(images, height=config.height, width=config.width)
-            latents = vae.encode(pixels.to(device, dtype)).latent_dist.sample()
-            return latents * vae.config.scaling_factor
+            dist = vae.encode(pixels.to(device, dtype)).latent_dist
+            return dist.mean * vae.config.scaling_factor, dist.std * vae.config.scaling_factor
         if modality is Modality.VIDEO:
-            batch = []
+            means, stds = [], []
             for path in paths:
                 video = load_media(modality, path)
                 frames = video.frames[np.linspace(0, len(video.frames) - 1, config.num_frames).round().astype(int)]
                 pixels = torch.from_numpy(frames).permute(0, 3, 1, 2).float() / 127.5 - 1.0  # (T, 3, H, W)
                 pixels = F.interpolate(pixels, size=(config.height, config.width), mode="bilinear", antialias=True)
-                lat = vae.encode(pixels.to(device, dtype)).latent_dist.sample() * vae.config.scaling_factor
-                batch.append(lat.permute(1, 0, 2, 3))  # (C, T, h, w)
-            return torch.stack(batch)
+                dist = vae.encode(pixels.to(device, dtype)).latent_dist
+                means.append(dist.mean.permute(1, 0, 2, 3) * vae.config.scaling_factor)  # (C, T, h, w)
+                stds.append(dist.std.permute(1, 0, 2, 3) * vae.config.scaling_factor)
+            return torch.stack(means), torch.stack(stds)
         # audio: log-mel with the vocoder's settings, cut or padded to the decoder's length
         mels = [self._log_mel(pipe, load_media(modality, p), config.audio_seconds) for p in paths]
         mel = torch.stack(mels).unsqueeze(1).to(device, dtype)  # (B, 1, T, n_mels)
-        return vae.encode(mel).latent_dist.sample() * vae.config.scaling_factor
+        dist = vae.encode(mel).latent_dist
+        return dist.mean * vae.config.scaling_factor, dist.std * vae.config.scaling_factor
 
     @staticmethod
     def _log_mel(pipe, audio, seconds: float) -> torch.Tensor:
@@ -107,14 +110,17 @@ class DiffusionLoss:
         return mel[:frames]
 
     def prepare(self, modality: Modality, index: list[int], paths: list, seeds: list[int]) -> DiffusionInputs:
-        """Latents of the target media, noised at a random timestep drawn, like the noise, from each item's seed."""
+        """Latents of the target media (sampled from the VAE's distribution), noised at a random timestep: every
+        random draw of an item comes from its own seed, so no draw depends on how the batch is split."""
         scheduler = self._scheduler(modality)
-        latents = self.latents(modality, paths)
-        noise, steps = [], []
+        mean, std = self.latents(modality, paths)
+        sample, noise, steps = [], [], []
         for seed in seeds:
             generator = torch.Generator().manual_seed(int(seed))
-            noise.append(torch.randn(latents.shape[1:], generator=generator, dtype=torch.float32))
+            sample.append(torch.randn(mean.shape[1:], generator=generator, dtype=torch.float32))
+            noise.append(torch.randn(mean.shape[1:], generator=generator, dtype=torch.float32))
             steps.append(int(torch.randint(0, scheduler.config.num_train_timesteps, (1,), generator=generator)))
+        latents = mean + std * torch.stack(sample).to(mean.device, mean.dtype)
         noise = torch.stack(noise).to(latents.device, latents.dtype)
         steps = torch.tensor(steps, device=latents.device)
         noisy = scheduler.add_noise(latents, noise, steps)
