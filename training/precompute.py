@@ -22,6 +22,7 @@ def precompute(config: TrainConfig, *, start: str | None = None, chunk: int = 64
     from training.trainer import StageTrainer
 
     trainer = StageTrainer(config, start=start, resume="auto")
+    data = trainer.read_data()  # data errors surface before a (possibly large) model loads
     pipe = trainer.load_pipeline()
     model = pipe.model
     device = trainer.accelerator.device
@@ -33,7 +34,6 @@ def precompute(config: TrainConfig, *, start: str | None = None, chunk: int = 64
         caption_prompts=config.data.caption_prompts,
     )
     trainer.model, trainer.builder = model, builder
-    data = trainer.read_data()
     trainer.check_compatible(data)
     media_cache = MediaFeatureCache(config.cache_dir, model.encoder)
     caption_caches = {}

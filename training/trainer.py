@@ -292,6 +292,7 @@ class StageTrainer:
         """Everything before the first step; every error here is a clear ``ConfigError``."""
         config = self.config
         self.resume_from = self._resume_folder()
+        self.data = self.read_data()  # data errors surface before a (possibly large) model loads
         self.pipe = self.load_pipeline()
         self.model = self.pipe.model
         self.decoders = self.pipe.decoders
@@ -302,7 +303,6 @@ class StageTrainer:
             pair_task=self.pair_task,
             caption_prompts=config.data.caption_prompts,
         )
-        self.data = self.read_data()
         self.check_compatible(self.data)
 
         acc = self.accelerator
