@@ -71,6 +71,13 @@ def test_exact_trainable_parameters(sample, tmp_path, stage):
     assert trainer.token_rows.input_rows.shape == (rows, hidden)
     count = sum(p.numel() for _, p in trainer.params)
     assert count == sum(dict(trainer.module.named_parameters())[n].numel() for n in expected)
+    token_rows = 2 * rows * hidden  # input-embedding rows + LM-head rows
+    if stage == 1:  # one Linear(embed_dim -> hidden) per input modality
+        embed = model.encoder.embed_dim
+        assert count == len(model.input_projectors) * (embed * hidden + hidden) + token_rows
+    if stage == 3:  # A (r x hidden) and B (hidden x r) on q, k, v, o of every layer
+        r = model.config.llm.lora.r
+        assert count == model.config.llm.num_layers * 4 * 2 * r * hidden + token_rows
     # never the whole embedding matrix or LM head (NExT-GPT's freezing bug), never the encoder or base LLM
     llm = model.language_model
     assert not llm.get_input_embeddings().weight.requires_grad
