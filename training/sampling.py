@@ -32,21 +32,32 @@ class BatchPlan:
             raise ValueError(f"BatchPlan: every dataset needs at least one record, sizes {sizes}")
         self.sizes, self.weights = list(sizes), [float(w) for w in weights]
         self.global_batch, self.mode, self.seed = global_batch, mode, seed
-        self._batches: list[list[Item]] = []
-        self._rng = np.random.default_rng(seed)
-        self._orders: list[list[int]] = [[] for _ in sizes]
-        self._passes = [0] * len(sizes)
-        self._credit = [0.0] * len(sizes)
+        self._reset()
+
+    def _reset(self) -> None:
+        self._made = 0  # batches drawn so far
+        self._last: list[Item] = []
+        self._rng = np.random.default_rng(self.seed)
+        self._orders: list[list[int]] = [[] for _ in self.sizes]
+        self._passes = [0] * len(self.sizes)
+        self._credit = [0.0] * len(self.sizes)
 
     def steps_per_epoch(self) -> int:
         """Optimizer steps that read as many items as the datasets hold (at least 1)."""
         return max(1, math.ceil(sum(self.sizes) / self.global_batch))
 
     def batch(self, step: int) -> list[Item]:
-        """The global batch of optimizer step ``step`` (0-based)."""
-        while len(self._batches) <= step:
-            self._batches.append(self._next_batch())
-        return self._batches[step]
+        """The global batch of optimizer step ``step`` (0-based).
+
+        Batches are drawn in order and only the last is kept (constant memory); asking for an earlier step
+        draws the plan again from the start (resuming at step N draws N batches of indices: fast).
+        """
+        if step < self._made - 1:
+            self._reset()
+        while self._made <= step:
+            self._last = self._next_batch()
+            self._made += 1
+        return self._last
 
     def shard(self, step: int, rank: int, world: int, micro: int, accumulation: int) -> list[Item]:
         """The items of micro-batch ``micro`` on process ``rank``: global batch order is micro-major, rank-minor."""
@@ -60,9 +71,9 @@ class BatchPlan:
         order = self._orders[dataset]
         if not order:
             perm = np.random.default_rng([self.seed, dataset, self._passes[dataset]]).permutation(self.sizes[dataset])
-            order.extend(perm.tolist())
+            order.extend(reversed(perm.tolist()))  # popped from the end
             self._passes[dataset] += 1
-        return order.pop(0)
+        return order.pop()
 
     def _next_batch(self) -> list[Item]:
         if self.mode == "round_robin":
