@@ -3,19 +3,25 @@
     python app.py [--model NAME|DIR] [--host 127.0.0.1] [--port 7860] [--share] [--output-dir DIR]
                   [--max-upload-mb 100] [--queue-size 16]
 
-Each browser session has its own ``Conversation`` (gr.State); generated files go to ``OUTPUT_DIR/sessions/<id>/``, and
-the page serves files from the output folder only (Gradio's own upload cache is placed inside it too). Model calls run
-one at a time: the queue's concurrency limit is 1 for every event that calls the model, and the engine holds a lock.
+Each browser session has its own ``ChatSession`` (a gr.State, ended and its files removed when the tab closes or it
+expires); generated files go to ``OUTPUT_DIR/sessions/<id>/``. The output folder is Gradio's own cache folder, so the
+files are served where they are written, never copied, and nothing outside it is served. Model calls run one at a
+time: the queue's concurrency limit is 1 for every event that calls the model, and the engine holds a lock. Stop and
+Clear never wait behind the model and are never refused by a full queue.
 
-API (``gradio_client``): ``/chat`` (send a message), ``/retry``, ``/stop``, ``/clear``; see ``docs/demo.md``.
+API (``gradio_client``): ``/chat`` (send a message), ``/retry``, ``/stop``, ``/clear``; see the README section "Chat
+demo".
 """
 
 from __future__ import annotations
 
 import argparse
+import atexit
 import logging
 import os
 import re
+import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -36,8 +42,12 @@ from anygpt.demo import (  # noqa: E402
 logger = logging.getLogger("anygpt.app")
 
 MODEL_EVENTS = "model"  # the concurrency group of every event that calls the model
+SESSION_TTL_S = 24 * 3600  # a session unused this long ends (its files are removed)
+CACHE_SWEEP = (3600, 24 * 3600)  # every hour, Gradio deletes the files it served that are older than a day
+STOP_WAIT_S = 3.0  # Stop waits this long for the running answer to end before it shows the chat
 CHOICES = ["auto", "image", "video", "audio"]
 CONTROL_CHARACTERS = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+STOPPED_NOTE = "_(stopped: not part of the conversation)_"
 
 
 # ---------------------------------------------------------------------------------------------------- rendering
@@ -52,7 +62,7 @@ def to_messages(exchanges: list[Exchange]) -> list[dict[str, Any]]:
         if reply.error:
             text = f"⚠️ {reply.error}"
         elif reply.stopped:
-            text = f"{_printable(reply.text)} _(stopped)_".strip()
+            text = f"{_printable(reply.text)} {STOPPED_NOTE}".strip()
         else:
             text = _printable(reply.text) or ("" if reply.done else f"_{reply.status}…_")
         content: list[Any] = [text] if text else []
@@ -69,8 +79,20 @@ def _printable(text: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------- the page
-def build_app(engine: ChatEngine, *, title: str = "anygpt chat", note: str = "") -> gr.Blocks:
-    """The chat page, wired to ``engine``. Call ``.queue(...)`` and ``.launch(...)`` on it (see ``serve``)."""
+def build_app(
+    engine: ChatEngine,
+    *,
+    title: str = "anygpt chat",
+    note: str = "",
+    session_ttl: float = SESSION_TTL_S,
+    delete_cache: tuple[int, int] | None = CACHE_SWEEP,
+) -> gr.Blocks:
+    """The chat page, wired to ``engine``. Call ``.queue(...)`` and ``.launch(...)`` on it (see ``serve``).
+
+    Args:
+        session_ttl: seconds after its last update that a session ends (``ChatSession.close``: files removed).
+        delete_cache: Gradio's ``(every, older than)`` seconds sweep of the files it served (uploads, outputs).
+    """
     defaults = engine.decoder_defaults()
     available = engine.output_modalities
 
@@ -122,6 +144,7 @@ def build_app(engine: ChatEngine, *, title: str = "anygpt chat", note: str = "")
         progress=gr.Progress(track_tqdm=True),  # noqa: B008 (Gradio's way to ask for progress bars)
     ):
         """Send a message (text and uploaded files) and stream the reply."""
+        submitted = _enqueued_at()
         session = session if session is not None else engine.new_session()
         if isinstance(message, str):
             message = {"text": message, "files": []}
@@ -143,7 +166,7 @@ def build_app(engine: ChatEngine, *, title: str = "anygpt chat", note: str = "")
             seed,
         )
         yield to_messages(session.exchanges), gr.MultimodalTextbox(value=None), "", session
-        for exchange in engine.respond(session, text, files, request):
+        for exchange in engine.respond(session, text, files, request, submitted_at=submitted):
             yield to_messages(session.exchanges), gr.skip(), exchange.reply.status, session
 
     def retry(
@@ -164,6 +187,7 @@ def build_app(engine: ChatEngine, *, title: str = "anygpt chat", note: str = "")
         progress=gr.Progress(track_tqdm=True),  # noqa: B008
     ):
         """Ask the last message again; its previous answer is removed from the conversation first."""
+        submitted = _enqueued_at()
         session = session if session is not None else engine.new_session()
         request = settings(
             outputs,
@@ -181,23 +205,30 @@ def build_app(engine: ChatEngine, *, title: str = "anygpt chat", note: str = "")
             seed,
         )
         yield to_messages(session.exchanges), "", session
-        for exchange in engine.retry(session, request):
+        for exchange in engine.retry(session, request, submitted_at=submitted):
             yield to_messages(session.exchanges), exchange.reply.status, session
 
-    def stop(session: ChatSession | None) -> str:
-        """Stop the running answer: the text at its next token, the media before the next decoder."""
-        if session is not None:
-            session.stop()
-        return "stopping"
+    def stop(session: ChatSession | None):
+        """Stop this session's answers, running or queued: the text at its next token, a decoder after its step.
+
+        A session that has none yet (its first message still queued) is created here, stopped: the queued message
+        reads it when it starts, and ends as stopped.
+        """
+        session = session if session is not None else engine.new_session()
+        ended = engine.stop(session, wait=STOP_WAIT_S)
+        last = session.exchanges[-1].reply if session.exchanges else None
+        status = "stopping" if not ended else (last.status if last is not None else "")
+        return to_messages(session.exchanges), status, session
 
     def clear(session: ChatSession | None):
-        """Forget the conversation."""
+        """Forget the conversation and remove the session's files."""
         session = session if session is not None else engine.new_session()
         session.clear()
         return [], "", session
 
-    with gr.Blocks(title=title, analytics_enabled=False, fill_height=True) as demo:
-        session = gr.State(None, delete_callback=_end_session)
+    with gr.Blocks(title=title, analytics_enabled=False, fill_height=True, delete_cache=delete_cache) as demo:
+        # one session per browser session, created by its first event; closed when the tab goes or it expires
+        session = gr.State(None, time_to_live=session_ttl, delete_callback=_end_session)
         gr.Markdown(f"## {title}\nText, images, audio and video in; text, images, video and audio out. {note}")
         with gr.Row(equal_height=False):
             with gr.Column(scale=3):
@@ -233,14 +264,21 @@ def build_app(engine: ChatEngine, *, title: str = "anygpt chat", note: str = "")
         inputs = [*controls, session]
         progress = dict(concurrency_id=MODEL_EVENTS, show_progress="full", show_progress_on=[status])
         chat_args = dict(fn=chat, inputs=[message, *inputs], outputs=[chatbot, message, status, session], **progress)
-        message.submit(**chat_args, api_name="chat")
-        send_btn.click(**chat_args, api_visibility="private")
-        retry_btn.click(retry, inputs=inputs, outputs=[chatbot, status, session], api_name="retry", **progress)
-        # Stop and clear must not wait behind the running request: no concurrency limit.
-        stop_btn.click(stop, inputs=[session], outputs=[status], api_name="stop", concurrency_limit=None)
-        clear_args = dict(fn=clear, inputs=[session], outputs=[chatbot, status, session], concurrency_limit=None)
-        clear_btn.click(**clear_args, api_name="clear")
-        chatbot.clear(**clear_args, api_visibility="private")  # the chat's own trash-can button
+        model_events = [
+            message.submit(**chat_args, api_name="chat"),
+            send_btn.click(**chat_args, api_visibility="private"),
+            retry_btn.click(retry, inputs=inputs, outputs=[chatbot, status, session], api_name="retry", **progress),
+        ]
+        # Stop and Clear are instant and do not call the model: no concurrency limit (they never wait behind the
+        # model nor behind each other), exempt from the queue's size limit (limit_model_events), and open to the REST
+        # route too (queue=False). In the browser they also cancel this session's model events, queued or running
+        # (cancels=); over the API, job.cancel() does that for a job.
+        instant = dict(queue=False, concurrency_limit=None)
+        stop_args = dict(fn=stop, inputs=[session], outputs=[chatbot, status, session], **instant)
+        stop_btn.click(**stop_args, api_name="stop", cancels=model_events)
+        clear_args = dict(fn=clear, inputs=[session], outputs=[chatbot, status, session], **instant)
+        clear_btn.click(**clear_args, api_name="clear", cancels=model_events)
+        chatbot.clear(**clear_args, api_visibility="private", cancels=model_events)  # the chat's own trash can
     return demo
 
 
@@ -286,9 +324,23 @@ def _file_path(item: Any) -> str:
     return str(getattr(item, "path", item))
 
 
-def _end_session(session: ChatSession | None) -> None:  # the browser tab closed
+def _end_session(session: ChatSession | None) -> None:  # the browser tab closed, or the session expired
     if session is not None:
-        session.stop()
+        session.close()
+
+
+def _enqueued_at() -> float | None:
+    """When the running event joined Gradio's queue (``time.monotonic()``), so that a Stop pressed while it waited
+    still stops it; None (the engine then takes "now") where Gradio does not tell."""
+    try:
+        from gradio.context import LocalContext
+
+        blocks, event_id = LocalContext.blocks.get(None), LocalContext.event_id.get(None)
+        event = blocks._queue.event_ids_to_events.get(event_id)  # Gradio internals: best effort
+        enqueued = float(event.enqueue_time)
+    except Exception:
+        return None
+    return enqueued if enqueued <= time.monotonic() else None
 
 
 # ---------------------------------------------------------------------------------------------------- launching
@@ -301,22 +353,30 @@ def model_note(model: str) -> str:
 
 
 def gradio_environment(output_dir: str | os.PathLike) -> dict[str, str]:
-    """Environment that keeps every file Gradio stores or serves inside ``output_dir`` (set before building)."""
-    root = Path(output_dir).expanduser().resolve() / "gradio"
+    """Environment that makes ``output_dir`` Gradio's cache folder (set before building the page).
+
+    Uploads land in ``output_dir/<hash>/``, and the generated files, written to ``output_dir/sessions/``, are
+    already in the cache: Gradio serves them where they are, without copying (or hashing) them on every update.
+    """
+    root = Path(output_dir).expanduser().resolve()
     return {
         "GRADIO_ANALYTICS_ENABLED": "False",
-        "GRADIO_TEMP_DIR": str(root / "cache"),
+        "GRADIO_TEMP_DIR": str(root),
         "GRADIO_EXAMPLES_CACHE": str(root / "examples"),
     }
 
 
 def launch_options(engine: ChatEngine, *, host: str, port: int, share: bool) -> dict[str, Any]:
-    """``Blocks.launch`` keywords: bind ``host``, no share link unless asked, serve the output folder only."""
+    """``Blocks.launch`` keywords: bind ``host``, no share link unless asked, serve the sessions' files only.
+
+    Gradio serves its cache folder (the output folder, see ``gradio_environment``) in any case; ``allowed_paths``
+    adds only the sessions' folder, for an engine whose output folder is not the cache.
+    """
     return dict(
         server_name=host,
         server_port=port,
         share=share,
-        allowed_paths=[str(engine.output_dir)],
+        allowed_paths=[str(engine.sessions_dir)],
         # Gradio refuses uploads over twice the limit outright (an error toast); the engine answers files between
         # the limit and that with an error message in the chat.
         max_file_size=2 * engine.max_upload_bytes,
@@ -334,12 +394,68 @@ def serve(
     share: bool = False,
     queue_size: int = 16,
     prevent_thread_lock: bool = False,
+    **page: Any,
 ) -> gr.Blocks:
-    """Build the page for ``engine`` and launch it with a queue that runs one model call at a time."""
-    demo = build_app(engine, note=note)
-    demo.queue(default_concurrency_limit=1, max_size=queue_size)
+    """Build the page for ``engine`` (``page``: more ``build_app`` keywords) and launch it with a queue that runs one
+    model call at a time. ``api_open=False``: the REST routes (``/gradio_api/run/*``) refuse queued events, so no
+    request skips the queue or its size limit."""
+    demo = build_app(engine, note=note, **page)
+    demo.queue(default_concurrency_limit=1, max_size=queue_size, api_open=False)
+    limit_model_events(demo, queue_size)
     demo.launch(**launch_options(engine, host=host, port=port, share=share), prevent_thread_lock=prevent_thread_lock)
     return demo
+
+
+def output_folder(path: str | os.PathLike | None) -> Path:
+    """``path``, or else a new temporary folder (``default_output_dir``) that is removed when the program exits.
+
+    Gradio serves everything in the output folder (its cache folder), so a given folder must be new, empty, or one
+    this demo used before (it holds ``sessions/``).
+
+    Raises:
+        ValueError: ``path`` is a file, or a folder with other content.
+    """
+    if path:
+        folder = Path(path).expanduser()
+        if folder.exists() and not folder.is_dir():
+            raise ValueError(f"--output-dir {folder} is a file")
+        if folder.is_dir() and any(folder.iterdir()) and not (folder / "sessions").is_dir():
+            raise ValueError(
+                f"--output-dir {folder} holds other files, and the page serves everything in its output folder: "
+                "choose a new or empty folder, or one this demo used before"
+            )
+        return folder
+    folder = default_output_dir()
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    return folder
+
+
+def limit_model_events(demo: gr.Blocks, max_size: int) -> bool:
+    """Make the queue's size limit apply to waiting model events (chat, retry) only; True when it does.
+
+    Gradio 6 sends every event through its queue, ``queue=False`` ones included, and its ``max_size`` refuses them
+    all once that many events wait, so Stop and Clear would be refused exactly when the queue is full. Here the
+    queue's ``push`` refuses a model event when ``max_size`` model events wait, and lets every other event in. This
+    uses Gradio internals (``Blocks._queue``); where they differ, Gradio's own limit stays in force (False).
+    """
+    queue = getattr(demo, "_queue", None)
+    groups = getattr(queue, "event_queue_per_concurrency_id", None)
+    push = getattr(queue, "push", None)
+    if not isinstance(groups, dict) or push is None or not isinstance(getattr(demo, "fns", None), dict):
+        logger.warning("unknown Gradio queue: its size limit applies to Stop and Clear too")
+        return False
+
+    async def push_unless_full(body, request, username):
+        fn = demo.fns.get(getattr(body, "fn_index", None))
+        if getattr(fn, "concurrency_id", None) == MODEL_EVENTS:
+            waiting = len(getattr(groups.get(MODEL_EVENTS), "queue", ()))
+            if waiting >= max_size:
+                return False, f"Queue is full. Max size is {max_size} and size is {waiting}.", "queue_full"
+        return await push(body=body, request=request, username=username)
+
+    queue.max_size = None
+    queue.push = push_unless_full
+    return True
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -349,7 +465,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--port", type=int, default=7860)
     parser.add_argument("--share", action="store_true", help="also create a public gradio.live link")
     parser.add_argument(
-        "--output-dir", default=None, help="folder for generated files (default: a new temporary folder)"
+        "--output-dir",
+        default=None,
+        help="a dedicated folder for uploads and generated files, all served by the page (default: a new temporary "
+        "folder, removed at exit)",
     )
     parser.add_argument(
         "--max-upload-mb",
@@ -357,7 +476,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=DEFAULT_MAX_UPLOAD_BYTES / 2**20,
         help="largest accepted upload in MB (default %(default).0f)",
     )
-    parser.add_argument("--queue-size", type=int, default=16, help="requests that may wait in the queue")
+    parser.add_argument(
+        "--queue-size",
+        type=int,
+        default=16,
+        help="model requests (chat, retry) that may wait; Stop and Clear are never refused",
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     args = parser.parse_args(argv)
     if args.max_upload_mb <= 0:
@@ -370,7 +494,10 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )
-    output_dir = Path(args.output_dir).expanduser() if args.output_dir else default_output_dir()
+    try:
+        output_dir = output_folder(args.output_dir)
+    except ValueError as error:
+        raise SystemExit(f"app.py: error: {error}") from None
     os.environ.update(gradio_environment(output_dir))
     engine = ChatEngine.from_pretrained(args.model, output_dir, max_upload_bytes=int(args.max_upload_mb * 2**20))
     logger.warning("writing generated files to %s", engine.output_dir)

@@ -21,6 +21,8 @@ import logging
 import math
 import os
 import queue
+import re
+import shutil
 import tempfile
 import threading
 import time
@@ -30,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from anygpt.conversation import Conversation
+from anygpt.conversation import Conversation, Turn
 from anygpt.media import (
     AUDIO_EXTENSIONS,
     IMAGE_EXTENSIONS,
@@ -42,6 +44,7 @@ from anygpt.media import (
     save_video,
 )
 from anygpt.modality import MEDIA_MODALITIES, Modality
+from decoders.base import GenerationStopped  # raised by the decoders and by this module's streamer
 
 logger = logging.getLogger(__name__)
 
@@ -58,10 +61,6 @@ __all__ = [
 
 DEFAULT_MAX_UPLOAD_BYTES = 100 * 2**20
 _EXTENSIONS = {"image": IMAGE_EXTENSIONS, "audio": AUDIO_EXTENSIONS, "video": VIDEO_EXTENSIONS}
-
-
-class GenerationStopped(Exception):
-    """Raised inside a running pipeline call when the user pressed stop."""
 
 
 # ---------------------------------------------------------------------------------------------------- settings
@@ -179,7 +178,8 @@ class Reply:
     Attributes:
         text: the reply text so far (the final text once ``done``).
         status: what is happening now (``"writing"``, ``"rendering video (2/3)"``), or a summary when done.
-        images, videos, audios: the saved output files (PNG, MP4, WAV) in the session's folder.
+        images, videos, audios: the saved output files (PNG, MP4, WAV) in the session's folder; a stopped answer
+            has those rendered before it was stopped.
         error: a message for the user when the request failed (bad upload, bad setting, internal error).
         stopped: the user stopped it.
         done: nothing more will change.
@@ -199,57 +199,123 @@ class Reply:
         return [*self.images, *self.videos, *self.audios]
 
 
-@dataclass
+@dataclass(eq=False)
 class Exchange:
     """A user turn (text and uploaded files) and its reply.
 
     Attributes:
-        kept: whether the session's ``Conversation`` holds this exchange (a failed or early-stopped one is not
-            kept: the model does not see it in later turns).
+        kept: whether the session's ``Conversation`` holds this exchange. Only a finished answer is kept; a
+            stopped or failed one is shown but the model does not see it in later turns. Set by the request's
+            worker when the answer ends, whatever the UI does meanwhile.
+        turns: the conversation's (user, assistant) ``Turn`` objects of a kept exchange, so that retry removes
+            exactly these.
     """
 
     text: str
     files: list[Path]
     reply: Reply = field(default_factory=Reply)
     kept: bool = False
+    turns: tuple[Turn, ...] = field(default=(), repr=False)
 
 
-@dataclass
+@dataclass(eq=False)
 class ChatSession:
     """One user's chat: the pipeline ``Conversation`` (turns and cached media features) and what the UI shows.
 
+    The conversation holds exactly the exchanges shown with ``kept`` set, in order.
+
     Attributes:
-        output_dir: this session's folder for generated files.
+        output_dir: this session's folder for generated files (removed by ``clear`` and ``close``).
         conversation: the model-side history; media are encoded once per conversation.
         exchanges: what the chat shows, oldest first.
         epoch: increases on every clear; a reply started before a clear stops updating the chat.
+        closed: the session ended (``close``).
+        lock: guards ``exchanges``, ``conversation`` and the replies against the request's worker thread.
     """
 
     output_dir: Path
     conversation: Conversation = field(default_factory=Conversation)
     exchanges: list[Exchange] = field(default_factory=list)
     epoch: int = 0
+    closed: bool = False
+    lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
     _turn: int = 0
-    _stop: threading.Event = field(default_factory=threading.Event, repr=False)
+    _stopped_at: float = -math.inf  # time.monotonic() of the last stop (or clear)
+    _cleared_at: float = -math.inf
+    _requests: set[threading.Event] = field(default_factory=set, repr=False)
 
     def stop(self) -> None:
-        """Stop the running request, if any (the LLM stops at its next token, the decoders before the next one)."""
-        self._stop.set()
+        """Stop every request of this session sent until now: running, waiting for the model, or still queued.
+
+        The LLM stops at its next token, a decoder after its current denoising step. A request sent before this
+        call but started after it (see ``ChatEngine.respond``'s ``submitted_at``) ends as stopped at once.
+        """
+        with self.lock:
+            self._stopped_at = time.monotonic()
+            for request in self._requests:
+                request.set()
 
     def clear(self) -> None:
-        """Forget everything: a fresh conversation (a running request is stopped and no longer shown)."""
-        self.stop()
-        self.epoch += 1
-        self.conversation = Conversation()
-        self.exchanges = []
+        """Forget everything: a fresh conversation, no exchanges, the session's files removed.
+
+        Requests sent before the clear are stopped and no longer shown (one still queued is dropped).
+        """
+        with self.lock:
+            self.stop()
+            self._cleared_at = self._stopped_at
+            self.epoch += 1
+            self.conversation = Conversation()
+            self.exchanges = []
+        shutil.rmtree(self.output_dir, ignore_errors=True)
+
+    def close(self) -> None:
+        """End the session (the browser tab went away or it expired): stop, forget and remove its files."""
+        self.closed = True
+        self.clear()
+
+    @property
+    def busy(self) -> bool:
+        """Whether a request of this session is waiting for the model or running."""
+        return bool(self._requests)
+
+    def wait(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds until no request of this session runs; True when none does."""
+        deadline = time.monotonic() + timeout
+        while self._requests and time.monotonic() < deadline:
+            time.sleep(0.02)
+        return not self._requests
 
     def next_stem(self) -> str:
         self._turn += 1
         return f"turn-{self._turn:04d}"
 
-    def _start_request(self) -> threading.Event:
-        self._stop = threading.Event()
-        return self._stop
+    def _begin(self, submitted_at: float) -> threading.Event:
+        """Register a request sent at ``submitted_at``; its stop signal is already set if a stop came after that."""
+        with self.lock:
+            stop = threading.Event()
+            if submitted_at <= self._stopped_at:
+                stop.set()
+            self._requests.add(stop)
+            return stop
+
+    def _end(self, stop: threading.Event) -> None:
+        with self.lock:
+            self._requests.discard(stop)
+
+    def _shows(self, exchange: Exchange) -> bool:
+        return any(e is exchange for e in self.exchanges)
+
+    def _forget(self, exchange: Exchange) -> None:
+        """Remove a kept exchange's turns from the conversation (``pop_last_exchange`` when they are the last)."""
+        turns, conversation = exchange.turns, self.conversation
+        if not turns:
+            return
+        last = conversation.turns[-len(turns) :]
+        if len(last) == len(turns) and all(a is b for a, b in zip(last, turns, strict=True)):
+            conversation.pop_last_exchange()
+        else:
+            conversation.turns[:] = [t for t in conversation.turns if not any(t is u for u in turns)]
+        exchange.turns, exchange.kept = (), False
 
 
 # ---------------------------------------------------------------------------------------------------- uploads
@@ -287,12 +353,21 @@ def _size(size: int) -> str:
     return f"{size / 2**20:.1f} MB"
 
 
-def _user_message(error: BaseException, files: Sequence[Path]) -> str:
-    """A one-line message for the chat: server paths of uploads replaced by their base names."""
+def _user_message(error: BaseException, files: Sequence[Path], output_dir: Path | None = None) -> str:
+    """A one-line message for the chat, without server paths.
+
+    Upload paths become their base names, the output folder becomes ``<output>``, and any other absolute path its
+    base name (the full error is logged).
+    """
     text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     for path in sorted(files, key=lambda p: len(str(p)), reverse=True):
         text = text.replace(str(path), path.name)
-    return text
+    if output_dir is not None:
+        text = text.replace(str(output_dir), "<output>")
+    return _ABSOLUTE_PATH.sub(lambda m: m.group(1), text)
+
+
+_ABSOLUTE_PATH = re.compile(r"(?<![\w.:/~<>-])/(?:[\w.@+-]+/)+([\w.@+-]*)")  # /a/b/c -> c (not URLs, not "1/2")
 
 
 # ---------------------------------------------------------------------------------------------------- engine
@@ -337,14 +412,25 @@ class ChatEngine:
 
     Args:
         pipe: an ``AnyGPTPipeline``.
-        output_dir: the folder under which every session gets its own subfolder (created).
+        output_dir: the folder under whose ``sessions/`` every session gets its own subfolder (created).
         max_upload_bytes: the largest accepted upload; larger files are answered with an error in the chat.
+
+    Attributes:
+        stop_grace_s: after a stop, how long a reply waits for the model to end before it reports "stopping" and
+            returns (the worker still ends the request and records its end state).
+        poll_s: how often a waiting reply checks for stop when the model sends nothing.
+        heartbeat_s: a reply yields at least this often, changed or not, so that a consumer that went away (a
+            cancelled Gradio event closes the generator at its next yield) stops the request soon.
     """
+
+    stop_grace_s: float = 5.0
+    poll_s: float = 0.1
+    heartbeat_s: float = 1.0
 
     def __init__(self, pipe, output_dir: str | os.PathLike, *, max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES):
         self.pipe = pipe
         self.output_dir = Path(output_dir).expanduser().resolve()
-        self.output_dir.mkdir(parents=True, exist_ok=True)
+        self.sessions_dir.mkdir(parents=True, exist_ok=True)
         self.max_upload_bytes = int(max_upload_bytes)
         self._lock = threading.Lock()
 
@@ -360,7 +446,7 @@ class ChatEngine:
         return self.output_dir / "sessions"
 
     def new_session(self) -> ChatSession:
-        """A fresh session whose files go to ``output_dir/sessions/<random id>/``."""
+        """A fresh session whose files go to ``output_dir/sessions/<random id>/`` (created when first needed)."""
         folder = self.sessions_dir / uuid.uuid4().hex[:16]
         return ChatSession(output_dir=folder, conversation=Conversation())
 
@@ -388,141 +474,240 @@ class ChatEngine:
         text: str,
         files: Sequence[str | os.PathLike],
         settings: GenerationSettings,
+        *,
+        submitted_at: float | None = None,
     ) -> Iterator[Exchange]:
         """Ask one question; yield the (growing) exchange after every change until its reply is done.
 
         Bad uploads and bad settings end the reply with ``error`` set; the session stays usable. Nothing is yielded
-        for an empty message. The new exchange is appended to ``session.exchanges`` at once.
+        for an empty message, or for a request sent before the session's last clear. The new exchange is appended
+        to ``session.exchanges`` at once.
+
+        Args:
+            submitted_at: when the user sent it (``time.monotonic()``; default: now). A ``session.stop()`` after
+                that time stops it even if it had not started yet (it waited in a queue).
         """
         text = (text or "").strip()
         paths = [Path(f) for f in files or []]
         if not text and not paths:
             return
-        exchange = Exchange(text=text, files=paths)
-        session.exchanges.append(exchange)
-        yield from self._run(session, exchange, settings)
+        submitted = time.monotonic() if submitted_at is None else submitted_at
+        with session.lock:
+            if submitted <= session._cleared_at:
+                return
+            exchange = Exchange(text=text, files=paths)
+            session.exchanges.append(exchange)
+        yield from self._run(session, exchange, settings, submitted)
 
-    def retry(self, session: ChatSession, settings: GenerationSettings) -> Iterator[Exchange]:
-        """Ask the last question again: its exchange is removed from the chat and the conversation, then re-run."""
-        if not session.exchanges:
-            return
-        last = session.exchanges.pop()
-        if last.kept:
-            session.conversation.pop_last_exchange()
-        exchange = Exchange(text=last.text, files=last.files)
-        session.exchanges.append(exchange)
-        yield from self._run(session, exchange, settings)
+    def retry(
+        self, session: ChatSession, settings: GenerationSettings, *, submitted_at: float | None = None
+    ) -> Iterator[Exchange]:
+        """Ask the last question shown again: its exchange leaves the chat, and the conversation if it was kept.
 
-    def _run(self, session: ChatSession, exchange: Exchange, settings: GenerationSettings) -> Iterator[Exchange]:
+        The conversation loses its last exchange (``Conversation.pop_last_exchange``) only when that is this
+        exchange's turns; a stopped or failed answer was never kept, so the conversation stays as it is.
+        """
+        submitted = time.monotonic() if submitted_at is None else submitted_at
+        with session.lock:
+            if not session.exchanges or submitted <= session._cleared_at:
+                return
+            last = session.exchanges.pop()
+            session._forget(last)
+            exchange = Exchange(text=last.text, files=last.files)
+            session.exchanges.append(exchange)
+        yield from self._run(session, exchange, settings, submitted)
+
+    def stop(self, session: ChatSession, wait: float = 0.0) -> bool:
+        """``session.stop()``, then wait up to ``wait`` seconds for its requests to end; True when none runs."""
+        session.stop()
+        return session.wait(wait)
+
+    def _run(
+        self, session: ChatSession, exchange: Exchange, settings: GenerationSettings, submitted: float
+    ) -> Iterator[Exchange]:
         reply, epoch = exchange.reply, session.epoch
-        stop = session._start_request()
         start = time.perf_counter()
+        stop = session._begin(submitted)
+        worker_started = False
         try:
-            media: dict[Modality, list[Path]] = {m: [] for m in MEDIA_MODALITIES}
-            for path in exchange.files:
-                media[check_upload(path, self.max_upload_bytes)].append(path)
-            kwargs = settings.pipeline_kwargs()
-        except (MediaError, ValueError) as error:
-            reply.error, reply.done, reply.status = _user_message(error, exchange.files), True, "error"
-            yield exchange
-            return
+            try:
+                media: dict[Modality, list[Path]] = {m: [] for m in MEDIA_MODALITIES}
+                for path in exchange.files:
+                    media[check_upload(path, self.max_upload_bytes)].append(path)
+                kwargs = settings.pipeline_kwargs()
+            except (MediaError, ValueError) as error:
+                logger.warning("demo request refused: %s", error)
+                with session.lock:
+                    reply.error, reply.status = _user_message(error, exchange.files, self.output_dir), "error"
+                    reply.done = True
+                yield exchange
+                return
 
-        events: queue.Queue = queue.Queue()
-        conversation = session.conversation
-        worker = threading.Thread(
-            target=contextvars.copy_context().run,
-            args=(self._work, events, stop, session, conversation, exchange, media, kwargs),
-            name="anygpt-demo-request",
-            daemon=True,
-        )
-        reply.status = "waiting for the model (another request is running)" if self._lock.locked() else "writing"
-        worker.start()
-        yield exchange
-        finished = False
-        try:
-            while not finished:
-                for kind, payload in _drain(events):  # everything that arrived since the last update, then one yield
-                    finished = self._apply(kind, payload, exchange, start)
+            events: queue.Queue = queue.Queue()
+            worker = threading.Thread(
+                target=contextvars.copy_context().run,
+                args=(self._work, events, stop, session, epoch, exchange, media, kwargs, start),
+                name="anygpt-demo-request",
+                daemon=True,
+            )
+            reply.status = "waiting for the model (another request is running)" if self._lock.locked() else "writing"
+            worker.start()
+            worker_started = True  # from here on the worker ends the request and records how it ended
+            yield exchange
+            stop_seen: float | None = None
+            last_yield = time.monotonic()
+            while True:
+                changed = time.monotonic() - last_yield >= self.heartbeat_s
+                for kind, payload in _drain(events, self.poll_s):
+                    changed = self._apply(session, kind, payload, exchange) or changed
                 if session.epoch != epoch:  # the chat was cleared meanwhile: this reply is no longer shown
                     return
-                yield exchange
+                if reply.done:
+                    yield exchange
+                    return
+                if stop.is_set():
+                    now = time.monotonic()
+                    stop_seen = stop_seen or now
+                    with session.lock:
+                        if not reply.done and not reply.status.startswith("stopping"):
+                            reply.status, changed = "stopping", True
+                    if now - stop_seen > self.stop_grace_s:  # a long step: report, and let the worker end it
+                        with session.lock:
+                            if not reply.done:
+                                reply.status = "stopping (the model ends its current step)"
+                        yield exchange
+                        return
+                if changed:
+                    yield exchange
+                    last_yield = time.monotonic()
         finally:
-            if not finished:  # cleared, or the UI went away: let the worker end
+            if not reply.done:  # cleared, or the UI went away (a cancelled event): let the worker end
                 stop.set()
+            if not worker_started:
+                session._end(stop)
 
     @staticmethod
-    def _apply(kind: str, payload: Any, exchange: Exchange, start: float) -> bool:
-        """Update the reply with one event from the worker; True for the last event."""
+    def _apply(session: ChatSession, kind: str, payload: Any, exchange: Exchange) -> bool:
+        """Show one progress event from the worker; True when the reply changed."""
         reply = exchange.reply
-        if kind == "start":
-            reply.status = "writing"
-        elif kind == "text":
-            reply.text += payload
-        elif kind == "decode":
-            modality, index, total = payload
-            reply.status = f"rendering {modality.value} ({index + 1}/{total})"
-        else:  # the end: "done", "stopped" or "error", with whether the conversation kept the exchange
-            result, exchange.kept = payload
-            if kind == "done":
-                output, saved = result
-                reply.text = output.text
-                reply.images, reply.videos, reply.audios = saved["image"], saved["video"], saved["audio"]
-                reply.status = f"done in {time.perf_counter() - start:.1f} s"
-            elif kind == "stopped":
-                reply.stopped, reply.status = True, "stopped"
-            else:
-                reply.error, reply.status = _user_message(result, exchange.files), "error"
-            reply.done = True
-        return reply.done
+        with session.lock:
+            if reply.done or kind == "end":
+                return False
+            if kind == "start":
+                reply.status = "writing"
+            elif kind == "text":
+                reply.text += payload
+            elif kind == "decode":
+                modality, index, total = payload
+                reply.status = f"rendering {modality.value} ({index + 1}/{total})"
+            return True
 
     def _work(
         self,
         events: queue.Queue,
         stop: threading.Event,
         session: ChatSession,
-        conversation: Conversation,
+        epoch: int,
         exchange: Exchange,
         media: dict[Modality, list[Path]],
         kwargs: dict[str, Any],
+        start: float,
     ) -> None:
-        """The worker thread: one pipeline call under the lock, then the outputs are saved."""
+        """The worker thread: one pipeline call under the lock, then the outputs are saved.
+
+        It alone decides how the request ended and records it: a finished answer is kept in the conversation; a
+        stopped or failed one, or one no longer shown (cleared, or replaced by a retry), is removed from it. A
+        stopped answer keeps the media rendered before the stop (saved and shown).
+        """
 
         def on_decode(modality: Modality, index: int, total: int) -> None:
-            if stop.is_set():
-                raise GenerationStopped("stopped by the user")
             events.put(("decode", (modality, index, total)))
 
-        before = len(conversation.turns)
+        output, error = None, None
+        stem = ""
         try:
             with self._lock:
-                if stop.is_set():
-                    raise GenerationStopped("stopped before it started")
+                conversation = session.conversation
                 before = len(conversation.turns)
-                stem = session.next_stem()
-                events.put(("start", None))
-                streamer = _QueueStreamer(self.pipe.tokenizer, events, stop)
-                output = self.pipe(
-                    exchange.text,
-                    images=media[Modality.IMAGE],
-                    audios=media[Modality.AUDIO],
-                    videos=media[Modality.VIDEO],
-                    conversation=conversation,
-                    streamer=streamer,
-                    on_decode=on_decode,
-                    show_progress=True,
-                    **kwargs,
-                )
-            saved = self.save_outputs(output, session.output_dir, stem)
-            events.put(("done", ((output, saved), True)))
-        except GenerationStopped:
-            # stopped while decoding: the exchange is in the conversation already; while writing: it is not
-            events.put(("stopped", (None, len(conversation.turns) > before)))
-        except (MediaError, ValueError, TypeError) as error:
-            events.put(("error", (error, len(conversation.turns) > before)))
-        except Exception as error:  # keep serving: report it in the chat, log the traceback
-            logger.exception("demo request failed")
-            message = RuntimeError(f"internal error: {type(error).__name__}: {error}")
-            events.put(("error", (message, len(conversation.turns) > before)))
+                try:
+                    if stop.is_set():
+                        raise GenerationStopped("stopped before it started")
+                    stem = session.next_stem()
+                    events.put(("start", None))
+                    output = self.pipe(
+                        exchange.text,
+                        images=media[Modality.IMAGE],
+                        audios=media[Modality.AUDIO],
+                        videos=media[Modality.VIDEO],
+                        conversation=conversation,
+                        streamer=_QueueStreamer(self.pipe.tokenizer, events, stop),
+                        on_decode=on_decode,
+                        should_stop=stop.is_set,
+                        show_progress=True,
+                        **kwargs,
+                    )
+                except GenerationStopped as stopped:
+                    logger.info("demo request %s", stopped)
+                except (MediaError, ValueError, TypeError) as failure:
+                    logger.warning("demo request failed: %s", failure)
+                    error = failure
+                except Exception as failure:  # keep serving: report it in the chat, log the traceback
+                    logger.exception("demo request failed")
+                    error = RuntimeError(f"internal error: {type(failure).__name__}: {failure}")
+                finally:
+                    # decided under the model lock: no other request has touched the conversation since
+                    with session.lock:
+                        added = conversation.turns[before:]
+                        keep = output is not None and not output.stopped and not error
+                        keep = keep and session.epoch == epoch and session._shows(exchange)
+                        if keep:
+                            exchange.turns, exchange.kept = tuple(added), True
+                        else:
+                            del conversation.turns[before:]
+                            exchange.turns, exchange.kept = (), False
+
+            saved: dict[str, list[Path]] = {"image": [], "video": [], "audio": []}
+            if output is not None and session.epoch == epoch:
+                try:
+                    saved = self.save_outputs(output, session.output_dir, stem)
+                except Exception as failure:
+                    if session.epoch == epoch:  # (a clear meanwhile removes the folder: nobody shows this reply)
+                        logger.exception("demo request: saving the outputs failed")
+                        error = RuntimeError(f"could not save the outputs: {type(failure).__name__}: {failure}")
+            self._finish(session, epoch, exchange, output, saved, error, start)
+        finally:
+            session._end(stop)
+            events.put(("end", None))
+
+    def _finish(
+        self,
+        session: ChatSession,
+        epoch: int,
+        exchange: Exchange,
+        output: Any,
+        saved: dict[str, list[Path]],
+        error: BaseException | None,
+        start: float,
+    ) -> None:
+        """Record the reply's end state (under the session lock)."""
+        reply = exchange.reply
+        with session.lock:
+            if session.epoch != epoch or not session._shows(exchange):  # cleared or retried: nobody shows it
+                for path in (p for paths in saved.values() for p in paths):
+                    path.unlink(missing_ok=True)
+                saved = {"image": [], "video": [], "audio": []}
+            if error is not None:
+                if exchange.kept:  # the outputs could not be saved: not a finished answer after all
+                    session._forget(exchange)
+                reply.error, reply.status = _user_message(error, exchange.files, self.output_dir), "error"
+            elif output is None or output.stopped:
+                reply.stopped, reply.status = True, "stopped"
+            else:
+                reply.status = f"done in {time.perf_counter() - start:.1f} s"
+            if output is not None:
+                reply.text = output.text
+                reply.images, reply.videos, reply.audios = saved["image"], saved["video"], saved["audio"]
+            reply.done = True
 
     @staticmethod
     def save_outputs(output, folder: Path, stem: str) -> dict[str, list[Path]]:
@@ -537,9 +722,12 @@ class ChatEngine:
         return saved
 
 
-def _drain(events: queue.Queue) -> list[tuple[str, Any]]:
-    """Wait for the next event, then take every event already queued behind it."""
-    items = [events.get()]
+def _drain(events: queue.Queue, timeout: float) -> list[tuple[str, Any]]:
+    """Wait up to ``timeout`` seconds for the next event, then take every event already queued behind it."""
+    try:
+        items = [events.get(timeout=timeout)]
+    except queue.Empty:
+        return []
     while True:
         try:
             items.append(events.get_nowait())

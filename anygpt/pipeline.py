@@ -57,6 +57,8 @@ class AnyGPTOutput:
         audios: generated waveforms (float32 and sample rate).
         token_ids: every token the LLM produced, signal groups included.
         conditioning: the output projector's conditioning per modality, (G, L, D) or (G, D).
+        stopped: the caller ended the call early while the media were rendered (``on_decode`` returned False or
+            ``should_stop`` returned True): the media rendered before are here, the others are missing.
     """
 
     text: str
@@ -65,6 +67,7 @@ class AnyGPTOutput:
     audios: list[Audio] = field(default_factory=list)
     token_ids: list[int] = field(default_factory=list)
     conditioning: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+    stopped: bool = False
 
 
 class AnyGPTPipeline:
@@ -357,12 +360,18 @@ class AnyGPTPipeline:
         num_frames: int | None,
         audio_seconds: float | None,
         show_progress: bool,
+        should_stop: Callable[[], bool] | None = None,
     ) -> list:
-        """Render conditioning with the modality's decoder (loaded on first use, then kept)."""
+        """Render conditioning with the modality's decoder (loaded on first use, then kept).
+
+        ``should_stop`` goes to ``Decoder.generate``, which checks it between denoising steps and raises
+        ``decoders.base.GenerationStopped`` when it returns True.
+        """
         decoder = self.decoders[modality]
         generator = None
         if seed is not None:
             generator = torch.Generator(device="cpu").manual_seed(seed)
+        extra = {} if should_stop is None else {"should_stop": should_stop}
         return decoder.generate(
             conditioning,
             num_inference_steps=num_inference_steps,
@@ -373,6 +382,7 @@ class AnyGPTPipeline:
             num_frames=num_frames,
             audio_seconds=audio_seconds,
             show_progress=show_progress,
+            **extra,
         )
 
     # ------------------------------------------------------------------ the call
@@ -399,7 +409,8 @@ class AnyGPTPipeline:
         show_progress: bool = True,
         decoder_overrides: Mapping[str | Modality, Mapping[str, Any]] | None = None,
         streamer: Any = None,
-        on_decode: Callable[[Modality, int, int], None] | None = None,
+        on_decode: Callable[[Modality, int, int], bool | None] | None = None,
+        should_stop: Callable[[], bool] | None = None,
     ) -> AnyGPTOutput:
         """Answer ``prompt`` (with optional media) with text and, as the LLM decides or as forced, media.
 
@@ -419,11 +430,17 @@ class AnyGPTPipeline:
                 decoder only (None keeps the shared value), e.g. ``{"image": {"num_inference_steps": 30}}``.
             streamer: a transformers streamer (``TextStreamer``, ``TextIteratorStreamer``) that receives the reply's
                 token ids as the LLM produces them (see ``generate_tokens``).
-            on_decode: called as ``on_decode(modality, index, total)`` before each decoder runs (progress reports);
-                an exception it raises stops the call.
+            on_decode: called as ``on_decode(modality, index, total)`` before each decoder runs (progress reports).
+                Returning False skips that decoder and the remaining ones: the call returns the media rendered so
+                far with ``stopped=True``. An exception it raises stops the call.
+            should_stop: checked before each decoder and, by the decoders, between denoising steps; when it
+                returns True the running decoder is abandoned and the call returns the media rendered so far with
+                ``stopped=True``. (It does not stop the LLM: give ``streamer`` a ``put`` that raises for that.)
 
         Returns:
-            ``AnyGPTOutput``.
+            ``AnyGPTOutput``. The conversation holds the user's turn and the reply (text and every signal group)
+            even when the media were ``stopped``; a caller that wants otherwise removes them
+            (``conversation.pop_last_exchange()``).
         """
         media = {Modality.IMAGE: _as_list(images), Modality.AUDIO: _as_list(audios), Modality.VIDEO: _as_list(videos)}
         settings = dict(
@@ -475,12 +492,25 @@ class AnyGPTPipeline:
         result = AnyGPTOutput(
             text=text, token_ids=generated, conditioning={m.value: c for m, c in conditioning.items()}
         )
+        from decoders.base import GenerationStopped  # lazily, as build_decoder in from_config
+
         for offset, (modality, cond) in enumerate(conditioning.items()):
-            if on_decode is not None:
-                on_decode(modality, offset, len(conditioning))
+            if should_stop is not None and should_stop():
+                result.stopped = True
+                break
+            if on_decode is not None and on_decode(modality, offset, len(conditioning)) is False:
+                result.stopped = True
+                break
             seed_m = None if seed is None else seed + offset
-            decoder_settings = {**settings, **overrides.get(modality, {})}
-            outputs = self.decode(modality, cond, seed=seed_m, show_progress=show_progress, **decoder_settings)
+            decoder_settings = {**settings, **overrides.get(modality, {}), "should_stop": should_stop}
+            try:
+                outputs = self.decode(modality, cond, seed=seed_m, show_progress=show_progress, **decoder_settings)
+            except GenerationStopped as stopped:
+                if should_stop is None:
+                    raise
+                logger.info("%s", stopped)
+                result.stopped = True
+                break
             {Modality.IMAGE: result.images, Modality.VIDEO: result.videos, Modality.AUDIO: result.audios}[
                 modality
             ].extend(outputs)

@@ -10,6 +10,7 @@ shape checks) lives here.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import re
 import time
@@ -31,6 +32,7 @@ __all__ = [
     "Decoder",
     "DecoderConfig",
     "DecoderSpec",
+    "GenerationStopped",
     "build_decoder",
     "decoder_class",
     "list_decoder_presets",
@@ -39,6 +41,10 @@ __all__ = [
 ]
 
 TINY_SOURCE = "tiny"
+
+
+class GenerationStopped(Exception):
+    """Raised when a caller's stop request ends a generation early (``Decoder.generate``'s ``should_stop``)."""
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -497,6 +503,7 @@ class Decoder(ABC):
         num_frames: int | None = None,
         audio_seconds: float | None = None,
         show_progress: bool = True,
+        should_stop: Callable[[], bool] | None = None,
     ) -> list[Any]:
         """Generate one output per row of ``prompt_embeds``.
 
@@ -514,6 +521,11 @@ class Decoder(ABC):
             num_frames: video frames.
             audio_seconds: audio length in seconds.
             show_progress: show the pipeline's progress bar.
+            should_stop: called before the first denoising step and after every step; when it returns True the
+                generation is abandoned (nothing is returned) and :class:`GenerationStopped` is raised. It goes to
+                the pipeline's ``callback_on_step_end`` (Stable Diffusion) or its older ``callback`` with
+                ``callback_steps=1`` (ZeroScope's ``TextToVideoSDPipeline``, AudioLDM); a pipeline with neither is
+                checked before it starts only.
 
         Returns:
             B outputs: ``PIL.Image.Image`` for images; :class:`anygpt.media.Video` (uint8 (T, H, W, 3), the
@@ -521,6 +533,7 @@ class Decoder(ABC):
 
         Raises:
             ValueError: when an embedding's shape does not match :attr:`spec`.
+            GenerationStopped: ``should_stop`` returned True.
         """
         self._check_shape(prompt_embeds, "prompt_embeds")
         batch = prompt_embeds.shape[0]
@@ -534,6 +547,11 @@ class Decoder(ABC):
         negative = negative.expand(batch, *negative.shape[1:]) if negative.shape[0] == 1 else negative
         pipe.set_progress_bar_config(disable=not show_progress)
         cfg = self.config
+        stop_kwargs = {}
+        if should_stop is not None:
+            if should_stop():
+                raise GenerationStopped(f"{self.kind} decoder stopped before its first step")
+            stop_kwargs = self._stop_callback(pipe, should_stop)
         output = pipe(
             prompt_embeds=prompt_embeds.to(**target),
             negative_prompt_embeds=negative,
@@ -547,8 +565,30 @@ class Decoder(ABC):
                 num_frames=_or_default(num_frames, cfg.num_frames),
                 audio_seconds=_or_default(audio_seconds, cfg.audio_seconds),
             ),
+            **stop_kwargs,
         )
         return self._outputs(pipe, output)
+
+    def _stop_callback(self, pipe: DiffusionPipeline, should_stop: Callable[[], bool]) -> dict[str, Any]:
+        """The pipeline arguments that call ``should_stop`` after every denoising step and raise when it is True."""
+        parameters = inspect.signature(pipe.__call__).parameters
+
+        def check(step: int) -> None:
+            if should_stop():
+                raise GenerationStopped(f"{self.kind} decoder stopped after denoising step {step + 1}")
+
+        if "callback_on_step_end" in parameters:
+
+            def on_step_end(_pipe: Any, step: int, _timestep: Any, callback_kwargs: dict[str, Any]) -> dict[str, Any]:
+                check(step)
+                return callback_kwargs
+
+            return {"callback_on_step_end": on_step_end}
+        if "callback" in parameters:
+            extra = {"callback_steps": 1} if "callback_steps" in parameters else {}
+            return {"callback": lambda step, _timestep, _latents: check(step), **extra}
+        logger.debug("%s pipeline takes no step callback: should_stop is checked before it starts only", self.kind)
+        return {}
 
     def empty_caption_embedding(self) -> torch.Tensor:
         """``encode_captions([""])``, computed once per load: the default negative conditioning, (1, ...).

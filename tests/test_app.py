@@ -7,6 +7,7 @@ import importlib.util
 import queue
 import socket
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -18,7 +19,7 @@ import pytest
 import torch
 from PIL import Image
 
-from anygpt.demo import ChatEngine, GenerationSettings, _QueueStreamer, check_upload
+from anygpt.demo import ChatEngine, GenerationSettings, GenerationStopped, _QueueStreamer, _user_message, check_upload
 from anygpt.media import MediaError, load_audio, load_image, load_video
 from anygpt.modality import Modality
 
@@ -50,7 +51,7 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def running_app(pipe, output_dir: Path, **engine_kwargs) -> Iterator[tuple[str, ChatEngine]]:
+def running_app(pipe, output_dir: Path, serve_kwargs=None, **engine_kwargs) -> Iterator[tuple[str, ChatEngine]]:
     """The demo served on a free loopback port, as ``app.main`` serves it; yields its URL and engine."""
     app = load_app_module()
     with pytest.MonkeyPatch.context() as env:
@@ -58,17 +59,62 @@ def running_app(pipe, output_dir: Path, **engine_kwargs) -> Iterator[tuple[str, 
             env.setenv(key, value)
         engine = ChatEngine(pipe, output_dir, **engine_kwargs)
         port = free_port()
-        demo = app.serve(engine, port=port, prevent_thread_lock=True, note=app.model_note("tiny"))
+        demo = app.serve(
+            engine, port=port, prevent_thread_lock=True, note=app.model_note("tiny"), **(serve_kwargs or {})
+        )
         try:
             yield f"http://127.0.0.1:{port}/", engine
         finally:
             demo.close()
 
 
+@contextlib.contextmanager
+def held_decoder(pipe, modality: Modality, *, honour_stop: bool = True) -> Iterator[threading.Event]:
+    """The modality's decoder holds (a long render) until the yielded event is set; it checks ``should_stop``
+    meanwhile, as the real decoders do between denoising steps, unless ``honour_stop`` is False (a stuck step)."""
+    release = threading.Event()
+    decoder = pipe.decoders[modality]
+    real = decoder.generate
+
+    def generate(conditioning, **kwargs):
+        should_stop, deadline = kwargs.get("should_stop"), time.monotonic() + 60
+        while not release.wait(0.02):
+            if honour_stop and should_stop is not None and should_stop():
+                raise GenerationStopped("stopped while held")
+            if time.monotonic() > deadline:  # a test that never stops nor releases it fails instead of hanging
+                raise RuntimeError("held decoder: neither stopped nor released within 60 s")
+        return real(conditioning, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(decoder, "generate", generate)
+        try:
+            yield release
+        finally:
+            release.set()
+
+
+def wait_for(condition, timeout: float = 30, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while not (value := condition()):
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)
+    return value
+
+
 @pytest.fixture(scope="module")
 def served(tiny_pipe, tmp_path_factory):
     with running_app(tiny_pipe, tmp_path_factory.mktemp("demo-out"), max_upload_bytes=UPLOAD_LIMIT) as server:
         yield server
+
+
+@pytest.fixture()
+def sessions(served, monkeypatch) -> list:
+    """The ``ChatSession`` objects the served engine creates during the test, in order."""
+    engine = served[1]
+    created = []
+    real = engine.new_session
+    monkeypatch.setattr(engine, "new_session", lambda: created.append(real()) or created[-1])
+    return created
 
 
 @pytest.fixture()
@@ -91,7 +137,7 @@ def last_reply(history: list[dict]) -> tuple[str, list[str]]:
 
 
 # ---------------------------------------------------------------------------------------------------- over the API
-def test_two_turns_with_an_image_then_forced_media(served, client, media_files, monkeypatch, tiny_pipe):
+def test_two_turns_with_an_image_then_forced_media(served, client, sessions, media_files, monkeypatch, tiny_pipe):
     from gradio_client import handle_file
 
     _, engine = served
@@ -118,7 +164,9 @@ def test_two_turns_with_an_image_then_forced_media(served, client, media_files, 
     )
     assert status.startswith("done") and len(history) == 6
     text, files = last_reply(history)
-    assert isinstance(text, str)
+    (session,) = sessions
+    assert [t.role for t in session.conversation.turns] == ["user", "assistant"] * 3
+    assert text == load_app_module()._printable(session.conversation.turns[-1].text)  # shown = what the model said
     kinds = {Path(f).suffix: Path(f) for f in files}
     assert set(kinds) == {".png", ".mp4", ".wav"}
     assert load_image(kinds[".png"]).size == (64, 64)
@@ -128,11 +176,14 @@ def test_two_turns_with_an_image_then_forced_media(served, client, media_files, 
     # the image was encoded once for the whole conversation, not every turn
     assert encoded == [(Modality.IMAGE, 1)]
     # the files were written in a per-session folder of the output folder
-    written = sorted(p.name for p in engine.sessions_dir.glob("*/turn-*"))
-    assert {"turn-0003_image0.png", "turn-0003_video0.mp4", "turn-0003_audio0.wav"} <= set(written)
+    written = sorted(p.name for p in session.output_dir.glob("turn-*"))
+    assert written == ["turn-0003_audio0.wav", "turn-0003_image0.png", "turn-0003_video0.mp4"]
+    # served where they were written: Gradio made no copy of them in its cache (the output folder)
+    copies = [p for p in engine.output_dir.rglob("turn-*") if not p.is_relative_to(engine.sessions_dir)]
+    assert copies == []
 
 
-def test_bad_uploads_are_answered_in_the_chat_and_the_app_keeps_serving(client, tmp_path, media_files):
+def test_bad_uploads_are_answered_in_the_chat_and_the_app_keeps_serving(served, client, tmp_path, media_files):
     from gradio_client import handle_file
 
     not_an_image = tmp_path / "notes.png"
@@ -152,7 +203,7 @@ def test_bad_uploads_are_answered_in_the_chat_and_the_app_keeps_serving(client, 
         )
         text, files = last_reply(history)
         assert status == "error" and text.startswith("⚠️") and error in text and not files
-        assert str(tmp_path) not in text  # no server paths in messages
+        assert str(tmp_path) not in text and str(served[1].output_dir) not in text  # no paths in messages
 
     history, _, status = client.predict(
         message={"text": "fine", "files": [handle_file(str(media_files["audio"]))]}, **FAST, api_name="/chat"
@@ -160,28 +211,59 @@ def test_bad_uploads_are_answered_in_the_chat_and_the_app_keeps_serving(client, 
     assert status.startswith("done") and len(history) == 8
 
 
-def test_retry_replaces_the_last_answer_and_clear_forgets(client):
+def test_retry_replaces_the_last_answer_and_clear_forgets(client, sessions):
     client.predict(message={"text": "first", "files": []}, **FAST, api_name="/chat")
     history, _, _ = client.predict(message={"text": "second", "files": []}, **FAST, api_name="/chat")
-    assert len(history) == 4
+    (session,) = sessions
+    turns = session.conversation.turns
+    assert len(history) == 4 and [(t.role, t.text) for t in turns[::2]] == [("user", "first"), ("user", "second")]
+    first_answer, second_answer = turns[1], turns[3]
+
     history, status = client.predict(outputs=["image"], **FAST, api_name="/retry")
     assert len(history) == 4 and history[2]["content"][0]["text"] == "second" and status.startswith("done")
     assert [Path(f).suffix for f in last_reply(history)[1]] == [".png"]
+    turns = session.conversation.turns  # the second exchange replaced, not repeated
+    assert [(t.role, t.text) for t in turns[::2]] == [("user", "first"), ("user", "second")] and len(turns) == 4
+    assert turns[1] is first_answer and turns[3] is not second_answer and session.exchanges[-1].turns == (*turns[2:],)
+    assert session.output_dir.is_dir()
+
     history, status = client.predict(api_name="/clear")
     assert history == [] and status == ""
+    assert session.conversation.turns == [] and session.exchanges == []
+    assert not session.output_dir.exists()  # Clear removes the session's files
     history, _, _ = client.predict(message={"text": "again", "files": []}, **FAST, api_name="/chat")
-    assert len(history) == 2
+    assert len(history) == 2 and [t.text for t in session.conversation.turns[::2]] == ["again"]
 
 
-def test_stop_ends_a_running_answer(client):
+def test_stop_ends_a_running_answer(client, sessions):
     job = client.submit(message={"text": "talk a lot", "files": []}, max_new_tokens=1024, api_name="/chat")
     deadline = time.monotonic() + 30
     while not any(len(out[0]) == 2 and last_reply(out[0])[0] for out in job.outputs()):  # wait for streamed text
         assert time.monotonic() < deadline and not job.done()
         time.sleep(0.05)
-    assert client.predict(api_name="/stop") == "stopping"  # not held back by the running request
+    history, status = client.predict(api_name="/stop")  # not held back by the running request
+    note = load_app_module().STOPPED_NOTE
+    assert status == "stopped" and last_reply(history)[0].endswith(note)
     history, _, status = job.result(timeout=30)
-    assert status == "stopped" and last_reply(history)[0].endswith("_(stopped)_")
+    assert status == "stopped" and last_reply(history)[0].endswith(note)
+    assert sessions[0].conversation.turns == []  # a stopped answer is not in the model's context
+
+
+def test_cancelling_while_media_render_then_retry_keeps_one_question(client, sessions, tiny_pipe):
+    with held_decoder(tiny_pipe, Modality.AUDIO):
+        job = client.submit(message={"text": "q", "files": []}, outputs=["image", "audio"], **FAST, api_name="/chat")
+        wait_for(lambda: any(out[2].startswith("rendering audio") for out in job.outputs()), what="rendering audio")
+        job.cancel()  # the event's generator goes away: the worker is stopped, and records the end itself
+        (session,) = sessions
+        wait_for(lambda: not session.busy, timeout=10, what="the request to end")
+    reply = session.exchanges[-1].reply
+    assert reply.done and reply.stopped and not session.exchanges[-1].kept and session.conversation.turns == []
+    assert [p.suffix for p in reply.files] == [".png"]  # what was rendered before the stop is kept and shown
+    for _ in range(2):
+        history, status = client.predict(outputs=[], **FAST, api_name="/retry")
+        assert status.startswith("done") and len(history) == 2
+    assert [(t.role, t.text) for t in session.conversation.turns][::2] == [("user", "q")]
+    assert len(session.conversation.turns) == 2 and len(session.exchanges) == 1
 
 
 def test_serves_no_file_outside_its_output_folder(served, client):
@@ -196,9 +278,42 @@ def test_serves_no_file_outside_its_output_folder(served, client):
     ]:
         response = httpx.get(f"{url}gradio_api/file={path}", timeout=10)
         assert response.status_code == code, path
-    # Gradio's own upload cache lies inside the output folder too
-    uploads = engine.output_dir / "gradio" / "cache"
-    assert uploads.is_dir() and any(uploads.rglob("*.png"))
+    # ".." and percent-encoded traversal out of the output folder, sent exactly as written (no client normalising)
+    out, up = engine.output_dir, "/..".join([""] * (len(engine.output_dir.parts) + 1))
+    for target in [
+        f"{generated.parent}/../../../{REPO.name}/app.py",
+        f"{out}{up}/etc/passwd",
+        f"{out}{up.replace('..', '%2e%2e')}/etc/passwd",
+        f"{out}{up.replace('/', '%2f')}%2fetc%2fpasswd",
+        f"{generated.parent}%2f..%2f..%2f..%2f..%2f..%2f..%2fetc%2fpasswd",
+    ]:
+        status = raw_get_status(url, f"/gradio_api/file={target}")
+        assert status in (403, 404), target
+    # Gradio's own upload cache is the output folder: uploads are served from there
+    assert any(p.suffix == ".png" and not p.is_relative_to(engine.sessions_dir) for p in out.rglob("*"))
+    assert load_app_module().launch_options(engine, host="127.0.0.1", port=1, share=False)["allowed_paths"] == [
+        str(engine.sessions_dir)
+    ]
+
+
+def raw_get_status(url: str, path: str) -> int:
+    """The status of a GET of ``path`` sent byte for byte (http.client does not resolve ``..`` nor decode)."""
+    import http.client
+
+    address = httpx.URL(url)
+    connection = http.client.HTTPConnection(address.host, address.port, timeout=10)
+    try:
+        connection.request("GET", path)
+        return connection.getresponse().status
+    finally:
+        connection.close()
+
+
+def test_rest_routes_do_not_skip_the_queue(served):
+    url, _ = served
+    data = [{"text": "x", "files": []}, ["auto"], 0.0, 1.0, 2, 2, 7.5, 2, 7.5, 8, 2, 2.5, 1.0, 0]
+    response = httpx.post(f"{url}gradio_api/run/chat", json={"data": data}, timeout=10)
+    assert response.status_code == 404 and "join the queue" in response.text
 
 
 def test_a_request_cannot_name_a_server_file(served, media_files):
@@ -210,7 +325,7 @@ def test_a_request_cannot_name_a_server_file(served, media_files):
     assert "event: error" in answer and "not uploaded by a user" in answer
 
 
-def test_launch_options_bind_loopback_and_allow_only_the_output_folder(tmp_path, tiny_pipe):
+def test_launch_options_bind_loopback_and_allow_only_the_output_folder(tmp_path, tiny_pipe, monkeypatch):
     app = load_app_module()
     args = app.parse_args([])
     assert (args.host, args.port, args.share, args.output_dir, args.model) == ("127.0.0.1", 7860, False, None, "tiny")
@@ -218,10 +333,72 @@ def test_launch_options_bind_loopback_and_allow_only_the_output_folder(tmp_path,
     engine = ChatEngine(tiny_pipe, tmp_path / "out")
     options = app.launch_options(engine, host=args.host, port=args.port, share=args.share)
     assert options["server_name"] == "127.0.0.1" and options["share"] is False
-    assert options["allowed_paths"] == [str((tmp_path / "out").resolve())]
+    assert options["allowed_paths"] == [str((tmp_path / "out").resolve() / "sessions")]
     env = app.gradio_environment(tmp_path / "out")
     assert env["GRADIO_ANALYTICS_ENABLED"] == "False"
-    assert Path(env["GRADIO_TEMP_DIR"]).is_relative_to((tmp_path / "out").resolve())
+    assert env["GRADIO_TEMP_DIR"] == str((tmp_path / "out").resolve())  # outputs are in Gradio's cache: no copies
+    # the default output folder is temporary: removed at exit; a given one is kept
+    at_exit = []
+    monkeypatch.setattr(app.atexit, "register", lambda fn, *a, **k: at_exit.append(lambda: fn(*a, **k)))
+    monkeypatch.setattr(app, "default_output_dir", lambda: Path(tempfile.mkdtemp(dir=tmp_path)))
+    assert app.output_folder(str(tmp_path / "mine")) == tmp_path / "mine" and at_exit == []
+    with pytest.raises(ValueError, match="holds other files"):  # the page would serve them
+        app.output_folder(REPO)
+    assert app.output_folder(engine.output_dir) == engine.output_dir  # one the demo used (sessions/) is fine
+    temporary = app.output_folder(None)
+    (temporary / "sessions").mkdir()
+    assert temporary.is_dir() and len(at_exit) == 1
+    at_exit[0]()
+    assert not temporary.exists()
+    assert app.build_app(engine).delete_cache == app.CACHE_SWEEP  # Gradio sweeps the files it served
+
+
+# ---------------------------------------------------------------------------------------------------- a full queue
+@pytest.fixture(scope="module")
+def small(tiny_pipe, tmp_path_factory):
+    """The demo with room for one waiting request, and sessions that end 2 s after their last update."""
+    options = dict(queue_size=1, session_ttl=2)
+    with running_app(tiny_pipe, tmp_path_factory.mktemp("demo-small"), serve_kwargs=options) as server:
+        yield server
+
+
+def test_stop_and_clear_work_with_a_full_queue_and_stop_a_queued_first_message(small, tiny_pipe, tmp_path):
+    from gradio_client import Client
+
+    url, engine = small
+    a, b, c = (Client(url, verbose=False, download_files=str(tmp_path / n)) for n in "abc")
+    with held_decoder(tiny_pipe, Modality.IMAGE) as release:
+        running = a.submit(message={"text": "draw", "files": []}, outputs=["image"], **FAST, api_name="/chat")
+        wait_for(lambda: any(out[2].startswith("rendering") for out in running.outputs()), what="a running request")
+        queued = b.submit(message={"text": "first message", "files": []}, outputs=[], **FAST, api_name="/chat")
+        wait_for(lambda: queued.status().code.name == "IN_QUEUE", what="a queued request")
+        with pytest.raises(Exception, match="(?i)queue is full"):
+            c.predict(message={"text": "no room", "files": []}, **FAST, api_name="/chat")
+        # the queue is full, yet Stop and Clear answer at once (they bypass it)
+        started = time.monotonic()
+        assert b.predict(api_name="/stop") == ([], "")  # b's session starts here, stopped; its message still waits
+        assert c.predict(api_name="/clear") == ([], "")
+        assert time.monotonic() - started < 5 and not running.done()
+        release.set()
+        assert running.result(timeout=30)[2].startswith("done")
+    history, _, status = queued.result(timeout=30)  # the stop pressed while it waited was not lost
+    assert status == "stopped" and [m["role"] for m in history] == ["user", "assistant"]
+    assert last_reply(history)[0] == load_app_module().STOPPED_NOTE  # stopped before the model saw it
+    # and b's next message runs normally
+    history, _, status = b.predict(message={"text": "now", "files": []}, outputs=[], **FAST, api_name="/chat")
+    assert status.startswith("done") and len(history) == 4
+
+
+def test_a_session_ends_after_its_time_to_live(small, tmp_path):
+    from gradio_client import Client
+
+    url, engine = small
+    client = Client(url, verbose=False, download_files=str(tmp_path))
+    before = set(engine.sessions_dir.glob("*"))
+    client.predict(message={"text": "x", "files": []}, outputs=["image"], **FAST, api_name="/chat")
+    (folder,) = set(engine.sessions_dir.glob("*")) - before
+    assert any(folder.glob("*.png"))
+    wait_for(lambda: not folder.exists(), timeout=15, what="the expired session's folder to be removed")
 
 
 # ---------------------------------------------------------------------------------------------------- the engine
@@ -243,6 +420,87 @@ def test_stop_ends_the_text_at_once_and_keeps_the_session_usable(tiny_pipe, tmp_
     assert session.exchanges[-1].reply.status.startswith("done") and len(session.conversation.turns) == 2
     session.clear()
     assert session.exchanges == [] and session.conversation.turns == []
+
+
+def test_a_stop_sent_before_a_request_starts_is_not_lost(tiny_pipe, tmp_path):
+    engine = ChatEngine(tiny_pipe, tmp_path)
+    session = engine.new_session()
+    sent = time.monotonic()  # the request is sent (and waits in a queue) ...
+    session.stop()  # ... the user presses Stop ...
+    for _ in engine.respond(session, "hi", [], GenerationSettings(max_new_tokens=4), submitted_at=sent):
+        pass  # ... then it starts: it ends as stopped, without running the model
+    assert session.exchanges[-1].reply.stopped and session.exchanges[-1].reply.text == ""
+    assert session.conversation.turns == [] and not session.busy
+    for _ in engine.respond(session, "again", [], GenerationSettings(max_new_tokens=4)):  # sent after the stop
+        pass
+    assert session.exchanges[-1].reply.status.startswith("done") and len(session.conversation.turns) == 2
+    sent = time.monotonic()
+    session.clear()  # a request sent before a clear is dropped
+    assert list(engine.respond(session, "old", [], GenerationSettings(max_new_tokens=4), submitted_at=sent)) == []
+    assert session.exchanges == []
+
+
+def test_stop_between_decoders_keeps_the_media_rendered_before(tiny_pipe, tmp_path):
+    app = load_app_module()
+    engine = ChatEngine(tiny_pipe, tmp_path)
+    session = engine.new_session()
+    settings = GenerationSettings(modalities=["image", "audio"], max_new_tokens=4, steps={"image": 1, "audio": 1})
+    with held_decoder(tiny_pipe, Modality.AUDIO):
+        for exchange in engine.respond(session, "draw and sing", [], settings):
+            if exchange.reply.status.startswith("rendering audio"):
+                session.stop()
+    exchange = session.exchanges[-1]
+    reply = exchange.reply
+    assert reply.done and reply.stopped and reply.status == "stopped"
+    assert [p.suffix for p in reply.files] == [".png"] and reply.images[0].is_file()  # saved and shown
+    # the conversation holds finished answers only: this one is shown as stopped, and the model will not see it
+    assert not exchange.kept and session.conversation.turns == []
+    content = app.to_messages(session.exchanges)[-1]["content"]
+    assert content[0].endswith(app.STOPPED_NOTE) and content[1] == {"path": str(reply.images[0])}
+
+
+def test_a_stuck_decoder_does_not_hold_the_reply(tiny_pipe, tmp_path):
+    engine = ChatEngine(tiny_pipe, tmp_path)
+    engine.stop_grace_s = 0.3
+    session = engine.new_session()
+    settings = GenerationSettings(modalities=["image"], max_new_tokens=4, steps={"image": 1})
+    with held_decoder(tiny_pipe, Modality.IMAGE, honour_stop=False) as release:
+        started = None
+        for exchange in engine.respond(session, "x", [], settings):
+            if exchange.reply.status.startswith("rendering") and started is None:
+                started = time.monotonic()
+                session.stop()
+        assert time.monotonic() - started < 3  # the reply returned, though the decoder ignores the stop
+        reply = session.exchanges[-1].reply
+        assert not reply.done and reply.status.startswith("stopping") and session.busy
+        release.set()
+        wait_for(lambda: not session.busy, timeout=10, what="the worker to end")
+    # the worker recorded the end itself: the decoder stopped after its (long) step; nothing of it is kept
+    assert reply.done and reply.stopped and reply.files == [] and session.conversation.turns == []
+
+
+def test_error_messages_show_no_server_paths(tiny_pipe, tmp_path, monkeypatch):
+    upload = tmp_path / "up" / "cat.png"
+    message = _user_message(
+        OSError(f"cannot read {upload} nor {tmp_path}/sessions/x/turn.png nor /etc/secret/key (1/2) http://a/b"),
+        [upload],
+        tmp_path,
+    )
+    assert message == "cannot read cat.png nor <output>/sessions/x/turn.png nor key (1/2) http://a/b"
+    engine = ChatEngine(tiny_pipe, tmp_path / "out")
+    session = engine.new_session()
+
+    def fail(output, folder, stem):
+        raise OSError(f"No space left on device: {folder / stem}.png")
+
+    monkeypatch.setattr(engine, "save_outputs", fail)
+    settings = GenerationSettings(modalities=["image"], max_new_tokens=4, steps={"image": 1})
+    for _ in engine.respond(session, "x", [], settings):
+        pass
+    reply = session.exchanges[-1].reply
+    assert reply.status == "error" and "No space left on device" in reply.error
+    assert str(tmp_path) not in reply.error and "<output>/sessions/" in reply.error
+    assert session.conversation.turns == []  # not a finished answer: not kept
 
 
 def test_text_streams_in_pieces_without_signal_tokens(tiny_pipe):
@@ -340,3 +598,35 @@ def test_pipeline_streamer_receives_the_reply_tokens(tiny_pipe):
     assert received[-1] == "end"
     streamed = [i for ids in received[1:-1] for i in ids]  # the first put is the (empty) prompt
     assert streamed[: len(out.token_ids)] == out.token_ids
+
+
+def test_decoders_stop_between_denoising_steps(tiny_pipe):
+    for modality, decoder in tiny_pipe.decoders.items():
+        asked = []
+
+        def should_stop(asked=asked) -> bool:
+            asked.append(1)
+            return len(asked) > 2  # before the first step, after step 1: go on; after step 2: stop
+
+        conditioning = torch.zeros(1, *decoder.spec.cond_shape)
+        with pytest.raises(GenerationStopped, match="stopped after denoising step 2"):
+            decoder.generate(conditioning, num_inference_steps=5, show_progress=False, should_stop=should_stop)
+        assert len(asked) == 3, modality
+        with pytest.raises(GenerationStopped, match="before its first step"):
+            decoder.generate(conditioning, num_inference_steps=5, show_progress=False, should_stop=lambda: True)
+
+
+def test_pipeline_returns_the_media_rendered_before_a_stop(tiny_pipe):
+    from anygpt.conversation import Conversation
+
+    common = dict(modalities="image,audio", max_new_tokens=2, num_inference_steps=1, show_progress=False, seed=0)
+    conversation = Conversation()
+    out = tiny_pipe("x", conversation=conversation, on_decode=lambda m, i, n: i == 0, **common)  # False: skip
+    assert out.stopped and len(out.images) == 1 and out.audios == []
+    assert len(conversation.turns) == 2  # the pipeline keeps the exchange; the demo removes a stopped one
+
+    rendered = []
+    out = tiny_pipe("x", on_decode=lambda m, i, n: rendered.append(m), should_stop=lambda: bool(rendered[1:]), **common)
+    assert out.stopped and len(out.images) == 1 and out.audios == [] and rendered == [Modality.IMAGE, Modality.AUDIO]
+    out = tiny_pipe("x", should_stop=lambda: False, **common)
+    assert not out.stopped and len(out.images) == 1 and len(out.audios) == 1

@@ -11,7 +11,9 @@ import shutil
 from pathlib import Path
 
 import pytest
-from test_app import running_app
+from test_app import held_decoder, running_app
+
+from anygpt.modality import Modality
 
 CHROMIUM = next((p for p in ("/usr/bin/chromium", shutil.which("chromium") or "") if p and os.path.exists(p)), None)
 if CHROMIUM is None:
@@ -91,3 +93,18 @@ def test_a_bad_upload_shows_an_error_in_the_chat(page, tmp_path):
     page.wait_for_selector(f"{BOT} :text('cannot read audio broken.wav')")
     page.click("#clear")
     page.wait_for_function("document.querySelectorAll('#chat [data-testid=bot]').length == 0")
+
+
+def test_stop_ends_a_rendering_answer_and_shows_it(page, tiny_pipe):
+    page.get_by_label("auto").uncheck()
+    for modality in ("image", "video", "audio"):
+        page.get_by_label(modality, exact=True).set_checked(modality == "image")
+    with held_decoder(tiny_pipe, Modality.IMAGE):  # a long render, stopped between its steps
+        send(page, "draw something slow")
+        page.wait_for_function("document.querySelector('#status').innerText.includes('rendering image')")
+        page.click("#stop")
+        page.wait_for_selector(f"{BOT} >> text=stopped: not part of the conversation")
+        page.wait_for_function("document.querySelector('#status').innerText.trim() == 'stopped'")
+    send(page, "and now?")  # the page keeps working after a stop
+    page.wait_for_function("document.querySelector('#status').innerText.includes('done')")
+    assert page.locator("#chat [data-testid=user]").count() == 2
