@@ -177,9 +177,13 @@ class MediaFeatureCache:
         import encoders.transforms
 
         self.encoder = encoder
-        preprocessing = code_fingerprint(encoders.transforms, anygpt.media)
-        self.fingerprint = module_fingerprint({**encoder.config.to_dict(), "preprocessing": preprocessing}, encoder)
-        folder = Path(root) / f"encoder-{self.fingerprint}" if root is not None else None
+        self.fingerprint = None  # without a cache folder nothing is stored: no need to hash the encoder's weights
+        folder = None
+        if root is not None:
+            preprocessing = code_fingerprint(encoders.transforms, anygpt.media)
+            config = {**encoder.config.to_dict(), "preprocessing": preprocessing}
+            self.fingerprint = module_fingerprint(config, encoder)
+            folder = Path(root) / f"encoder-{self.fingerprint}"
         self.store = _ShardStore(folder)
         self.load = load or self._default_load
         self.batch_size = batch_size

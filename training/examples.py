@@ -15,10 +15,9 @@ import torch
 
 from anygpt.conversation import get_template
 from anygpt.modality import Modality
-from training.data.records import PLACEHOLDERS, MediaFile, OutputMedia, Pair, Record, Sample, Turn
+from training.data.records import PLACEHOLDERS, MediaFile, OutputMedia, Pair, Record, Sample, Turn, split_placeholders
 
 IGNORE_INDEX = -100
-_BY_PLACEHOLDER = {v: k for k, v in PLACEHOLDERS.items()}
 
 
 @dataclass
@@ -61,23 +60,6 @@ def pair_to_sample(pair: Pair, task: str, caption_prompts: list[str]) -> Sample:
     return Sample(pair.dataset, pair.index, turns)
 
 
-def _split_placeholders(text: str) -> list[str | Modality]:
-    """``"a <image> b"`` -> ``["a ", Modality.IMAGE, " b"]``."""
-    parts: list[str | Modality] = []
-    rest = text
-    while rest:
-        hits = [(rest.find(tag), tag) for tag in _BY_PLACEHOLDER if rest.find(tag) >= 0]
-        if not hits:
-            parts.append(rest)
-            break
-        pos, tag = min(hits)
-        if pos:
-            parts.append(rest[:pos])
-        parts.append(_BY_PLACEHOLDER[tag])
-        rest = rest[pos + len(tag) :]
-    return parts
-
-
 def _tidy(text: str) -> str:
     """Text whose placeholders were taken out: no doubled spaces, no leading or trailing whitespace."""
     lines = [" ".join(line.split()) for line in text.strip().splitlines()]
@@ -118,14 +100,14 @@ class ExampleBuilder:
                     out.append((item, False))
                 if turn.inputs:
                     out.append(("\n", False))
-                text = "".join(p for p in _split_placeholders(turn.text) if not isinstance(p, Modality))
+                text = "".join(p for p in split_placeholders(turn.text) if not isinstance(p, Modality))
                 out.append((_tidy(text) if turn.inputs else turn.text, False))
                 out.append((tpl.sep, False))
             else:
                 out.append((tpl.assistant, False))
                 outputs = iter(turn.outputs)
                 first = True
-                for part in _split_placeholders(turn.text):
+                for part in split_placeholders(turn.text):
                     if isinstance(part, Modality):  # (a str enum: test it first)
                         out.append((next(outputs), True))
                     else:

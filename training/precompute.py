@@ -8,7 +8,6 @@ from tqdm.auto import tqdm
 
 from training.cache import CaptionEmbeddingCache, MediaFeatureCache
 from training.config import TrainConfig
-from training.examples import ExampleBuilder
 
 logger = logging.getLogger(__name__)
 
@@ -27,12 +26,7 @@ def precompute(config: TrainConfig, *, start: str | None = None, chunk: int = 64
     model = pipe.model
     device = trainer.accelerator.device
     model.encoder.to(device)
-    builder = ExampleBuilder(
-        model,
-        max_length=config.data.max_length,
-        pair_task=trainer.pair_task,
-        caption_prompts=config.data.caption_prompts,
-    )
+    builder = trainer.example_builder(model)
     trainer.model, trainer.builder = model, builder
     trainer.check_compatible(data)
     media_cache = MediaFeatureCache(config.cache_dir, model.encoder)

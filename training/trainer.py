@@ -202,6 +202,13 @@ class StageTrainer:
             pipe.model.load_trained(source, parts)
         return pipe
 
+    def example_builder(self, model) -> ExampleBuilder:
+        """The stage's ``ExampleBuilder`` for ``model`` (length, pair task and prompts from the config)."""
+        data = self.config.data
+        return ExampleBuilder(
+            model, max_length=data.max_length, pair_task=self.pair_task, caption_prompts=data.caption_prompts
+        )
+
     def read_data(self) -> Loaded:
         from training.data.readers import DatasetError, read_dataset
 
@@ -223,7 +230,7 @@ class StageTrainer:
         """Every dataset fits the model and the stage: modalities, caption-embedding shapes, something to learn."""
         model = self.model
         source = self.config.source
-        produces = False
+        produces = target_media = False
         for name, recs in zip(data.names, data.records, strict=True):
             for rec in recs:
                 sample = pair_to_sample(rec, self.pair_task, ["x"]) if isinstance(rec, Pair) else rec
@@ -239,14 +246,14 @@ class StageTrainer:
                         f"{source}: dataset {name} asks for {sorted(outputs - set(model.output_projectors))[0]} "
                         f"outputs, but the model produces only {list(model.output_projectors)}"
                     )
-            example = self.builder.build(recs[0])
-            for rec in recs[: min(len(recs), 64)]:
-                ex = self.builder.build(rec)
+            examples = [self.builder.build(rec) for rec in recs[:64]]  # tokenised once, for every check below
+            for ex in examples:
                 for out in ex.outputs:
                     if out.caption_embedding is not None:
                         self._check_embedding_file(name, out)
+                    target_media = target_media or (out.media is not None and out.media.path.is_file())
                 produces = produces or bool(ex.outputs)
-            if all(label == -100 for label in example.labels):
+            if all(label == -100 for label in examples[0].labels):
                 raise ConfigError(
                     f"{source}: dataset {name}: its first example has no supervised token after cutting to "
                     f"data.max_length {self.config.data.max_length}; raise max_length"
@@ -262,12 +269,7 @@ class StageTrainer:
                 f"{source}: loss.caption_embedding_weight is 0 and loss.diffusion is off: nothing would train the "
                 "output projectors"
             )
-        if loss.diffusion.enabled and not any(
-            o.media is not None and o.media.path.is_file()
-            for recs in data.records
-            for rec in recs[:64]
-            for o in self.builder.build(rec).outputs
-        ):
+        if loss.diffusion.enabled and not target_media:
             raise ConfigError(
                 f"{source}: loss.diffusion.enabled needs the target media files of generated items, and the "
                 "datasets name none that exist"
@@ -297,12 +299,7 @@ class StageTrainer:
         self.model = self.pipe.model
         self.decoders = self.pipe.decoders
         self.token_rows = apply_trainable(self.model, self.trainable)
-        self.builder = ExampleBuilder(
-            self.model,
-            max_length=config.data.max_length,
-            pair_task=self.pair_task,
-            caption_prompts=config.data.caption_prompts,
-        )
+        self.builder = self.example_builder(self.model)
         self.check_compatible(self.data)
 
         acc = self.accelerator

@@ -74,15 +74,24 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
 from anygpt.modality import MEDIA_MODALITIES, Modality
-from training.data.records import PLACEHOLDERS, DatasetSpec, MediaFile, OutputMedia, Pair, Record, Sample, Turn
+from training.data.records import (
+    MODALITY_OF_PLACEHOLDER,
+    PLACEHOLDER_PATTERN,
+    PLACEHOLDERS,
+    DatasetSpec,
+    MediaFile,
+    OutputMedia,
+    Pair,
+    Record,
+    Sample,
+    Turn,
+)
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["DatasetError", "detect_format", "list_formats", "read_dataset"]
 
 _ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
-_PLACEHOLDER_RE = re.compile("|".join(re.escape(p) for p in PLACEHOLDERS.values()))
-_BY_PLACEHOLDER = {p: m for m, p in PLACEHOLDERS.items()}
 # MosIT media tags, e.g. " <Image>mosit_i_0000000_00.jpg</Image>" (leading blanks kept in group 1).
 _MOSIT_TAG_RE = re.compile(r"([ \t]*)<(image|video|audio)>(.*?)</\2>", re.IGNORECASE | re.DOTALL)
 
@@ -119,7 +128,7 @@ def _describe(value: Any) -> str:
 
 def _placeholder_sequence(text: str) -> list[Modality]:
     """The modalities of the placeholders in ``text``, in order of appearance."""
-    return [_BY_PLACEHOLDER[m.group(0)] for m in _PLACEHOLDER_RE.finditer(text)]
+    return [MODALITY_OF_PLACEHOLDER[m.group(0)] for m in PLACEHOLDER_PATTERN.finditer(text)]
 
 
 class _Source:

@@ -15,12 +15,29 @@ the order of ``Turn.outputs``, where the answer produces that item (the recipe r
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from anygpt.modality import Modality
 
 PLACEHOLDERS = {Modality.IMAGE: "<image>", Modality.VIDEO: "<video>", Modality.AUDIO: "<audio>"}
+MODALITY_OF_PLACEHOLDER = {tag: modality for modality, tag in PLACEHOLDERS.items()}
+PLACEHOLDER_PATTERN = re.compile("|".join(re.escape(tag) for tag in PLACEHOLDERS.values()))
+
+
+def split_placeholders(text: str) -> list[str | Modality]:
+    """``"a <image> b"`` -> ``["a ", Modality.IMAGE, " b"]`` (empty text between placeholders left out)."""
+    parts: list[str | Modality] = []
+    pos = 0
+    for match in PLACEHOLDER_PATTERN.finditer(text):
+        if match.start() > pos:
+            parts.append(text[pos : match.start()])
+        parts.append(MODALITY_OF_PLACEHOLDER[match.group(0)])
+        pos = match.end()
+    if pos < len(text):
+        parts.append(text[pos:])
+    return parts
 
 
 @dataclass(frozen=True)
