@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from anygpt.llm import LanguageModelConfig, llm_config_from_preset
@@ -148,14 +149,35 @@ def _nextgpt_7b() -> AnyGPTConfig:
 
 
 PRESETS = {"tiny": _tiny, "nextgpt-7b": _nextgpt_7b}
-DEFAULT_MODEL = "tiny"
+# Trained models shipped inside the package (a save_pretrained folder holding its components).
+PACKAGED_MODELS = {"toyworld": "models/toyworld"}
+DEFAULT_MODEL = "toyworld"
 
 
 def list_presets() -> list[str]:
-    return sorted(PRESETS)
+    return sorted([*PRESETS, *PACKAGED_MODELS])
+
+
+def packaged_model_dir(name: str) -> Path:
+    """The folder of a model shipped in the package.
+
+    Raises:
+        FileNotFoundError: the package was installed without it (saying how to build it).
+    """
+    folder = Path(__file__).resolve().parent / PACKAGED_MODELS[name]
+    if not (folder / "anygpt_index.json").is_file():
+        raise FileNotFoundError(
+            f"the packaged model {name!r} is missing from {folder}; build it with "
+            f"`anygpt toyworld recipe OUT --install` (about 1.5 hours on 2 CPU cores)"
+        )
+    return folder
 
 
 def config_from_preset(name: str) -> AnyGPTConfig:
+    if name in PACKAGED_MODELS:
+        from anygpt.model import read_index
+
+        return read_index(packaged_model_dir(name))[0]
     if name not in PRESETS:
         raise ValueError(f"unknown model preset {name!r}: expected one of {', '.join(list_presets())} or a folder")
     return PRESETS[name]()

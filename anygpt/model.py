@@ -379,4 +379,21 @@ def read_index(folder: str | os.PathLike) -> tuple[AnyGPTConfig, dict]:
         config = AnyGPTConfig.from_dict(index["config"])
     except (KeyError, TypeError) as err:
         raise ValueError(f"{path}: invalid config ({err})") from None
+    _resolve_inside(folder, config)
     return config, parts
+
+
+def _resolve_inside(folder: str | os.PathLike, config: AnyGPTConfig) -> None:
+    """Make component paths that are relative and exist inside ``folder`` absolute (a self-contained model folder
+    holds its encoder, LLM and decoders; its index names them relative to itself, wherever the folder is)."""
+    folder = Path(folder).resolve()
+
+    def inside(value: str | None, what: str) -> str | None:
+        if value and not Path(value).is_absolute() and (folder / value).exists():
+            return str(resolve_part(folder, value, what))
+        return value
+
+    config.encoder.checkpoint = inside(config.encoder.checkpoint, "encoder.checkpoint")
+    config.llm.source = inside(config.llm.source, "llm.source")
+    for name, decoder in config.decoders.items():
+        decoder.source = inside(decoder.source, f"decoders.{name}.source")

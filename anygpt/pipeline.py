@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from anygpt.config import AnyGPTConfig, config_from_preset, list_presets
+from anygpt.config import PACKAGED_MODELS, AnyGPTConfig, config_from_preset, list_presets, packaged_model_dir
 from anygpt.conversation import Conversation, MediaRef
 from anygpt.media import Audio, MediaError, Video, load_media
 from anygpt.modality import MEDIA_MODALITIES, Modality
@@ -124,6 +124,8 @@ class AnyGPTPipeline:
         if path.is_dir():
             raise ValueError(f"{path} is a folder but holds no {INDEX_FILE} (not written by save_pretrained)")
         name = str(name_or_dir)
+        if name in PACKAGED_MODELS:
+            return cls.from_pretrained(packaged_model_dir(name))
         if name in list_presets():
             if name == "tiny":
                 logger.warning("the 'tiny' preset is randomly initialised: its text and media are noise")

@@ -107,3 +107,53 @@ def build_clip_tokenizer(model_max_length: int = CLIP_MAX_LENGTH) -> CLIPTokeniz
     if len(tokenizer) != CLIP_VOCAB_SIZE:
         raise RuntimeError(f"built a CLIP tokenizer of {len(tokenizer)} tokens, expected {CLIP_VOCAB_SIZE}")
     return tokenizer
+
+
+def restrict_clip_tokenizer(tokenizer: CLIPTokenizer, texts: list[str]) -> tuple[CLIPTokenizer, list[int]]:
+    """A CLIP tokenizer that keeps only the tokens and merges that ``texts`` need, and the old id of each new id.
+
+    The 512 single-symbol tokens keep their ids (so any text still tokenises, into smaller pieces where a merge is
+    gone), followed by the merges the texts' words use, in CLIP's order, then start- and end-of-text. Each text
+    tokenises into the same tokens as before (checked). Use it to shrink a text encoder's 49,408-row embedding
+    when it only ever reads a small world's captions: ``embedding[old_ids]`` is the new embedding.
+
+    Raises:
+        RuntimeError: a text tokenises differently with the restricted tokenizer.
+    """
+    vocab, merges = clip_vocab_and_merges()
+    ranks = {pair: i for i, pair in enumerate(merges)}
+    backend = tokenizer.backend_tokenizer
+    used: set[tuple[str, str]] = set()
+    for text in texts:
+        normalized = backend.normalizer.normalize_str(text) if backend.normalizer else text
+        for piece, _ in backend.pre_tokenizer.pre_tokenize_str(normalized):
+            symbols = list(piece[:-1]) + [piece[-1] + "</w>"]
+            while len(symbols) > 1:  # byte-pair encoding: merge the best-ranked adjacent pair until none is left
+                pairs = [
+                    (ranks.get((a, b), len(ranks)), i)
+                    for i, (a, b) in enumerate(zip(symbols, symbols[1:], strict=False))
+                ]
+                rank, i = min(pairs)
+                if rank == len(ranks):
+                    break
+                used.add(merges[rank])
+                symbols[i : i + 2] = [symbols[i] + symbols[i + 1]]
+    kept_merges = [m for m in merges if m in used]
+    tokens = list(vocab)[:512] + ["".join(m) for m in kept_merges] + [BOS_TOKEN, EOS_TOKEN]
+    new_vocab = {token: i for i, token in enumerate(dict.fromkeys(tokens))}
+    old_ids = [vocab[token] for token in new_vocab]
+    restricted = CLIPTokenizer(
+        vocab=new_vocab,
+        merges=[tuple(m) for m in kept_merges],
+        bos_token=BOS_TOKEN,
+        eos_token=EOS_TOKEN,
+        unk_token=EOS_TOKEN,
+        pad_token=EOS_TOKEN,
+        model_max_length=tokenizer.model_max_length,
+    )
+    for text in texts:
+        before = tokenizer(text).input_ids
+        after = [old_ids[i] for i in restricted(text).input_ids]
+        if before != after:
+            raise RuntimeError(f"restricted CLIP tokenizer splits {text!r} differently: {after} != {before}")
+    return restricted, old_ids

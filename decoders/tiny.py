@@ -56,6 +56,13 @@ def _seeded(seed: int, build: Callable[[], dict[str, Any]]) -> dict[str, Any]:
     return components
 
 
+def _attention_first(attention: str, plain: str, levels: int) -> tuple[str, ...]:
+    """Block types from the finest level down: attention blocks, then one plain block at the deepest level."""
+    if levels < 2:
+        raise ValueError(f"unet_channels needs at least 2 levels, got {levels}")
+    return (attention,) * (levels - 1) + (plain,)
+
+
 def _clip_text_encoder(cond_dim: int) -> CLIPTextModel:
     """A 2-layer CLIP text transformer over the real CLIP vocabulary; output (B, 77, cond_dim)."""
     config = CLIPTextConfig(
@@ -125,14 +132,14 @@ def _audioldm_scheduler() -> DDIMScheduler:
 
 
 def tiny_stable_diffusion_components(
-    *, seed: int = 0, cond_dim: int = 32, unet_channels: tuple[int, int] = (32, 64)
+    *, seed: int = 0, cond_dim: int = 32, unet_channels: tuple[int, ...] = (32, 64)
 ) -> dict[str, Any]:
     """Components of a tiny ``StableDiffusionPipeline``: CLIP text encoder, 2-D UNet, VAE, PNDM.
 
     Args:
         seed: initialisation seed.
         cond_dim: CLIP text width; ``prompt_embeds`` are (B, 77, cond_dim).
-        unet_channels: UNet block channels.
+        unet_channels: UNet block channels (any number of levels; cross-attention in all but the deepest).
 
     Returns:
         Keyword arguments for ``StableDiffusionPipeline``, safety checker disabled.
@@ -147,8 +154,8 @@ def tiny_stable_diffusion_components(
                 out_channels=4,
                 block_out_channels=unet_channels,
                 layers_per_block=1,
-                down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+                down_block_types=_attention_first("CrossAttnDownBlock2D", "DownBlock2D", len(unet_channels)),
+                up_block_types=_attention_first("CrossAttnUpBlock2D", "UpBlock2D", len(unet_channels))[::-1],
                 cross_attention_dim=cond_dim,
                 attention_head_dim=8,
             ),
@@ -165,14 +172,14 @@ def tiny_stable_diffusion_components(
 
 
 def tiny_zeroscope_components(
-    *, seed: int = 0, cond_dim: int = 32, unet_channels: tuple[int, int] = (32, 64)
+    *, seed: int = 0, cond_dim: int = 32, unet_channels: tuple[int, ...] = (32, 64)
 ) -> dict[str, Any]:
     """Components of a tiny ``TextToVideoSDPipeline`` (ZeroScope): CLIP text encoder, 3-D UNet, VAE, DDIM.
 
     Args:
         seed: initialisation seed.
         cond_dim: CLIP text width; ``prompt_embeds`` are (B, 77, cond_dim).
-        unet_channels: UNet block channels.
+        unet_channels: UNet block channels (any number of levels; cross-attention in all but the deepest).
 
     Returns:
         Keyword arguments for ``TextToVideoSDPipeline``.
@@ -187,8 +194,8 @@ def tiny_zeroscope_components(
                 out_channels=4,
                 block_out_channels=unet_channels,
                 layers_per_block=1,
-                down_block_types=("CrossAttnDownBlock3D", "DownBlock3D"),
-                up_block_types=("UpBlock3D", "CrossAttnUpBlock3D"),
+                down_block_types=_attention_first("CrossAttnDownBlock3D", "DownBlock3D", len(unet_channels)),
+                up_block_types=_attention_first("CrossAttnUpBlock3D", "UpBlock3D", len(unet_channels))[::-1],
                 cross_attention_dim=cond_dim,
                 attention_head_dim=8,
             ),
@@ -201,7 +208,11 @@ def tiny_zeroscope_components(
 
 
 def tiny_audioldm_components(
-    *, seed: int = 0, cond_dim: int = 32, unet_channels: tuple[int, int] = (32, 64)
+    *,
+    seed: int = 0,
+    cond_dim: int = 32,
+    unet_channels: tuple[int, ...] = (32, 64),
+    vae_channels: tuple[int, ...] = (16, 32),
 ) -> dict[str, Any]:
     """Components of a tiny ``AudioLDMPipeline``: CLAP text encoder, UNet, mel VAE, HiFi-GAN vocoder, DDIM.
 
@@ -217,7 +228,8 @@ def tiny_audioldm_components(
     Args:
         seed: initialisation seed.
         cond_dim: CLAP projection width; ``prompt_embeds`` are (B, cond_dim).
-        unet_channels: UNet block channels.
+        unet_channels: UNet block channels (any number of levels; attention in all but the first).
+        vae_channels: mel VAE block channels; each level after the first halves time and mel bins.
 
     Returns:
         Keyword arguments for ``AudioLDMPipeline``; the vocoder makes 16 kHz audio from 64-bin mels at 100
@@ -250,15 +262,15 @@ def tiny_audioldm_components(
                 out_channels=4,
                 block_out_channels=unet_channels,
                 layers_per_block=1,
-                down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+                down_block_types=_attention_first("CrossAttnDownBlock2D", "DownBlock2D", len(unet_channels))[::-1],
+                up_block_types=_attention_first("CrossAttnUpBlock2D", "UpBlock2D", len(unet_channels)),
                 cross_attention_dim=unet_channels,
                 attention_head_dim=8,
                 class_embed_type="simple_projection",
                 projection_class_embeddings_input_dim=cond_dim,
                 class_embeddings_concat=True,
             ),
-            "vae": _image_vae((16, 32), in_channels=1),  # mel (T, 64) -> latents (T/2, 32)
+            "vae": _image_vae(vae_channels, in_channels=1),  # mel (T, 64) -> latents (T/2, 32) for 2 levels
             "tokenizer": tokenizer,
             "scheduler": _audioldm_scheduler(),
             "vocoder": SpeechT5HifiGan(

@@ -447,7 +447,7 @@ class ImageBindEncoder(nn.Module):
 
     @torch.no_grad()
     def forward(self, modality: Modality | str, inputs: torch.Tensor) -> EncoderOutput:
-        """Encode a batch of preprocessed items.
+        """Encode a batch of preprocessed items (no gradients: the encoder is frozen).
 
         Args:
             modality: image, video, audio or text.
@@ -457,6 +457,11 @@ class ImageBindEncoder(nn.Module):
         Returns:
             :class:`EncoderOutput`: ``embeds`` (B, D) and ``tokens`` (B, N, D_tok); clips (S) are averaged.
         """
+        return self.embed(modality, inputs)
+
+    def embed(self, modality: Modality | str, inputs: torch.Tensor) -> EncoderOutput:
+        """:meth:`forward` with autograd left on, for pretraining an encoder (e.g. contrastively); the trunks'
+        parameters must be set to require grad by the caller. Same arguments and result as :meth:`forward`."""
         modality = Modality.parse(modality)
         key = self._key(modality)
         self._check_batch(modality, inputs)

@@ -37,8 +37,28 @@ def add_commands(sub) -> None:
     cache.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     cache.add_argument("--cache-dir", help="the cache folder (default: the config's cache_dir)")
 
+    toy = sub.add_parser("toyworld", help="the toy world: its dataset, the recipe that trains `toyworld`, evaluation")
+    toy_sub = toy.add_subparsers(dest="toyworld_command", required=True)
+    recipe = toy_sub.add_parser("recipe", help="train the toyworld model from nothing (resumable; parts skip if done)")
+    recipe.add_argument("out", help="the recipe's folder (every part writes a sub-folder)")
+    recipe.add_argument("--quick", action="store_true", help="a few steps of every part (checks the recipe runs)")
+    recipe.add_argument("--only", help="comma-separated parts to run (their inputs must be done)")
+    recipe.add_argument("--until", help="stop after this part")
+    recipe.add_argument("--seed", type=int, default=0)
+    recipe.add_argument(
+        "--install", action="store_true", help="copy the packaged model into the anygpt package (for its developers)"
+    )
+    world = toy_sub.add_parser("data", help="write the toy world's dataset (NExT-GPT formats)")
+    world.add_argument("dir")
+    world.add_argument("--seed", type=int, default=0)
+    world.add_argument("--quick", action="store_true", help="a small dataset")
+    ev = toy_sub.add_parser("eval", help="score a model on held-out toy-world prompts and media")
+    ev.add_argument("model", nargs="?", default="toyworld", help="preset name or folder (default toyworld)")
+    ev.add_argument("--samples", type=int, default=96, help="samples per figure")
+    ev.add_argument("--output", help="write the JSON report here")
 
-COMMANDS = ("train", "data", "cache")
+
+COMMANDS = ("train", "data", "cache", "toyworld")
 
 
 def run(args: argparse.Namespace) -> None:
@@ -46,8 +66,38 @@ def run(args: argparse.Namespace) -> None:
         _train(args)
     elif args.command == "data":
         _sample(args)
+    elif args.command == "toyworld":
+        _toyworld(args)
     else:
         _cache(args)
+
+
+def _toyworld(args: argparse.Namespace) -> None:
+    if args.toyworld_command == "data":
+        from training.toyworld.data import WorldSizes, write_world
+
+        info = write_world(args.dir, seed=args.seed, sizes=WorldSizes.quick() if args.quick else None)
+        print(json.dumps(info["counts"]))
+    elif args.toyworld_command == "eval":
+        from anygpt.pipeline import AnyGPTPipeline
+        from training.toyworld.evaluate import evaluate, failures, format_report
+
+        report = evaluate(AnyGPTPipeline.from_pretrained(args.model), samples=args.samples)
+        if args.output:
+            Path(args.output).write_text(json.dumps(report, indent=2) + "\n")
+        print(format_report(report))
+        missed = failures(report)
+        if missed:
+            print(f"below target: {', '.join(missed)}")
+    else:
+        from training.toyworld.recipe import RecipeSettings, install_package, run_recipe
+
+        settings = RecipeSettings.quick(args.seed) if args.quick else RecipeSettings(seed=args.seed)
+        only = [p.strip() for p in args.only.split(",")] if args.only else None
+        run_recipe(args.out, settings, only=only, until=args.until)
+        print((Path(args.out) / "summary.md").read_text())
+        if args.install:
+            print(f"installed: {install_package(args.out)}")
 
 
 def _train(args: argparse.Namespace) -> None:

@@ -1,0 +1,483 @@
+"""Evaluate a pipeline on the toy world: generation, routing and captioning, judged by the oracles.
+
+:func:`evaluate` asks a pipeline for held-out requests (``"draw a red circle and play a high beep"``) and held-out
+media captions, the way a user would (``modalities="auto"``, greedy decoding), and scores the answers with
+:mod:`training.toyworld.oracles`:
+
+=========================  ==============================================================================
+metric                     right when
+=========================  ==============================================================================
+``text_to_image.colour``   the image rendered for a requested picture shows the requested colour
+``text_to_image.shape``    ... and shape (an item whose media was not produced counts as wrong)
+``text_to_audio.pitch``    the rendered sound has the requested pitch
+``text_to_video.*``        the rendered clip's square moves in the requested direction, in the requested colour
+``routing``                the reply's complete signal groups name exactly the requested modalities
+``image_to_text.*``        the caption of a held-out image names its colour / shape (and no other)
+``audio_to_text.pitch``    the caption of a held-out sound names its pitch
+``video_to_text.direction`` the caption of a held-out clip names its direction
+=========================  ==============================================================================
+
+The LLM runs once per request through ``AnyGPTPipeline.__call__`` (its decoders skipped with ``on_decode``); the
+conditioning of every produced item is then rendered by the decoders in batches, each sample with its own seeded
+generator, so a report is reproducible and does not depend on ``batch_size`` beyond floating-point noise.
+
+Example:
+    >>> from anygpt import AnyGPTPipeline
+    >>> report = evaluate(AnyGPTPipeline.from_pretrained("runs/toyworld"), samples=96)  # doctest: +SKIP
+    >>> print(format_report(report))  # doctest: +SKIP
+    >>> failures(report)  # doctest: +SKIP
+    []
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from anygpt.modality import MEDIA_MODALITIES, Modality
+from training.toyworld import world
+from training.toyworld.oracles import audio_attributes, caption_attributes, image_attributes, video_attributes
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "HELDOUT_SEED",
+    "METRICS",
+    "TARGETS",
+    "CaptionCase",
+    "evaluate",
+    "failures",
+    "format_report",
+    "heldout_items",
+    "heldout_requests",
+]
+
+HELDOUT_SEED = 10_000
+"""Default seed of the held-out set (training draws from other seeds)."""
+
+TARGETS: dict[str, float] = {
+    "text_to_image.colour": 0.90,
+    "text_to_image.shape": 0.75,
+    "text_to_audio.pitch": 0.90,
+    "text_to_video.direction": 0.80,
+    "text_to_video.colour": 0.85,
+    "routing": 0.95,
+    "image_to_text.colour": 0.90,
+    "image_to_text.shape": 0.80,
+    "audio_to_text.pitch": 0.90,
+    "video_to_text.direction": 0.80,
+}
+"""The quality targets: the fraction of held-out samples each metric must get right."""
+
+INFO_METRICS: tuple[str, ...] = ("text_to_audio.style", "audio_to_text.style", "video_to_text.colour")
+"""Metrics reported without a target."""
+
+METRICS: tuple[str, ...] = (*TARGETS, *INFO_METRICS)
+"""Every metric of a report, in report order."""
+
+# per modality: the attributes scored for generation (text -> media) and for captioning (media -> text)
+_GENERATED = {
+    Modality.IMAGE: ("text_to_image", ("colour", "shape")),
+    Modality.AUDIO: ("text_to_audio", ("pitch", "style")),
+    Modality.VIDEO: ("text_to_video", ("direction", "colour")),
+}
+_CAPTIONED = {
+    Modality.IMAGE: ("image_to_text", ("colour", "shape")),
+    Modality.AUDIO: ("audio_to_text", ("pitch", "style")),
+    Modality.VIDEO: ("video_to_text", ("direction", "colour")),
+}
+_ORACLES = {Modality.IMAGE: image_attributes, Modality.AUDIO: audio_attributes, Modality.VIDEO: video_attributes}
+_REQUEST_SIZES = (1, 2, 1, 3, 1, 2)  # cycled: the 1 / 2 / 3-item mix of world.sample_request's default
+_MAX_EXAMPLES = 5  # wrong answers kept per task in a report
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The held-out set
+# ------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CaptionCase:
+    """A held-out media item and the question asked about it."""
+
+    item: world.Item
+    question: str
+
+
+def heldout_requests(n: int, seed: int = HELDOUT_SEED) -> list[world.Request]:
+    """Held-out generation requests in which every media modality is requested at least ``n`` times.
+
+    Requests of 1, 2 and 3 items are drawn in turn (1, 2, 1, 3, 1, 2, ...) with :func:`world.sample_request` until
+    each modality has ``n`` items, so there are at least ``n`` samples per text -> media figure and more than ``n``
+    for routing.
+
+    Args:
+        n: the least number of items per modality (>= 1).
+        seed: the held-out seed; the same seed gives the same requests.
+
+    Returns:
+        The requests, in drawing order.
+    """
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    rng = np.random.default_rng([seed, 1])
+    counts = dict.fromkeys(MEDIA_MODALITIES, 0)
+    requests: list[world.Request] = []
+    while min(counts.values()) < n:
+        request = world.sample_request(rng, count=_REQUEST_SIZES[len(requests) % len(_REQUEST_SIZES)])
+        for item in request.items:
+            counts[item.modality] += 1
+        requests.append(request)
+    return requests
+
+
+def heldout_items(n: int, seed: int = HELDOUT_SEED) -> list[CaptionCase]:
+    """``n`` held-out media items per modality (images, then sounds, then clips), each with a caption question.
+
+    Args:
+        n: items per modality (>= 1).
+        seed: the held-out seed.
+
+    Returns:
+        ``3 * n`` cases; the question is one of :data:`world.ASK_CAPTION` for the item's modality.
+    """
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    rng = np.random.default_rng([seed, 2])
+    cases = []
+    for modality in (Modality.IMAGE, Modality.AUDIO, Modality.VIDEO):
+        for _ in range(n):
+            item = world.sample_item(rng, modality)
+            questions = world.ASK_CAPTION[modality]
+            cases.append(CaptionCase(item, questions[int(rng.integers(len(questions)))]))
+    return cases
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Evaluation
+# ------------------------------------------------------------------------------------------------------------
+
+
+class _Tally:
+    """Right / total counts per metric and a few wrong answers per task."""
+
+    def __init__(self) -> None:
+        self.counts = {name: [0, 0] for name in METRICS}
+        self.examples: list[dict[str, Any]] = []
+        self._kept: dict[str, int] = {}
+
+    def add(self, name: str, right: bool) -> None:
+        self.counts[name][0] += int(right)
+        self.counts[name][1] += 1
+
+    def score(
+        self, task: str, attributes: Sequence[str], expected: Mapping[str, Any], found: Mapping[str, Any]
+    ) -> bool:
+        """Score each attribute; True when all are right."""
+        rights = [expected[a] == found.get(a) for a in attributes]
+        for attribute, right in zip(attributes, rights, strict=True):
+            self.add(f"{task}.{attribute}", right)
+        return all(rights)
+
+    def example(self, task: str, **details: Any) -> None:
+        if self._kept.get(task, 0) < _MAX_EXAMPLES:
+            self._kept[task] = self._kept.get(task, 0) + 1
+            self.examples.append({"task": task, **details})
+
+
+def _skip_decoders(modality: Modality, index: int, total: int) -> bool:
+    return False  # on_decode: the evaluator renders the conditioning itself, in batches
+
+
+@torch.no_grad()
+def evaluate(
+    pipe: Any,
+    *,
+    samples: int = 96,
+    seed: int = HELDOUT_SEED,
+    batch_size: int = 16,
+    progress: bool = True,
+    max_new_tokens: int = 128,
+    decoder_settings: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Score a pipeline on held-out toy-world requests and media.
+
+    Args:
+        pipe: an ``AnyGPTPipeline`` (any decoders: the oracles read images, clips and sounds of any size).
+        samples: at least this many samples per text -> media figure, and exactly this many media per
+            captioning figure.
+        seed: the held-out seed (also seeds the LLM and every decoder sample).
+        batch_size: conditionings rendered per decoder call.
+        progress: show a progress bar.
+        max_new_tokens: LLM reply length limit.
+        decoder_settings: settings passed to every decoder (``num_inference_steps``, ``guidance_scale``,
+            ``height``, ``width``, ``num_frames``, ``audio_seconds``); None keeps each decoder's defaults.
+
+    Returns:
+        A JSON-safe report: ``{"metrics": {name: {"value", "correct", "total", "target"}}, "meta": {...},
+        "examples": [...]}``. ``value`` is the fraction right (None when nothing was scored), ``target`` the
+        metric's entry in :data:`TARGETS` (None for informational metrics); ``meta`` holds ``samples``, ``seed``,
+        ``seconds`` and the counts of requests and caption items; ``examples`` a few wrong answers per task.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    start = time.perf_counter()
+    settings = dict(decoder_settings or {})
+    requests = heldout_requests(samples, seed)
+    cases = heldout_items(samples, seed)
+    tally = _Tally()
+    bar = tqdm(total=len(requests) + len(cases), desc="toy-world eval", unit="step", disable=not progress)
+    try:
+        queued = _generate(pipe, requests, tally, bar, seed=seed, max_new_tokens=max_new_tokens)
+        _render(pipe, queued, tally, bar, seed=seed, batch_size=batch_size, settings=settings)
+        _caption(pipe, cases, tally, bar, seed=seed, max_new_tokens=max_new_tokens)
+    finally:
+        bar.close()
+    metrics = {}
+    for name in METRICS:
+        right, total = tally.counts[name]
+        metrics[name] = {
+            "value": right / total if total else None,
+            "correct": right,
+            "total": total,
+            "target": TARGETS.get(name),
+        }
+    report = {
+        "metrics": metrics,
+        "meta": {
+            "samples": samples,
+            "seed": seed,
+            "seconds": round(time.perf_counter() - start, 3),
+            "requests": len(requests),
+            "caption_items": len(cases),
+            "batch_size": batch_size,
+            "max_new_tokens": max_new_tokens,
+            "decoder_settings": {k: v for k, v in settings.items() if v is not None},
+        },
+        "examples": tally.examples,
+    }
+    failed = failures(report)
+    logger.info(
+        "toy-world evaluation: %d/%d targets met in %.1f s%s",
+        len(TARGETS) - len(failed),
+        len(TARGETS),
+        report["meta"]["seconds"],
+        f" (below target: {', '.join(failed)})" if failed else "",
+    )
+    return report
+
+
+@dataclass
+class _Queued:
+    """A requested item whose signal group the LLM emitted: its conditioning waits to be rendered."""
+
+    index: int  # position among all queued items: seeds its decoder sample
+    prompt: str
+    item: world.Item
+    conditioning: torch.Tensor  # (1, L, D), or (1, D) for pooled conditioning
+
+
+def _generate(
+    pipe: Any, requests: list[world.Request], tally: _Tally, bar: Any, *, seed: int, max_new_tokens: int
+) -> list[_Queued]:
+    """Run the LLM on every request: score routing and queue the conditioning of each produced item."""
+    queued: list[_Queued] = []
+    bar.set_postfix_str("requests")
+    for i, request in enumerate(requests):
+        out = pipe(
+            request.prompt,
+            modalities="auto",
+            seed=seed + i,
+            temperature=0.0,
+            max_new_tokens=max_new_tokens,
+            show_progress=False,
+            on_decode=_skip_decoders,
+        )
+        emitted = {Modality.parse(m) for m in out.conditioning}
+        routed = emitted == request.modalities
+        tally.add("routing", routed)
+        if not routed:
+            tally.example(
+                "routing",
+                prompt=request.prompt,
+                expected=sorted(m.value for m in request.modalities),
+                found=sorted(m.value for m in emitted),
+                reply=out.text,
+            )
+        for item in request.items:
+            conditioning = out.conditioning.get(item.modality.value)
+            if conditioning is None:  # not produced: wrong on every attribute
+                task, attributes = _GENERATED[item.modality]
+                tally.score(task, attributes, item.attributes(), {})
+                tally.example(task, prompt=request.prompt, expected=item.caption, found="(not produced)")
+            else:
+                queued.append(_Queued(len(queued), request.prompt, item, conditioning[:1].detach()))
+        bar.update()
+    return queued
+
+
+def _render(
+    pipe: Any,
+    queued: list[_Queued],
+    tally: _Tally,
+    bar: Any,
+    *,
+    seed: int,
+    batch_size: int,
+    settings: dict[str, Any],
+) -> None:
+    """Render the queued conditionings with each modality's decoder in batches and score them with the oracles."""
+    bar.total += len(queued)
+    bar.refresh()
+    for modality in (Modality.IMAGE, Modality.AUDIO, Modality.VIDEO):
+        todo = [q for q in queued if q.item.modality is modality]
+        if not todo:
+            continue
+        bar.set_postfix_str(f"rendering {modality.value}")
+        decoder = pipe.decoders[modality]
+        task, attributes = _GENERATED[modality]
+        for begin in range(0, len(todo), batch_size):
+            batch = todo[begin : begin + batch_size]
+            embeds = torch.cat([q.conditioning for q in batch])
+            generators = [torch.Generator(device="cpu").manual_seed(seed + q.index) for q in batch]
+            outputs = decoder.generate(embeds, generator=generators, show_progress=False, **settings)
+            for q, media in zip(batch, outputs, strict=True):
+                found = _ORACLES[modality](media)
+                if not tally.score(task, attributes, q.item.attributes(), found):
+                    tally.example(task, prompt=q.prompt, expected=q.item.caption, found=_describe(found))
+            bar.update(len(batch))
+
+
+def _caption(pipe: Any, cases: list[CaptionCase], tally: _Tally, bar: Any, *, seed: int, max_new_tokens: int) -> None:
+    """Ask for a caption of every held-out item and score the words of the reply."""
+    readable = {Modality.parse(m) for m in pipe.config.input_modalities}
+    keyword = {Modality.IMAGE: "images", Modality.AUDIO: "audios", Modality.VIDEO: "videos"}
+    for modality in sorted({case.item.modality for case in cases} - readable, key=lambda m: m.value):
+        logger.warning("the pipeline reads no %s input: %s captioning is not scored", modality.value, modality.value)
+    bar.set_postfix_str("captions")
+    for i, case in enumerate(cases):
+        modality = case.item.modality
+        if modality in readable:
+            media = case.item.render()
+            if modality is Modality.IMAGE:
+                from PIL import Image
+
+                media = Image.fromarray(media)
+            out = pipe(
+                case.question,
+                **{keyword[modality]: [media]},
+                modalities="auto",
+                seed=seed + i,
+                temperature=0.0,
+                max_new_tokens=max_new_tokens,
+                show_progress=False,
+                on_decode=_skip_decoders,
+            )
+            task, attributes = _CAPTIONED[modality]
+            found = caption_attributes(out.text)
+            if not tally.score(task, attributes, case.item.attributes(), found):
+                tally.example(task, question=case.question, expected=case.item.caption, found=out.text)
+        bar.update()
+
+
+def _describe(found: Mapping[str, Any]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in found.items())
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Reading a report
+# ------------------------------------------------------------------------------------------------------------
+
+
+def failures(report: Mapping[str, Any]) -> list[str]:
+    """The metrics with a target that the report does not meet (nothing scored counts as not met).
+
+    Args:
+        report: what :func:`evaluate` returned.
+
+    Returns:
+        Metric names, in :data:`METRICS` order.
+    """
+    metrics = report["metrics"]
+    failed = []
+    for name, target in TARGETS.items():
+        value = metrics.get(name, {}).get("value")
+        if value is None or value < target:
+            failed.append(name)
+    return failed
+
+
+def format_report(report: Mapping[str, Any]) -> str:
+    """The report as a Markdown table: metric, value, target, pass / fail and the number of samples.
+
+    Args:
+        report: what :func:`evaluate` returned.
+
+    Returns:
+        Markdown text, one row per metric of :data:`METRICS` (informational metrics have no target and no verdict),
+        then a line with the sample count, seed and time.
+    """
+    lines = ["| metric | value | target | result | n |", "|---|---:|---:|:---:|---:|"]
+    for name in METRICS:
+        entry = report["metrics"].get(name, {})
+        value, target, total = entry.get("value"), TARGETS.get(name), entry.get("total", 0)
+        shown = "-" if value is None else f"{100 * value:.1f}%"
+        if target is None:
+            verdict, wanted = "", "-"
+        else:
+            verdict, wanted = ("pass" if value is not None and value >= target else "FAIL"), f"{100 * target:.0f}%"
+        lines.append(f"| {name} | {shown} | {wanted} | {verdict} | {total} |")
+    meta = report.get("meta", {})
+    lines.append("")
+    lines.append(
+        f"samples {meta.get('samples')}, seed {meta.get('seed')}, {meta.get('requests')} requests, "
+        f"{meta.get('seconds')} s; {len(failures(report))} of {len(TARGETS)} targets missed"
+    )
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Command line
+# ------------------------------------------------------------------------------------------------------------
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m training.toyworld.evaluate MODEL [--samples N] [--output report.json]``.
+
+    Prints the Markdown table and returns 1 when a target is missed, 0 otherwise.
+    """
+    from anygpt import AnyGPTPipeline
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("model", help="a folder written by save_pretrained, or a preset name")
+    parser.add_argument("--samples", type=int, default=96)
+    parser.add_argument("--seed", type=int, default=HELDOUT_SEED)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--device", default=None, help="e.g. cuda; default: the pipeline's (CPU)")
+    parser.add_argument("--output", type=Path, default=None, help="write the JSON report here")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    pipe = AnyGPTPipeline.from_pretrained(args.model)
+    if args.device:
+        pipe.to(args.device)
+    report = evaluate(pipe, samples=args.samples, seed=args.seed, batch_size=args.batch_size)
+    if args.output is not None:
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        args.output.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    sys.stdout.write(format_report(report) + "\n")
+    return 1 if failures(report) else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

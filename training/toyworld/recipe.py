@@ -1,0 +1,310 @@
+"""The toy-world recipe: from nothing to the packaged ``toyworld`` model, part by part.
+
+=================  ==========================================================================================
+part               writes
+=================  ==========================================================================================
+data               the world as a dataset in NExT-GPT's formats (:mod:`training.toyworld.data`)
+encoder            an ImageBind-architecture encoder trained contrastively (stage 0)
+llm                a BPE tokenizer and a Llama LM trained on the world's conversations (stage 0)
+image-decoder      Stable Diffusion trained on the world's images (stage 0)
+video-decoder      ZeroScope, its spatial layers from the image decoder (stage 0)
+audio-decoder      AudioLDM with its CLAP text encoder and HiFi-GAN vocoder (stage 0)
+base               the untrained any-to-any system over those components (``save_pretrained``)
+stage1..stage3     ``anygpt train`` with ``training/configs/toyworld-stage{1,2,3}.yaml`` (resumable)
+eval-stage1..3     the evaluator on held-out prompts and media after each stage
+package            the stage-3 model with its components in fp16, loadable as one folder
+=================  ==========================================================================================
+
+Each part writes ``OUT/<part>/`` through a temporary folder renamed when the part ends, with ``part.json`` (seconds,
+metrics); a finished part is skipped, so the recipe resumes after an interruption (the training stages also resume
+from their last checkpoint) and its parts can be run one by one (``--only``). Nothing here is special to the model or
+the pipeline: the stages are ordinary training runs and the package is an ordinary ``save_pretrained`` folder whose
+components live inside it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from training.toyworld import stage0
+from training.toyworld.data import WorldSizes, read_corpus, write_world
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["PARTS", "RecipeSettings", "run_recipe"]
+
+PART_FILE = "part.json"
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+PARTS = (
+    "data", "encoder", "llm", "image-decoder", "video-decoder", "audio-decoder", "base",
+    "stage1", "eval-stage1", "stage2", "eval-stage2", "stage3", "eval-stage3", "package",
+)  # fmt: skip
+
+
+@dataclass
+class RecipeSettings:
+    """The whole recipe's knobs. ``quick()`` runs every part for a few steps (tests, CI)."""
+
+    seed: int = 0
+    stage0: stage0.Stage0Settings | None = None
+    sizes: WorldSizes | None = None
+    stage_steps: dict[int, int] | None = None  # None: the shipped configs' max_steps
+    eval_samples: int = 96
+    quick_run: bool = False
+
+    def __post_init__(self):
+        self.stage0 = self.stage0 or stage0.Stage0Settings(seed=self.seed)
+        self.sizes = self.sizes or WorldSizes()
+
+    @classmethod
+    def quick(cls, seed: int = 0) -> RecipeSettings:
+        return cls(
+            seed=seed,
+            stage0=stage0.Stage0Settings.quick(seed=seed),
+            sizes=WorldSizes.quick(),
+            stage_steps={1: 3, 2: 3, 3: 3},
+            eval_samples=2,
+            quick_run=True,
+        )
+
+
+def _part_done(out: Path, name: str) -> dict | None:
+    marker = out / name / PART_FILE
+    return json.loads(marker.read_text()) if marker.is_file() else None
+
+
+def _run_part(out: Path, name: str, fn: Callable[[Path], dict[str, Any]], *, seed: int) -> dict[str, Any]:
+    """Run one part into ``out/.<name>.partial`` and rename it to ``out/<name>`` when it ends."""
+    done = _part_done(out, name)
+    if done is not None:
+        logger.info("part %s: done already (%.0f s), skipped", name, done["seconds"])
+        return done
+    final = out / name
+    tmp = out / f".{name}.partial"
+    if final.exists():  # a part folder without its marker: left by an interrupted run of an older layout
+        shutil.rmtree(final)
+    logger.info("part %s: starting", name)
+    torch.manual_seed(seed)
+    start = time.perf_counter()
+    metrics = fn(tmp)
+    tmp.mkdir(parents=True, exist_ok=True)
+    info = {"part": name, "seconds": round(time.perf_counter() - start, 1), "metrics": metrics}
+    (tmp / PART_FILE).write_text(json.dumps(info, indent=2) + "\n")
+    os.replace(tmp, final)
+    logger.info("part %s: done in %.0f s", name, info["seconds"])
+    return info
+
+
+def toyworld_config(out: Path):
+    """The any-to-any system over the stage-0 components in ``out`` (absolute paths)."""
+    from anygpt.config import AnyGPTConfig, ProjectorConfig
+    from anygpt.llm import LanguageModelConfig, LoraSettings
+    from decoders import DecoderConfig
+
+    decoders = {
+        "image": DecoderConfig(
+            kind="stable-diffusion", source=str(out / "image-decoder"), num_inference_steps=20, guidance_scale=5.0,
+            height=64, width=64, cond_dim=32,
+        ),
+        "video": DecoderConfig(
+            kind="zeroscope", source=str(out / "video-decoder"), num_inference_steps=20, guidance_scale=5.0,
+            height=64, width=64, num_frames=8, fps=8.0, cond_dim=32,
+        ),
+        "audio": DecoderConfig(
+            kind="audioldm", source=str(out / "audio-decoder"), num_inference_steps=20, guidance_scale=2.5,
+            audio_seconds=1.0, cond_dim=32,
+        ),
+    }  # fmt: skip
+    return AnyGPTConfig(
+        encoder=stage0.encoder_config(checkpoint=str(out / "encoder" / "imagebind.safetensors")),
+        llm=LanguageModelConfig(
+            source=str(out / "llm"),
+            torch_dtype="float32",
+            template="vicuna_v1",
+            lora=LoraSettings(
+                r=16,
+                alpha=32,
+                dropout=0.05,
+                target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+            ),
+        ),  # fmt: skip
+        decoders=decoders,
+        input_projector=ProjectorConfig("mlp"),
+        output_projector=ProjectorConfig(
+            "transformer",
+            {"d_model": 128, "num_heads": 4, "num_encoder_layers": 2, "num_decoder_layers": 2, "dim_feedforward": 512},
+        ),
+        output_projector_overrides={"audio": {"num_queries": 1}},
+        seed=0,
+    )
+
+
+def _train_stage(out: Path, stage: int, start: Path, settings: RecipeSettings) -> Callable[[Path], dict[str, Any]]:
+    def run(tmp: Path) -> dict[str, Any]:
+        from training.config import load_config
+        from training.trainer import StageTrainer
+
+        overrides = [f"data_root={out / 'data'}", f"cache_dir={out / 'cache'}"]
+        config = load_config(CONFIG_DIR / f"toyworld-stage{stage}.yaml", overrides=overrides, stage=stage)
+        # Train in out/stageN.run (kept between attempts so a stopped stage resumes), then move final/ into place.
+        work = out / f"stage{stage}.run"
+        steps = (settings.stage_steps or {}).get(stage)
+        trainer = StageTrainer(config, start=str(start), output_dir=str(work), max_steps=steps, resume="auto")
+        final = trainer.train()
+        shutil.copytree(final, tmp / "final")
+        for name in ("metrics.jsonl", "train_config.yaml"):
+            if (work / name).is_file():
+                shutil.copy2(work / name, tmp / name)
+        shutil.rmtree(work)
+        lines = [json.loads(x) for x in (tmp / "metrics.jsonl").read_text().splitlines() if x.strip()]
+        losses = [x["loss"] for x in lines if "loss" in x]
+        return {
+            "steps": len(losses),
+            "loss_first": losses[0] if losses else None,
+            "loss_last": losses[-1] if losses else None,
+        }
+
+    return run
+
+
+def _evaluate(model_dir: Path, settings: RecipeSettings) -> Callable[[Path], dict[str, Any]]:
+    def run(tmp: Path) -> dict[str, Any]:
+        from anygpt.pipeline import AnyGPTPipeline
+        from training.toyworld.evaluate import evaluate, format_report
+
+        pipe = AnyGPTPipeline.from_pretrained(model_dir)
+        report = evaluate(pipe, samples=settings.eval_samples)
+        tmp.mkdir(parents=True, exist_ok=True)
+        (tmp / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+        (tmp / "report.md").write_text(format_report(report) + "\n")
+        return report
+
+    return run
+
+
+def run_recipe(
+    out: str | os.PathLike,
+    settings: RecipeSettings | None = None,
+    *,
+    only: list[str] | None = None,
+    until: str | None = None,
+) -> dict[str, dict[str, Any]]:
+    """Run the recipe's parts in order into ``out`` (skipping finished parts).
+
+    Args:
+        out: the recipe's folder.
+        settings: sizes and steps (default: the full recipe).
+        only: run just these parts (their inputs must be done).
+        until: stop after this part.
+
+    Returns:
+        ``part.json`` content per part run or found.
+    """
+    from training.toyworld.package import package_model
+
+    out = Path(out).expanduser().resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    settings = settings or RecipeSettings()
+    s0 = settings.stage0
+    for name in only or []:
+        if name not in PARTS:
+            raise ValueError(f"unknown part {name!r}: expected one of {', '.join(PARTS)}")
+    if until is not None and until not in PARTS:
+        raise ValueError(f"unknown part {until!r}: expected one of {', '.join(PARTS)}")
+
+    def base(tmp: Path) -> dict[str, Any]:
+        from anygpt.pipeline import AnyGPTPipeline
+
+        pipe = AnyGPTPipeline.from_config(toyworld_config(out))
+        pipe.save_pretrained(tmp / "model")
+        return {"parameters": {k: v for k, v in _parameter_counts(pipe).items()}}
+
+    steps: dict[str, Callable[[Path], dict[str, Any]]] = {
+        "data": lambda tmp: write_world(tmp, seed=settings.seed, sizes=settings.sizes),
+        "encoder": lambda tmp: stage0.train_encoder(tmp, s0),
+        "llm": lambda tmp: stage0.train_language_model(tmp, read_corpus(out / "data"), s0),
+        "image-decoder": lambda tmp: stage0.train_image_decoder(tmp, s0),
+        "video-decoder": lambda tmp: stage0.train_video_decoder(tmp, out / "image-decoder", s0),
+        "audio-decoder": lambda tmp: stage0.train_audio_decoder(tmp, s0),
+        "base": base,
+        "stage1": _train_stage(out, 1, out / "base" / "model", settings),
+        "stage2": _train_stage(out, 2, out / "stage1" / "final", settings),
+        "stage3": _train_stage(out, 3, out / "stage2" / "final", settings),
+        "eval-stage1": _evaluate(out / "stage1" / "final", settings),
+        "eval-stage2": _evaluate(out / "stage2" / "final", settings),
+        "eval-stage3": _evaluate(out / "stage3" / "final", settings),
+        "package": lambda tmp: package_model(
+            out / "stage3" / "final", tmp / "toyworld", vocabulary_texts=stage0.world_captions() + [""]
+        ),
+    }
+    results = {}
+    for name in PARTS:
+        if only and name not in only:
+            continue
+        results[name] = _run_part(out, name, steps[name], seed=settings.seed)
+        if name == until:
+            break
+    _write_summary(out)
+    return results
+
+
+def _parameter_counts(pipe) -> dict[str, int]:
+    model = pipe.model
+    counts = {
+        "encoder": sum(p.numel() for p in model.encoder.parameters()),
+        "llm": sum(p.numel() for p in model.language_model.parameters()),
+        "input_projectors": sum(p.numel() for p in model.input_projectors.parameters()),
+        "output_projectors": sum(p.numel() for p in model.output_projectors.parameters()),
+    }
+    return counts
+
+
+def _write_summary(out: Path) -> None:
+    """``OUT/summary.json`` and ``summary.md``: every finished part's time, and the evaluation after each stage."""
+    from training.toyworld.evaluate import TARGETS
+
+    parts = {name: _part_done(out, name) for name in PARTS}
+    done = {k: v for k, v in parts.items() if v is not None}
+    lines = ["| part | minutes |", "|---|---:|"]
+    lines += [f"| {k} | {v['seconds'] / 60:.1f} |" for k, v in done.items()]
+    lines.append(f"| **total** | **{sum(v['seconds'] for v in done.values()) / 60:.1f}** |")
+    evals = {k: v["metrics"] for k, v in done.items() if k.startswith("eval-")}
+    if evals:
+        lines += ["", "| metric | target | " + " | ".join(k.replace("eval-", "after ") for k in evals) + " |"]
+        lines.append("|---|---:|" + "---:|" * len(evals))
+        for metric, target in TARGETS.items():
+            row = [
+                f"{100 * r['metrics'][metric]['value']:.1f}" if metric in r.get("metrics", {}) else "-"
+                for r in evals.values()
+            ]
+            lines.append(f"| {metric} | {100 * target:.0f} | " + " | ".join(row) + " |")
+    (out / "summary.md").write_text("\n".join(lines) + "\n")
+    (out / "summary.json").write_text(json.dumps(done, indent=2) + "\n")
+
+
+def install_package(out: str | os.PathLike) -> Path:
+    """Copy the recipe's packaged model into the anygpt package (``anygpt/models/toyworld``), replacing it."""
+    from anygpt.config import PACKAGED_MODELS
+    from anygpt.utils import atomic_directory
+
+    src = Path(out) / "package" / "toyworld"
+    if _part_done(Path(out), "package") is None:
+        raise FileNotFoundError(f"{src}: the recipe's package part has not finished")
+    import anygpt
+
+    dst = Path(anygpt.__file__).resolve().parent / PACKAGED_MODELS["toyworld"]
+    with atomic_directory(dst) as tmp:
+        shutil.copytree(src, tmp, dirs_exist_ok=True)
+        for name in ("summary.md", "summary.json"):
+            shutil.copy2(Path(out) / name, tmp / name)
+    return dst

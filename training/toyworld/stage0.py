@@ -1,0 +1,661 @@
+"""Stage 0: pretrain the toy world's frozen components from nothing, with the architectures the pipeline uses.
+
+* :func:`train_encoder`: an ImageBind-architecture encoder (``imagebind.models.ImageBindModel``), trained
+  contrastively: each image, video and audio embedding against the text-trunk embeddings of every caption of the
+  world (the right caption is the target class).
+* :func:`train_language_model`: a byte-level BPE tokenizer trained with ``tokenizers`` on the world's language, and a
+  Llama-architecture causal LM trained on the world's conversations (media replaced by their captions).
+* :func:`train_image_decoder`: Stable Diffusion (``AutoencoderKL``, ``UNet2DConditionModel``, ``CLIPTextModel``).
+* :func:`train_video_decoder`: ZeroScope (``UNet3DConditionModel``; spatial layers, VAE and text encoder start from the
+  image decoder's).
+* :func:`train_audio_decoder`: AudioLDM (mel ``AutoencoderKL``, ``UNet2DConditionModel`` conditioned on the
+  L2-normalised ``ClapTextModelWithProjection`` embedding, ``SpeechT5HifiGan`` vocoder).
+
+Every function writes a folder that the pipeline loads as it loads real weights (a diffusers folder with
+``model_index.json``, a transformers folder, an ImageBind safetensors checkpoint). Media are rendered on the fly
+from :mod:`training.toyworld.world`, so there is no fixed training set to overfit. Sizes and step counts come from
+:class:`Stage0Settings`; :meth:`Stage0Settings.quick` is a few-step version for tests.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from anygpt.modality import Modality
+from training.toyworld import world
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "Stage0Settings",
+    "audio_log_mel",
+    "encoder_config",
+    "train_audio_decoder",
+    "train_encoder",
+    "train_image_decoder",
+    "train_language_model",
+    "train_video_decoder",
+]
+
+MEL_BINS = 64
+HOP = 160  # 10 ms at 16 kHz: 100 mel frames per second, one per 160 vocoder samples
+N_FFT = 1024
+
+
+@dataclass
+class Stage0Settings:
+    """Sizes, steps and learning rates of stage 0 (defaults: the full recipe, about an hour on 2 CPU cores)."""
+
+    seed: int = 0
+    # encoder
+    encoder_steps: int = 500
+    encoder_batch: int = 24
+    encoder_lr: float = 1e-3
+    encoder_pool: int = 768
+    # language model
+    llm_vocab: int = 640
+    llm_hidden: int = 128
+    llm_layers: int = 4
+    llm_heads: int = 4
+    llm_steps: int = 1500
+    llm_batch: int = 32
+    llm_lr: float = 2e-3
+    # image decoder
+    cond_dim: int = 32
+    image_vae_steps: int = 500
+    image_unet_channels: tuple[int, ...] = (32, 64, 64)
+    image_unet_steps: int = 1400
+    image_batch: int = 32
+    unet_lr: float = 1e-3
+    # video decoder
+    video_unet_steps: int = 700
+    video_batch: int = 8
+    # audio decoder
+    audio_vae_steps: int = 400
+    audio_unet_channels: tuple[int, ...] = (32, 64)
+    audio_unet_steps: int = 800
+    audio_batch: int = 32
+    vocoder_steps: int = 500
+    vocoder_batch: int = 8
+    vae_lr: float = 2e-3
+
+    @classmethod
+    def quick(cls, **overrides: Any) -> Stage0Settings:
+        """A few steps of everything: proves the recipe runs, trains nothing useful."""
+        steps = {f: 3 for f in asdict(cls()) if f.endswith("_steps")}
+        small = {"encoder_batch": 4, "encoder_pool": 8, "llm_batch": 4, "image_batch": 4, "video_batch": 2}
+        return replace(cls(), **{**steps, **small, "audio_batch": 4, "vocoder_batch": 2, **overrides})
+
+    def to_dict(self) -> dict[str, Any]:
+        return json.loads(json.dumps(asdict(self)))
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Shared pieces
+# ------------------------------------------------------------------------------------------------------------
+
+
+def _rng(seed: int, part: str) -> np.random.Generator:
+    return np.random.default_rng([seed, sum(part.encode())])
+
+
+def _adamw(params, lr: float, steps: int, warmup: int = 50) -> tuple[torch.optim.Optimizer, Any]:
+    params = [p for p in params if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0, betas=(0.9, 0.99))
+    warmup = min(warmup, max(1, steps // 10))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, steps - warmup)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def _loop(desc: str, steps: int, step_fn: Callable[[int], float], params, max_norm: float = 1.0) -> list[float]:
+    """Run ``steps`` optimizer steps of ``step_fn`` (returns the loss tensor's value after backward)."""
+    losses: list[float] = []
+    bar = tqdm(range(steps), desc=desc, unit="step", leave=False)
+    for step in bar:
+        loss = step_fn(step)
+        if not math.isfinite(loss):
+            raise RuntimeError(f"{desc}: loss is {loss} at step {step}")
+        losses.append(loss)
+        if step % 10 == 0:
+            bar.set_postfix(loss=f"{np.mean(losses[-10:]):.4f}")
+    if steps:
+        logger.info("%s: loss %.4f -> %.4f over %d steps", desc, np.mean(losses[:10]), np.mean(losses[-10:]), steps)
+    return losses
+
+
+def _loss_summary(losses: list[float]) -> dict[str, float]:
+    if not losses:
+        return {}
+    k = max(1, min(20, len(losses) // 5))
+    return {"first": float(np.mean(losses[:k])), "last": float(np.mean(losses[-k:])), "steps": len(losses)}
+
+
+def _images_tensor(pixels: list[np.ndarray]) -> torch.Tensor:
+    """uint8 (H, W, 3) images -> float (B, 3, H, W) in [-1, 1]."""
+    array = torch.from_numpy(np.stack(pixels)).float()
+    return array.permute(0, 3, 1, 2) / 127.5 - 1.0
+
+
+def _write_json(path: Path, data: dict) -> None:
+    path.write_text(json.dumps(data, indent=2) + "\n")
+
+
+def _train_vae(vae, batch_fn: Callable[[], torch.Tensor], steps: int, lr: float, desc: str) -> list[float]:
+    """Reconstruction (L1 + MSE) with a small KL term; afterwards the latent scaling factor is set from the data."""
+    vae.train()
+    vae.requires_grad_(True)
+    optimizer, schedule = _adamw(vae.parameters(), lr, steps)
+
+    def step(_: int) -> float:
+        x = batch_fn()
+        posterior = vae.encode(x).latent_dist
+        recon = vae.decode(posterior.sample()).sample
+        loss = F.l1_loss(recon, x) + F.mse_loss(recon, x) + 1e-6 * posterior.kl().mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        return loss.item()
+
+    losses = _loop(desc, steps, step, vae.parameters())
+    vae.eval()
+    vae.requires_grad_(False)
+    with torch.no_grad():
+        latents = torch.cat([vae.encode(batch_fn()).latent_dist.sample() for _ in range(4)])
+    scale = float(1.0 / latents.std().clamp_min(1e-3))
+    vae.register_to_config(scaling_factor=scale)
+    logger.info("%s: latent scaling factor %.4f", desc, scale)
+    return losses
+
+
+def _clip_embeds(text_encoder, tokenizer, captions: list[str]) -> torch.Tensor:
+    """What ``StableDiffusionPipeline.encode_prompt`` computes (last hidden state of the padded prompt), with grad."""
+    ids = tokenizer(
+        captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+    ).input_ids
+    return text_encoder(ids)[0]
+
+
+def _clap_embeds(text_encoder, tokenizer, captions: list[str], max_length: int | None = None) -> torch.Tensor:
+    """What ``AudioLDMPipeline._encode_prompt`` computes (L2-normalised CLAP ``text_embeds``), with grad.
+
+    The empty (unconditional) caption is padded to the embedding width, as the pipeline pads its negative prompt."""
+    enc = tokenizer(
+        captions,
+        padding="max_length",
+        max_length=max_length or tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
+    )
+    return F.normalize(text_encoder(enc.input_ids, attention_mask=enc.attention_mask).text_embeds, dim=-1)
+
+
+def _noise_loss(unet, scheduler, latents: torch.Tensor, generator: torch.Generator, **cond) -> torch.Tensor:
+    """Epsilon-prediction loss with min-SNR (gamma 5) weighting at uniformly drawn timesteps."""
+    noise = torch.randn(latents.shape, generator=generator)
+    t = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator)
+    noisy = scheduler.add_noise(latents, noise, t)
+    pred = unet(noisy, t, **cond).sample
+    alphas = scheduler.alphas_cumprod[t]
+    snr = alphas / (1 - alphas)
+    weight = torch.clamp(snr, max=5.0) / snr
+    per_item = F.mse_loss(pred, noise, reduction="none").flatten(1).mean(1)
+    return (weight * per_item).mean()
+
+
+def _drop_captions(captions: list[str], rng: np.random.Generator, rate: float = 0.1) -> list[str]:
+    """Replace a fraction of captions by the empty one (classifier-free guidance training)."""
+    return ["" if rng.random() < rate else c for c in captions]
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Image decoder (Stable Diffusion)
+# ------------------------------------------------------------------------------------------------------------
+
+
+def train_image_decoder(out: Path, settings: Stage0Settings) -> dict[str, Any]:
+    """Train a Stable Diffusion pipeline on the world's images; write it (diffusers folder) to ``out``."""
+    from diffusers import StableDiffusionPipeline
+
+    from decoders.tiny import tiny_stable_diffusion_components
+
+    s = settings
+    rng = _rng(s.seed, "image")
+    gen = torch.Generator().manual_seed(s.seed)
+    parts = tiny_stable_diffusion_components(seed=s.seed, cond_dim=s.cond_dim, unet_channels=s.image_unet_channels)
+    vae, unet, text_encoder, tokenizer, scheduler = (
+        parts["vae"], parts["unet"], parts["text_encoder"], parts["tokenizer"], parts["scheduler"]
+    )  # fmt: skip
+
+    def images(n: int) -> tuple[torch.Tensor, list[str]]:
+        items = [world.sample_image(rng) for _ in range(n)]
+        return _images_tensor([i.render() for i in items]), [i.caption for i in items]
+
+    vae_batch = max(1, s.image_batch // 2)
+    vae_losses = _train_vae(vae, lambda: images(vae_batch)[0], s.image_vae_steps, s.vae_lr, "image VAE")
+    unet_losses = _train_text_conditioned_unet(
+        unet, text_encoder, tokenizer, scheduler, vae, lambda: images(s.image_batch), s.image_unet_steps, s, rng, gen,
+        desc="image UNet",
+    )  # fmt: skip
+    pipe = StableDiffusionPipeline(**parts)
+    pipe.save_pretrained(out, safe_serialization=True)
+    return {"vae_loss": _loss_summary(vae_losses), "unet_loss": _loss_summary(unet_losses)}
+
+
+def _train_text_conditioned_unet(
+    unet, text_encoder, tokenizer, scheduler, vae, batch_fn, steps: int, s: Stage0Settings, rng, gen, *, desc: str,
+    video: bool = False,
+) -> list[float]:  # fmt: skip
+    """Train the UNet and the CLIP text encoder together on (media, caption) batches from ``batch_fn``."""
+    unet.train()
+    text_encoder.train()
+    unet.requires_grad_(True)
+    text_encoder.requires_grad_(True)
+    params = list(unet.parameters()) + list(text_encoder.parameters())
+    optimizer, schedule = _adamw(params, s.unet_lr, steps)
+
+    def step(_: int) -> float:
+        pixels, captions = batch_fn()
+        with torch.no_grad():
+            if video:  # (B, F, 3, H, W) -> latents (B, C, F, h, w)
+                b, f = pixels.shape[:2]
+                lat = vae.encode(pixels.flatten(0, 1)).latent_dist.sample(generator=gen)
+                latents = lat.unflatten(0, (b, f)).permute(0, 2, 1, 3, 4) * vae.config.scaling_factor
+            else:
+                latents = vae.encode(pixels).latent_dist.sample(generator=gen) * vae.config.scaling_factor
+        cond = _clip_embeds(text_encoder, tokenizer, _drop_captions(captions, rng))
+        loss = _noise_loss(unet, scheduler, latents, gen, encoder_hidden_states=cond)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        schedule.step()
+        return loss.item()
+
+    losses = _loop(desc, steps, step, params)
+    for module in (unet, text_encoder):
+        module.eval()
+        module.requires_grad_(False)
+    return losses
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Video decoder (ZeroScope)
+# ------------------------------------------------------------------------------------------------------------
+
+
+def train_video_decoder(out: Path, image_decoder: Path, settings: Stage0Settings) -> dict[str, Any]:
+    """Train a ZeroScope (``TextToVideoSDPipeline``) pipeline on the world's videos; write it to ``out``.
+
+    The VAE, the text encoder and the UNet's spatial layers start from the trained image decoder in
+    ``image_decoder`` (the UNet3D's temporal layers start as the identity, so the untrained video model draws each
+    frame as the image model would); the VAE stays frozen."""
+    from diffusers import StableDiffusionPipeline, TextToVideoSDPipeline
+
+    from decoders.tiny import tiny_zeroscope_components
+
+    s = settings
+    rng = _rng(s.seed, "video")
+    gen = torch.Generator().manual_seed(s.seed + 1)
+    image = StableDiffusionPipeline.from_pretrained(image_decoder, safety_checker=None, requires_safety_checker=False)
+    parts = tiny_zeroscope_components(seed=s.seed, cond_dim=s.cond_dim, unet_channels=s.image_unet_channels)
+    parts["vae"] = image.vae
+    parts["text_encoder"] = image.text_encoder
+    unet = parts["unet"]
+    own = unet.state_dict()
+    spatial = {k: v for k, v in image.unet.state_dict().items() if k in own and own[k].shape == v.shape}
+    unet.load_state_dict(spatial, strict=False)
+    logger.info("video UNet: %d of %d tensors start from the image UNet", len(spatial), len(own))
+
+    def videos(n: int) -> tuple[torch.Tensor, list[str]]:
+        items = [world.sample_video(rng) for _ in range(n)]
+        frames = np.stack([i.render().frames for i in items])  # (B, F, H, W, 3)
+        x = torch.from_numpy(frames).float().permute(0, 1, 4, 2, 3) / 127.5 - 1.0
+        return x, [i.caption for i in items]
+
+    losses = _train_text_conditioned_unet(
+        unet, parts["text_encoder"], parts["tokenizer"], parts["scheduler"], parts["vae"],
+        lambda: videos(s.video_batch), s.video_unet_steps, s, rng, gen, desc="video UNet3D", video=True,
+    )  # fmt: skip
+    TextToVideoSDPipeline(**parts).save_pretrained(out, safe_serialization=True)
+    return {"unet_loss": _loss_summary(losses), "initialised_from_image": len(spatial)}
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Audio decoder (AudioLDM)
+# ------------------------------------------------------------------------------------------------------------
+
+
+def audio_log_mel(waveform: torch.Tensor) -> torch.Tensor:
+    """(B, N) 16 kHz waveforms -> (B, N / 160, 64) scaled log-mel frames: the representation the toy world's
+    AudioLDM VAE reconstructs and its vocoder reads. ``log(mel + 1e-5)`` keeps gradients alive near silence."""
+    import torchaudio
+
+    transform = _mel_transform(torchaudio)
+    mel = transform(waveform)[..., : waveform.shape[-1] // HOP]  # (B, 64, T)
+    return ((torch.log(mel + 1e-5) + 5.0) / 5.0).transpose(1, 2)
+
+
+_MEL: dict[str, Any] = {}
+
+
+def _mel_transform(torchaudio):
+    if "t" not in _MEL:
+        _MEL["t"] = torchaudio.transforms.MelSpectrogram(
+            sample_rate=world.SAMPLE_RATE, n_fft=N_FFT, hop_length=HOP, n_mels=MEL_BINS, f_min=0.0, f_max=8000.0,
+            power=1.0,
+        )  # fmt: skip
+    return _MEL["t"]
+
+
+def train_audio_decoder(out: Path, settings: Stage0Settings) -> dict[str, Any]:
+    """Train an AudioLDM pipeline (mel VAE, vocoder, CLAP-conditioned UNet) on the world's tones; write it to
+    ``out``."""
+    from diffusers import AudioLDMPipeline
+
+    from decoders.tiny import tiny_audioldm_components
+
+    s = settings
+    rng = _rng(s.seed, "audio")
+    gen = torch.Generator().manual_seed(s.seed + 2)
+    parts = tiny_audioldm_components(
+        seed=s.seed, cond_dim=s.cond_dim, unet_channels=s.audio_unet_channels, vae_channels=(16, 32, 64)
+    )  # mel (100, 64) -> latents (25, 16)
+    vae, unet, text_encoder, tokenizer, scheduler, vocoder = (
+        parts["vae"], parts["unet"], parts["text_encoder"], parts["tokenizer"], parts["scheduler"], parts["vocoder"]
+    )  # fmt: skip
+
+    def audio(n: int) -> tuple[torch.Tensor, list[str]]:
+        items = [world.sample_audio(rng) for _ in range(n)]
+        wave = torch.from_numpy(np.stack([i.render().waveform for i in items]))
+        return wave, [i.caption for i in items]
+
+    def mels(n: int) -> tuple[torch.Tensor, list[str]]:
+        wave, captions = audio(n)
+        return audio_log_mel(wave).unsqueeze(1), captions  # (B, 1, T, 64)
+
+    vocoder_losses = _train_vocoder(vocoder, lambda: audio(s.vocoder_batch)[0], s)
+    vae_batch = max(1, s.audio_batch // 2)
+    vae_losses = _train_vae(vae, lambda: mels(vae_batch)[0], s.audio_vae_steps, s.vae_lr, "audio VAE")
+
+    unet.train()
+    text_encoder.train()
+    unet.requires_grad_(True)
+    text_encoder.requires_grad_(True)
+    params = list(unet.parameters()) + list(text_encoder.parameters())
+    optimizer, schedule = _adamw(params, s.unet_lr, s.audio_unet_steps)
+
+    def step(_: int) -> float:
+        x, captions = mels(s.audio_batch)
+        with torch.no_grad():
+            latents = vae.encode(x).latent_dist.sample(generator=gen) * vae.config.scaling_factor
+        keep = torch.tensor([c != "" for c in _drop_captions(captions, rng)])[:, None]
+        cond = _clap_embeds(text_encoder, tokenizer, captions)
+        empty = _clap_embeds(text_encoder, tokenizer, [""], s.cond_dim)  # the pipeline's negative prompt
+        cond = torch.where(keep, cond, empty)
+        loss = _noise_loss(unet, scheduler, latents, gen, encoder_hidden_states=None, class_labels=cond)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        schedule.step()
+        return loss.item()
+
+    unet_losses = _loop("audio UNet", s.audio_unet_steps, step, params)
+    for module in (unet, text_encoder):
+        module.eval()
+        module.requires_grad_(False)
+    AudioLDMPipeline(**parts).save_pretrained(out, safe_serialization=True)
+    return {
+        "vocoder_loss": _loss_summary(vocoder_losses),
+        "vae_loss": _loss_summary(vae_losses),
+        "unet_loss": _loss_summary(unet_losses),
+    }
+
+
+def _train_vocoder(vocoder, batch_fn: Callable[[], torch.Tensor], s: Stage0Settings) -> list[float]:
+    """HiFi-GAN generator on an L1 log-mel loss (no discriminator: the world's tones do not need one)."""
+    vocoder.train()
+    vocoder.requires_grad_(True)
+    optimizer, schedule = _adamw(vocoder.parameters(), s.vae_lr, s.vocoder_steps)
+
+    def step(_: int) -> float:
+        wave = batch_fn()
+        mel = audio_log_mel(wave)
+        fake = vocoder(mel)
+        fake = fake[..., : wave.shape[-1]]
+        loss = F.l1_loss(audio_log_mel(fake), mel) + F.l1_loss(fake, wave)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vocoder.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        return loss.item()
+
+    losses = _loop("vocoder", s.vocoder_steps, step, vocoder.parameters())
+    vocoder.eval()
+    vocoder.requires_grad_(False)
+    return losses
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Encoder (ImageBind architecture)
+# ------------------------------------------------------------------------------------------------------------
+
+
+def encoder_config(checkpoint: str | None = None):
+    """The toy world's ImageBind config: Meta's architecture at small widths, one clip per video / audio."""
+    from encoders import ImageBindConfig
+
+    trunks = {}
+    for trunk, (dim, blocks, heads) in {
+        "vision": (64, 2, 4), "audio": (64, 2, 4), "text": (32, 2, 2),
+        "depth": (16, 1, 1), "thermal": (16, 1, 1), "imu": (16, 1, 1),
+    }.items():  # fmt: skip
+        trunks.update({f"{trunk}_embed_dim": dim, f"{trunk}_num_blocks": blocks, f"{trunk}_num_heads": heads})
+    return ImageBindConfig(
+        out_embed_dim=64,
+        **trunks,
+        audio_drop_path=0.0,
+        imu_drop_path=0.0,
+        pretrained=False,
+        checkpoint=checkpoint,
+        video_clips=1,
+        video_frames_per_clip=4,
+        video_clip_seconds=1.0,
+        video_spatial_crops=1,
+        audio_clips=1,
+        audio_clip_seconds=1.0,
+        num_mel_bins=MEL_BINS,
+        target_frames=100,
+    )
+
+
+def world_captions() -> list[str]:
+    """Every caption of the world (34)."""
+    captions = [world.ImageItem(c, s).caption for c in world.COLOURS for s in world.SHAPES]
+    captions += [world.AudioItem(p, st).caption for p in world.PITCHES for st in world.STYLES]
+    captions += [world.VideoItem(c, d).caption for c in world.COLOURS for d in world.DIRECTIONS]
+    return captions
+
+
+def train_encoder(out: Path, settings: Stage0Settings) -> dict[str, Any]:
+    """Train the encoder contrastively on the world; write ``imagebind.safetensors`` (Meta's key names) to ``out``.
+
+    Each step embeds a batch of images, videos and audio clips and every caption of the world with the text trunk;
+    the loss is cross-entropy of each media embedding's similarities to all captions (temperature 0.07) with its
+    own caption as the target (no false negatives, as every caption appears once)."""
+    from safetensors.torch import save_file
+
+    from encoders import ImageBindEncoder
+
+    s = settings
+    rng = _rng(s.seed, "encoder")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(s.seed)
+        encoder = ImageBindEncoder(encoder_config())
+    captions = world_captions()
+    index = {c: i for i, c in enumerate(captions)}
+    text_ids = torch.stack([encoder.preprocess(Modality.TEXT, c) for c in captions])
+
+    pools: dict[Modality, tuple[torch.Tensor, torch.Tensor]] = {}
+    for modality in (Modality.IMAGE, Modality.VIDEO, Modality.AUDIO):
+        items = [world.sample_item(rng, modality) for _ in range(s.encoder_pool)]
+        rendered = [i.render() for i in items]
+        if modality is Modality.IMAGE:
+            from PIL import Image
+
+            rendered = [Image.fromarray(r) for r in rendered]
+        x = torch.stack([encoder.preprocess(modality, r) for r in tqdm(rendered, desc=f"preprocess {modality.value}")])
+        pools[modality] = (x.half(), torch.tensor([index[i.caption] for i in items]))
+
+    model = encoder.model
+    model.requires_grad_(True)
+    model.train()
+    optimizer, schedule = _adamw(model.parameters(), s.encoder_lr, s.encoder_steps)
+
+    def step(_: int) -> float:
+        text = F.normalize(encoder.embed(Modality.TEXT, text_ids).embeds, dim=-1)
+        loss = 0.0
+        for modality, (x, labels) in pools.items():
+            pick = torch.from_numpy(rng.choice(len(labels), size=min(s.encoder_batch, len(labels)), replace=False))
+            media = F.normalize(encoder.embed(modality, x[pick].float()).embeds, dim=-1)
+            loss = loss + F.cross_entropy(media @ text.T / 0.07, labels[pick])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        return float(loss.item()) / len(pools)
+
+    losses = _loop("encoder", s.encoder_steps, step, model.parameters())
+    model.eval()
+    model.requires_grad_(False)
+    accuracy = {}
+    with torch.no_grad():
+        text = F.normalize(encoder(Modality.TEXT, text_ids).embeds, dim=-1)
+        for modality in pools:  # retrieval accuracy on fresh media
+            items = [world.sample_item(rng, modality) for _ in range(48)]
+            emb = F.normalize(encoder.encode(modality, [_as_input(i) for i in items]).embeds, dim=-1)
+            predicted = (emb @ text.T).argmax(-1)
+            accuracy[modality.value] = float(
+                np.mean([captions[p] == i.caption for p, i in zip(predicted.tolist(), items, strict=True)])
+            )
+    logger.info("encoder retrieval accuracy on fresh media: %s", accuracy)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().half().contiguous() for k, v in model.state_dict().items()}, out / "imagebind.safetensors")
+    return {"loss": _loss_summary(losses), "retrieval_accuracy": accuracy}
+
+
+def _as_input(item) -> Any:
+    rendered = item.render()
+    if item.modality is Modality.IMAGE:
+        from PIL import Image
+
+        return Image.fromarray(rendered)
+    return rendered
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Language model (Llama architecture, BPE tokenizer)
+# ------------------------------------------------------------------------------------------------------------
+
+
+def train_language_model(out: Path, corpus: list[str], settings: Stage0Settings) -> dict[str, Any]:
+    """Train a BPE tokenizer and a Llama LM on ``corpus`` (whole conversations as text); save both to ``out``."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    s = settings
+    specials = ["<unk>", "<s>", "</s>", "<pad>"]
+    bpe = Tokenizer(models.BPE(unk_token="<unk>"))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=s.llm_vocab,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    bpe.train_from_iterator(corpus, trainer=trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=bpe, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<pad>"
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(s.seed)
+        model = LlamaForCausalLM(
+            LlamaConfig(
+                vocab_size=len(tokenizer),
+                hidden_size=s.llm_hidden,
+                intermediate_size=3 * s.llm_hidden,
+                num_hidden_layers=s.llm_layers,
+                num_attention_heads=s.llm_heads,
+                num_key_value_heads=s.llm_heads,
+                max_position_embeddings=1024,
+                bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id,
+                tie_word_embeddings=False,
+            )
+        )
+    # "</s>" in the text is the template's end of an assistant turn: tokenised as the EOS token, as at inference.
+    encoded = [[tokenizer.bos_token_id] + tokenizer(text, add_special_tokens=False).input_ids for text in corpus]
+    lengths = [len(e) for e in encoded]
+    logger.info(
+        "language model: %d conversations, %d tokens (mean %.0f, max %d), vocabulary %d",
+        len(encoded), sum(lengths), np.mean(lengths), max(lengths), len(tokenizer),
+    )  # fmt: skip
+    rng = _rng(s.seed, "llm")
+    model.train()
+    optimizer, schedule = _adamw(model.parameters(), s.llm_lr, s.llm_steps)
+
+    def batch(rows: list[list[int]]) -> dict[str, torch.Tensor]:
+        length = max(len(r) for r in rows)
+        ids = torch.full((len(rows), length), tokenizer.pad_token_id)
+        labels = torch.full((len(rows), length), -100)
+        for i, r in enumerate(rows):
+            ids[i, : len(r)] = torch.tensor(r)
+            labels[i, : len(r)] = torch.tensor(r)
+        return {"input_ids": ids, "attention_mask": (labels != -100).long(), "labels": labels}
+
+    def step(_: int) -> float:
+        rows = [encoded[i] for i in rng.choice(len(encoded), size=min(s.llm_batch, len(encoded)), replace=False)]
+        loss = model(**batch(rows)).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        return loss.item()
+
+    losses = _loop("language model", s.llm_steps, step, model.parameters())
+    model.eval()
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    return {"loss": _loss_summary(losses), "vocabulary": len(tokenizer), "conversations": len(encoded)}
+
+
+def timed(fn: Callable[..., dict[str, Any]], *args: Any) -> dict[str, Any]:
+    start = time.perf_counter()
+    result = fn(*args)
+    result["seconds"] = round(time.perf_counter() - start, 1)
+    return result
