@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 run: $(STAMP)
-	$(VENV)/bin/anygpt generate "$(PROMPT)" --modalities image,video,audio --out outputs
+	$(VENV)/bin/anygpt generate "$(PROMPT)" --out outputs
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests

@@ -164,8 +164,10 @@ def packaged_model_dir(name: str) -> Path:
     Raises:
         FileNotFoundError: the package was installed without it (saying how to build it).
     """
+    if name not in PACKAGED_MODELS:
+        raise ValueError(f"unknown packaged model {name!r}: expected one of {', '.join(sorted(PACKAGED_MODELS))}")
     folder = Path(__file__).resolve().parent / PACKAGED_MODELS[name]
-    if not (folder / "anygpt_index.json").is_file():
+    if not (folder / "anygpt_index.json").is_file():  # anygpt.model.INDEX_FILE (not imported: a cycle)
         raise FileNotFoundError(
             f"the packaged model {name!r} is missing from {folder}; build it with "
             f"`anygpt toyworld recipe OUT --install` (about 1.5 hours on 2 CPU cores)"

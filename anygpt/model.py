@@ -384,12 +384,13 @@ def read_index(folder: str | os.PathLike) -> tuple[AnyGPTConfig, dict]:
 
 
 def _resolve_inside(folder: str | os.PathLike, config: AnyGPTConfig) -> None:
-    """Make component paths that are relative and exist inside ``folder`` absolute (a self-contained model folder
-    holds its encoder, LLM and decoders; its index names them relative to itself, wherever the folder is)."""
+    """Make component paths written ``./...`` absolute against ``folder``: a self-contained model folder holds its
+    encoder, LLM and decoders and names them relative to itself, so it works wherever it is. Such a path must stay
+    inside the folder and exist (never looked up in the working directory or the hub)."""
     folder = Path(folder).resolve()
 
     def inside(value: str | None, what: str) -> str | None:
-        if value and not Path(value).is_absolute() and (folder / value).exists():
+        if value and value.startswith("./"):
             return str(resolve_part(folder, value, what))
         return value
 

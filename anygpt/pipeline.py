@@ -115,6 +115,8 @@ class AnyGPTPipeline:
             FileNotFoundError: a frozen backbone the config refers to is not on this machine.
         """
         path = Path(name_or_dir).expanduser()
+        if not (path / INDEX_FILE).is_file() and str(name_or_dir) in PACKAGED_MODELS:
+            return cls.from_pretrained(packaged_model_dir(str(name_or_dir)))
         if (path / INDEX_FILE).is_file():
             config, parts = read_index(path)
             pipe = cls.from_config(config, tokenizer_dir=resolve_part(path, parts["tokenizer"], "tokenizer"))
@@ -124,8 +126,6 @@ class AnyGPTPipeline:
         if path.is_dir():
             raise ValueError(f"{path} is a folder but holds no {INDEX_FILE} (not written by save_pretrained)")
         name = str(name_or_dir)
-        if name in PACKAGED_MODELS:
-            return cls.from_pretrained(packaged_model_dir(name))
         if name in list_presets():
             if name == "tiny":
                 logger.warning("the 'tiny' preset is randomly initialised: its text and media are noise")

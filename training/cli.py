@@ -89,6 +89,7 @@ def _toyworld(args: argparse.Namespace) -> None:
         missed = failures(report)
         if missed:
             print(f"below target: {', '.join(missed)}")
+            raise SystemExit(1)
     else:
         from training.toyworld.recipe import RecipeSettings, install_package, run_recipe
 

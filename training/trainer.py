@@ -170,12 +170,14 @@ class StageTrainer:
 
     def load_pipeline(self):
         """The starting pipeline, with the config's LoRA settings when the model has no trained adapter yet."""
-        from anygpt.config import config_from_preset, list_presets
+        from anygpt.config import PACKAGED_MODELS, config_from_preset, list_presets, packaged_model_dir
         from anygpt.llm import LoraSettings
         from anygpt.model import INDEX_FILE, read_index, resolve_part
         from anygpt.pipeline import AnyGPTPipeline
 
         source = Path(self.start).expanduser()
+        if not (source / INDEX_FILE).is_file() and self.start in PACKAGED_MODELS:
+            source = packaged_model_dir(self.start)  # a shipped trained model: its trained parts too
         if (source / INDEX_FILE).is_file():
             model_config, parts = read_index(source)
         elif self.start in list_presets():

@@ -23,7 +23,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -35,6 +34,7 @@ from tqdm.auto import tqdm
 from anygpt.conversation import get_template
 from anygpt.media import save_audio, save_image, save_video
 from anygpt.modality import Modality
+from anygpt.utils import atomic_directory
 from training.toyworld import world
 
 logger = logging.getLogger(__name__)
@@ -265,10 +265,21 @@ def write_world(
     sizes = sizes or WorldSizes()
     marker = root / MARKER_FILE
     if marker.is_file():
+        info = json.loads(marker.read_text())
+        if info.get("seed") != seed or info.get("sizes") != vars(sizes) or info.get("template") != template:
+            raise ValueError(
+                f"{root} holds a toy world dataset of seed {info.get('seed')} and sizes {info.get('sizes')}, not "
+                f"seed {seed} and sizes {vars(sizes)}; choose a new or empty folder"
+            )
         logger.info("toy world dataset already written in %s", root)
-        return json.loads(marker.read_text())
+        return info
     if root.exists() and any(root.iterdir()):
         raise ValueError(f"{root}: not empty and holds no {MARKER_FILE}; choose a new or empty folder")
+    with atomic_directory(root) as tmp:  # all or nothing: an interrupted run leaves no half dataset
+        return _write_world(tmp, seed, sizes, template)
+
+
+def _write_world(root: Path, seed: int, sizes: WorldSizes, template: str) -> dict[str, Any]:
     rng = np.random.default_rng([seed, 7])
     library = _Library(np.random.default_rng([seed, 8]))
     plan = _plan_media(rng, sizes)
@@ -302,7 +313,7 @@ def write_world(
         "counts": {"mosit": len(mosit), "chat": len(alpaca), "corpus": len(corpus)},
         "template": template,
     }
-    _dump(marker, info)
+    _dump(root / MARKER_FILE, info)
     return info
 
 
@@ -318,9 +329,3 @@ def _dump(path: Path, value: Any) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(value, indent=1) + "\n")
     os.replace(tmp, path)
-
-
-def remove_partial(root: Path) -> None:
-    """Remove a dataset folder whose marker was never written (an interrupted :func:`write_world`)."""
-    if root.exists() and not (root / MARKER_FILE).is_file():
-        shutil.rmtree(root)

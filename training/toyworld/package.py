@@ -60,7 +60,8 @@ def restrict_text_encoder(pipe, texts: list[str]) -> int:
         before = _encode(pipe, texts)
         tokenizer, old_ids = restrict_clip_tokenizer(pipe.tokenizer, texts)
         old = encoder.get_input_embeddings()
-        new = torch.nn.Embedding(len(old_ids), old.embedding_dim, padding_idx=old.padding_idx, dtype=old.weight.dtype)
+        padding = old_ids.index(old.padding_idx) if old.padding_idx in old_ids else None
+        new = torch.nn.Embedding(len(old_ids), old.embedding_dim, padding_idx=padding, dtype=old.weight.dtype)
         new.weight.copy_(old.weight[torch.tensor(old_ids)])
         encoder.set_input_embeddings(new)
         config = encoder.config
@@ -118,12 +119,12 @@ def package_model(
             raise ValueError(f"{src}: the encoder has no checkpoint file to package")
         (tmp / "encoder").mkdir()
         shutil.copy2(config.encoder.checkpoint, tmp / "encoder" / "imagebind.safetensors")
-        config.encoder.checkpoint = "encoder/imagebind.safetensors"
+        config.encoder.checkpoint = "./encoder/imagebind.safetensors"
 
         llm = AutoModelForCausalLM.from_pretrained(config.llm.source, dtype=torch.float16)
         llm.save_pretrained(tmp / "llm", safe_serialization=True)
         AutoTokenizer.from_pretrained(config.llm.source).save_pretrained(tmp / "llm")
-        config.llm.source = "llm"
+        config.llm.source = "./llm"
 
         for modality, decoder_config in config.decoders.items():
             pipe = build_decoder(decoder_config).load()
@@ -131,7 +132,7 @@ def package_model(
                 vocab = restrict_text_encoder(pipe, vocabulary_texts)
                 logger.info("%s decoder: text vocabulary restricted to %d tokens", modality, vocab)
             pipe.to(dtype=torch.float16).save_pretrained(tmp / "decoders" / modality, safe_serialization=True)
-            decoder_config.source = f"decoders/{modality}"
+            decoder_config.source = f"./decoders/{modality}"
         to_fp16(tmp)
         write_index(tmp, config, parts)
     sizes = {}

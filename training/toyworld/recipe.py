@@ -30,7 +30,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +47,7 @@ PART_FILE = "part.json"
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 PARTS = (
     "data", "encoder", "llm", "image-decoder", "video-decoder", "audio-decoder", "base",
-    "stage1", "eval-stage1", "stage2", "eval-stage2", "stage3", "eval-stage3", "package",
+    "stage1", "eval-stage1", "stage2", "eval-stage2", "stage3", "eval-stage3", "package", "eval-package",
 )  # fmt: skip
 
 
@@ -60,6 +60,7 @@ class RecipeSettings:
     sizes: WorldSizes | None = None
     stage_steps: dict[int, int] | None = None  # None: the shipped configs' max_steps
     eval_samples: int = 96
+    eval_max_new_tokens: int = 128
     quick_run: bool = False
 
     def __post_init__(self):
@@ -73,14 +74,44 @@ class RecipeSettings:
             stage0=stage0.Stage0Settings.quick(seed=seed),
             sizes=WorldSizes.quick(),
             stage_steps={1: 3, 2: 3, 3: 3},
-            eval_samples=2,
+            eval_samples=1,
+            eval_max_new_tokens=12,
             quick_run=True,
         )
 
 
-def _part_done(out: Path, name: str) -> dict | None:
+# What each part reads: a part whose inputs were redone since it ran is stale and runs again.
+DEPENDS: dict[str, tuple[str, ...]] = {
+    "data": (), "encoder": (), "llm": ("data",), "image-decoder": (), "video-decoder": ("image-decoder",),
+    "audio-decoder": (), "base": ("encoder", "llm", "image-decoder", "video-decoder", "audio-decoder"),
+    "stage1": ("base", "data"), "eval-stage1": ("stage1",), "stage2": ("stage1", "data"), "eval-stage2": ("stage2",),
+    "stage3": ("stage2", "data"), "eval-stage3": ("stage3",), "package": ("stage3",), "eval-package": ("package",),
+}  # fmt: skip
+
+
+def _stamp(out: Path, name: str) -> float | None:
+    """When a part finished (None: not done)."""
     marker = out / name / PART_FILE
-    return json.loads(marker.read_text()) if marker.is_file() else None
+    if not marker.is_file():
+        return None
+    return json.loads(marker.read_text()).get("finished", marker.stat().st_mtime)
+
+
+def _inputs(out: Path, name: str) -> dict[str, float | None]:
+    return {dep: _stamp(out, dep) for dep in DEPENDS[name]}
+
+
+def _part_done(out: Path, name: str) -> dict | None:
+    """The part's ``part.json`` if it finished after its inputs as they are now, else None."""
+    marker = out / name / PART_FILE
+    if not marker.is_file():
+        return None
+    info = json.loads(marker.read_text())
+    recorded = info.get("inputs")
+    if recorded is not None and recorded != _inputs(out, name):
+        logger.info("part %s: its inputs were redone since it ran; running it again", name)
+        return None
+    return info
 
 
 def _run_part(out: Path, name: str, fn: Callable[[Path], dict[str, Any]], *, seed: int) -> dict[str, Any]:
@@ -89,20 +120,47 @@ def _run_part(out: Path, name: str, fn: Callable[[Path], dict[str, Any]], *, see
     if done is not None:
         logger.info("part %s: done already (%.0f s), skipped", name, done["seconds"])
         return done
+    missing = [dep for dep, stamp in _inputs(out, name).items() if stamp is None]
+    if missing:
+        raise ValueError(f"part {name} needs the part(s) {', '.join(missing)} done first in {out}")
     final = out / name
     tmp = out / f".{name}.partial"
-    if final.exists():  # a part folder without its marker: left by an interrupted run of an older layout
-        shutil.rmtree(final)
-    logger.info("part %s: starting", name)
+    for stale in (final, tmp):  # an unfinished attempt, or a part whose inputs changed
+        if stale.exists():
+            shutil.rmtree(stale)
+    logger.info("part %s (%d of %d): starting", name, PARTS.index(name) + 1, len(PARTS))
     torch.manual_seed(seed)
     start = time.perf_counter()
     metrics = fn(tmp)
     tmp.mkdir(parents=True, exist_ok=True)
-    info = {"part": name, "seconds": round(time.perf_counter() - start, 1), "metrics": metrics}
+    info = {
+        "part": name,
+        "seconds": round(time.perf_counter() - start, 1),
+        "finished": time.time(),
+        "inputs": _inputs(out, name),
+        "metrics": metrics,
+    }
     (tmp / PART_FILE).write_text(json.dumps(info, indent=2) + "\n")
     os.replace(tmp, final)
     logger.info("part %s: done in %.0f s", name, info["seconds"])
     return info
+
+
+def _check_settings(out: Path, settings: RecipeSettings) -> None:
+    """A recipe folder belongs to one set of settings (``OUT/recipe.json``): a quick run's parts are never reused
+    by a full run, nor one seed's by another's."""
+    path = out / "recipe.json"
+    mine = json.loads(json.dumps(asdict(settings)))
+    if path.is_file():
+        theirs = json.loads(path.read_text())
+        if theirs != mine:
+            differ = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
+            raise ValueError(
+                f"{out} was made by the recipe with other settings ({', '.join(differ)} differ: see {path}); "
+                "use a new folder"
+            )
+    else:
+        path.write_text(json.dumps(mine, indent=2) + "\n")
 
 
 def toyworld_config(out: Path):
@@ -158,6 +216,11 @@ def _train_stage(out: Path, stage: int, start: Path, settings: RecipeSettings) -
         config = load_config(CONFIG_DIR / f"toyworld-stage{stage}.yaml", overrides=overrides, stage=stage)
         # Train in out/stageN.run (kept between attempts so a stopped stage resumes), then move final/ into place.
         work = out / f"stage{stage}.run"
+        inputs = json.dumps(_inputs(out, f"stage{stage}"))
+        if work.exists() and (not (work / "inputs.json").is_file() or (work / "inputs.json").read_text() != inputs):
+            shutil.rmtree(work)  # checkpoints of a run from other inputs: start again
+        work.mkdir(parents=True, exist_ok=True)
+        (work / "inputs.json").write_text(inputs)
         steps = (settings.stage_steps or {}).get(stage)
         trainer = StageTrainer(config, start=str(start), output_dir=str(work), max_steps=steps, resume="auto")
         final = trainer.train()
@@ -167,11 +230,11 @@ def _train_stage(out: Path, stage: int, start: Path, settings: RecipeSettings) -
                 shutil.copy2(work / name, tmp / name)
         shutil.rmtree(work)
         lines = [json.loads(x) for x in (tmp / "metrics.jsonl").read_text().splitlines() if x.strip()]
-        losses = [x["loss"] for x in lines if "loss" in x]
+        logged = [x for x in lines if "loss" in x]
         return {
-            "steps": len(losses),
-            "loss_first": losses[0] if losses else None,
-            "loss_last": losses[-1] if losses else None,
+            "steps": logged[-1].get("step") if logged else 0,
+            "loss_first": logged[0]["loss"] if logged else None,
+            "loss_last": logged[-1]["loss"] if logged else None,
         }
 
     return run
@@ -183,7 +246,7 @@ def _evaluate(model_dir: Path, settings: RecipeSettings) -> Callable[[Path], dic
         from training.toyworld.evaluate import evaluate, format_report
 
         pipe = AnyGPTPipeline.from_pretrained(model_dir)
-        report = evaluate(pipe, samples=settings.eval_samples)
+        report = evaluate(pipe, samples=settings.eval_samples, max_new_tokens=settings.eval_max_new_tokens)
         tmp.mkdir(parents=True, exist_ok=True)
         (tmp / "report.json").write_text(json.dumps(report, indent=2) + "\n")
         (tmp / "report.md").write_text(format_report(report) + "\n")
@@ -243,10 +306,12 @@ def run_recipe(
         "eval-stage1": _evaluate(out / "stage1" / "final", settings),
         "eval-stage2": _evaluate(out / "stage2" / "final", settings),
         "eval-stage3": _evaluate(out / "stage3" / "final", settings),
+        "eval-package": _evaluate(out / "package" / "toyworld", settings),
         "package": lambda tmp: package_model(
             out / "stage3" / "final", tmp / "toyworld", vocabulary_texts=stage0.world_captions() + [""]
         ),
     }
+    _check_settings(out, settings)
     results = {}
     for name in PARTS:
         if only and name not in only:
@@ -280,13 +345,16 @@ def _write_summary(out: Path) -> None:
     lines.append(f"| **total** | **{sum(v['seconds'] for v in done.values()) / 60:.1f}** |")
     evals = {k: v["metrics"] for k, v in done.items() if k.startswith("eval-")}
     if evals:
-        lines += ["", "| metric | target | " + " | ".join(k.replace("eval-", "after ") for k in evals) + " |"]
+        lines += [
+            "",
+            "| metric | target | "
+            + " | ".join(k.replace("eval-", "after ").replace("after package", "shipped (fp16)") for k in evals)
+            + " |",
+        ]
         lines.append("|---|---:|" + "---:|" * len(evals))
         for metric, target in TARGETS.items():
-            row = [
-                f"{100 * r['metrics'][metric]['value']:.1f}" if metric in r.get("metrics", {}) else "-"
-                for r in evals.values()
-            ]
+            values = [r.get("metrics", {}).get(metric, {}).get("value") for r in evals.values()]
+            row = ["-" if v is None else f"{100 * v:.1f}" for v in values]
             lines.append(f"| {metric} | {100 * target:.0f} | " + " | ".join(row) + " |")
     (out / "summary.md").write_text("\n".join(lines) + "\n")
     (out / "summary.json").write_text(json.dumps(done, indent=2) + "\n")

@@ -12,8 +12,9 @@
   L2-normalised ``ClapTextModelWithProjection`` embedding, ``SpeechT5HifiGan`` vocoder).
 
 Every function writes a folder that the pipeline loads as it loads real weights (a diffusers folder with
-``model_index.json``, a transformers folder, an ImageBind safetensors checkpoint). Media are rendered on the fly
-from :mod:`training.toyworld.world`, so there is no fixed training set to overfit. Sizes and step counts come from
+``model_index.json``, a transformers folder, an ImageBind safetensors checkpoint). The decoders and their text
+encoders see freshly rendered media every step (:mod:`training.toyworld.world`); the encoder draws from a pool of
+preprocessed media (``encoder_pool`` per modality, kept in fp16 to bound memory). Sizes and step counts come from
 :class:`Stage0Settings`; :meth:`Stage0Settings.quick` is a few-step version for tests.
 """
 
@@ -307,8 +308,8 @@ def train_video_decoder(out: Path, image_decoder: Path, settings: Stage0Settings
     """Train a ZeroScope (``TextToVideoSDPipeline``) pipeline on the world's videos; write it to ``out``.
 
     The VAE, the text encoder and the UNet's spatial layers start from the trained image decoder in
-    ``image_decoder`` (the UNet3D's temporal layers start as the identity, so the untrained video model draws each
-    frame as the image model would); the VAE stays frozen."""
+    ``image_decoder`` (the UNet3D's temporal convolutions start as the identity, its temporal attention at random);
+    the VAE stays frozen."""
     from diffusers import StableDiffusionPipeline, TextToVideoSDPipeline
 
     from decoders.tiny import tiny_zeroscope_components
