@@ -22,6 +22,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from anygpt.config import DEFAULT_MODEL
+
 logger = logging.getLogger("anygpt.cli")
 
 
@@ -132,7 +134,9 @@ def write_outputs(result, out: Path, stem: str) -> dict[str, list[str]]:
     return paths
 
 
-def generate(request: GenerateRequest, *, model: str = "tiny", out: str | os.PathLike = "outputs", pipe=None) -> dict:
+def generate(
+    request: GenerateRequest, *, model: str = DEFAULT_MODEL, out: str | os.PathLike = "outputs", pipe=None
+) -> dict:
     """Run one request and write its files. Returns ``{"text", "images", "videos", "audios"}`` (paths)."""
     request.validate()
     _check_files(request)
@@ -208,7 +212,7 @@ def read_batch(path: str | os.PathLike) -> list[GenerateRequest]:
 def generate_batch(
     requests: list[GenerateRequest],
     *,
-    model: str = "tiny",
+    model: str = DEFAULT_MODEL,
     out: str | os.PathLike = "outputs",
     pipe=None,
     modalities: str | None = None,
@@ -276,8 +280,6 @@ def info(topic: str = "all") -> dict[str, list[str]]:
 
 # ---------------------------------------------------------------------------------------------- argument parsing
 def _build_parser() -> argparse.ArgumentParser:
-    from anygpt.config import DEFAULT_MODEL
-
     parser = argparse.ArgumentParser(prog="anygpt", description="Any-to-any multimodal generation.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     sub = parser.add_subparsers(dest="command", required=True)

@@ -7,6 +7,7 @@ data               the world as a dataset in NExT-GPT's formats (:mod:`training.
 encoder            an ImageBind-architecture encoder trained contrastively (stage 0)
 llm                a BPE tokenizer and a Llama LM trained on the world's conversations (stage 0)
 image-decoder      Stable Diffusion trained on the world's images (stage 0)
+image-decoder-...  its UNet and text encoder trained further at a lower learning rate (``-refine``)
 video-decoder      ZeroScope, its spatial layers from the image decoder (stage 0)
 audio-decoder      AudioLDM with its CLAP text encoder and HiFi-GAN vocoder (stage 0)
 base               the untrained any-to-any system over those components (``save_pretrained``)
@@ -46,7 +47,7 @@ __all__ = ["PARTS", "RecipeSettings", "run_recipe"]
 PART_FILE = "part.json"
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 PARTS = (
-    "data", "encoder", "llm", "image-decoder", "video-decoder", "audio-decoder", "base",
+    "data", "encoder", "llm", "image-decoder", "video-decoder", "audio-decoder", "image-decoder-refine", "base",
     "stage1", "eval-stage1", "stage2", "eval-stage2", "stage3", "eval-stage3", "package", "eval-package",
 )  # fmt: skip
 
@@ -83,7 +84,8 @@ class RecipeSettings:
 # What each part reads: a part whose inputs were redone since it ran is stale and runs again.
 DEPENDS: dict[str, tuple[str, ...]] = {
     "data": (), "encoder": (), "llm": ("data",), "image-decoder": (), "video-decoder": ("image-decoder",),
-    "audio-decoder": (), "base": ("encoder", "llm", "image-decoder", "video-decoder", "audio-decoder"),
+    "audio-decoder": (), "image-decoder-refine": ("image-decoder",),
+    "base": ("encoder", "llm", "image-decoder-refine", "video-decoder", "audio-decoder"),
     "stage1": ("base", "data"), "eval-stage1": ("stage1",), "stage2": ("stage1", "data"), "eval-stage2": ("stage2",),
     "stage3": ("stage2", "data"), "eval-stage3": ("stage3",), "package": ("stage3",), "eval-package": ("package",),
 }  # fmt: skip
@@ -171,8 +173,8 @@ def toyworld_config(out: Path):
 
     decoders = {
         "image": DecoderConfig(
-            kind="stable-diffusion", source=str(out / "image-decoder"), num_inference_steps=20, guidance_scale=5.0,
-            height=64, width=64, cond_dim=32,
+            kind="stable-diffusion", source=str(out / "image-decoder-refine"), num_inference_steps=20,
+            guidance_scale=5.0, height=64, width=64, cond_dim=32,
         ),
         "video": DecoderConfig(
             kind="zeroscope", source=str(out / "video-decoder"), num_inference_steps=20, guidance_scale=5.0,
@@ -299,6 +301,7 @@ def run_recipe(
         "image-decoder": lambda tmp: stage0.train_image_decoder(tmp, s0),
         "video-decoder": lambda tmp: stage0.train_video_decoder(tmp, out / "image-decoder", s0),
         "audio-decoder": lambda tmp: stage0.train_audio_decoder(tmp, s0),
+        "image-decoder-refine": lambda tmp: stage0.refine_image_decoder(tmp, out / "image-decoder", s0),
         "base": base,
         "stage1": _train_stage(out, 1, out / "base" / "model", settings),
         "stage2": _train_stage(out, 2, out / "stage1" / "final", settings),

@@ -80,6 +80,8 @@ class Stage0Settings:
     image_unet_steps: int = 1400
     image_batch: int = 32
     unet_lr: float = 1e-3
+    image_refine_steps: int = 800
+    image_refine_lr: float = 3e-4
     # video decoder
     video_unet_steps: int = 700
     video_batch: int = 8
@@ -262,9 +264,31 @@ def train_image_decoder(out: Path, settings: Stage0Settings) -> dict[str, Any]:
     return {"vae_loss": _loss_summary(vae_losses), "unet_loss": _loss_summary(unet_losses)}
 
 
+def refine_image_decoder(out: Path, image_decoder: Path, settings: Stage0Settings) -> dict[str, Any]:
+    """Train the image decoder's UNet and text encoder further, at a lower learning rate (a second phase: colour
+    binding keeps improving after the loss has flattened); write the result to ``out``."""
+    from diffusers import StableDiffusionPipeline
+
+    s = settings
+    rng = _rng(s.seed, "image-refine")
+    gen = torch.Generator().manual_seed(s.seed + 3)
+    pipe = StableDiffusionPipeline.from_pretrained(image_decoder, safety_checker=None, requires_safety_checker=False)
+
+    def images(n: int) -> tuple[torch.Tensor, list[str]]:
+        items = [world.sample_image(rng) for _ in range(n)]
+        return _images_tensor([i.render() for i in items]), [i.caption for i in items]
+
+    losses = _train_text_conditioned_unet(
+        pipe.unet, pipe.text_encoder, pipe.tokenizer, pipe.scheduler, pipe.vae, lambda: images(s.image_batch),
+        s.image_refine_steps, s, rng, gen, desc="image UNet (refine)", lr=s.image_refine_lr,
+    )  # fmt: skip
+    pipe.save_pretrained(out, safe_serialization=True)
+    return {"unet_loss": _loss_summary(losses)}
+
+
 def _train_text_conditioned_unet(
     unet, text_encoder, tokenizer, scheduler, vae, batch_fn, steps: int, s: Stage0Settings, rng, gen, *, desc: str,
-    video: bool = False,
+    video: bool = False, lr: float | None = None,
 ) -> list[float]:  # fmt: skip
     """Train the UNet and the CLIP text encoder together on (media, caption) batches from ``batch_fn``."""
     unet.train()
@@ -272,7 +296,7 @@ def _train_text_conditioned_unet(
     unet.requires_grad_(True)
     text_encoder.requires_grad_(True)
     params = list(unet.parameters()) + list(text_encoder.parameters())
-    optimizer, schedule = _adamw(params, s.unet_lr, steps)
+    optimizer, schedule = _adamw(params, lr or s.unet_lr, steps)
 
     def step(_: int) -> float:
         pixels, captions = batch_fn()
