@@ -271,12 +271,34 @@ def test_toyworld_is_the_default_and_ships_under_40_mb():
                 assert tensor.get_dtype() in ("F16", "I64", "I32", "BOOL"), (path, key, tensor.get_dtype())
 
 
-def test_shipped_model_meets_the_quality_targets(one_thread):
-    """The issue's targets, on a fixed held-out set (96 samples per figure)."""
+@pytest.fixture(scope="module")
+def shipped_report():
+    """The evaluator on the shipped model: fixed held-out set, 96 samples per figure (about 3 minutes here)."""
     from anygpt.pipeline import AnyGPTPipeline
-    from training.toyworld.evaluate import evaluate, failures, format_report
+    from training.toyworld.evaluate import evaluate
 
-    torch.set_num_threads(2)
-    pipe = AnyGPTPipeline.from_pretrained("toyworld")
-    report = evaluate(pipe, samples=96, progress=False)
-    assert not failures(report), format_report(report)
+    _shipped()
+    return evaluate(AnyGPTPipeline.from_pretrained("toyworld"), samples=96, progress=False)
+
+
+# Figures the shipped model is known to miss, with the measured value: strict xfail, so fixing one fails the test
+# until it is removed from here (README "Quality" says why they miss).
+KNOWN_MISSES: dict[str, str] = {}
+
+
+def _target_params():
+    from training.toyworld.evaluate import TARGETS
+
+    return [
+        pytest.param(m, marks=pytest.mark.xfail(strict=True, reason=KNOWN_MISSES[m])) if m in KNOWN_MISSES else m
+        for m in TARGETS
+    ]
+
+
+@pytest.mark.parametrize("metric", _target_params())
+def test_shipped_model_meets_the_quality_target(metric, shipped_report):
+    from training.toyworld.evaluate import TARGETS
+
+    figure = shipped_report["metrics"][metric]
+    assert figure["total"] >= 96
+    assert figure["value"] >= TARGETS[metric], f"{metric}: {figure['value']:.3f} < {TARGETS[metric]}"

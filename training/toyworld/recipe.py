@@ -47,8 +47,9 @@ __all__ = ["PARTS", "RecipeSettings", "run_recipe"]
 PART_FILE = "part.json"
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 PARTS = (
-    "data", "encoder", "llm", "image-decoder", "video-decoder", "audio-decoder", "image-decoder-refine", "base",
-    "stage1", "eval-stage1", "stage2", "eval-stage2", "stage3", "eval-stage3", "package", "eval-package",
+    "data", "encoder", "llm", "image-decoder", "video-decoder", "audio-decoder", "image-decoder-refine",
+    "audio-vocoder", "base", "stage1", "stage2", "stage3", "package", "eval-package",
+    "eval-stage3", "eval-stage2", "eval-stage1",
 )  # fmt: skip
 
 
@@ -84,10 +85,13 @@ class RecipeSettings:
 # What each part reads: a part whose inputs were redone since it ran is stale and runs again.
 DEPENDS: dict[str, tuple[str, ...]] = {
     "data": (), "encoder": (), "llm": ("data",), "image-decoder": (), "video-decoder": ("image-decoder",),
-    "audio-decoder": (), "image-decoder-refine": ("image-decoder",),
+    "audio-decoder": (), "image-decoder-refine": ("image-decoder",), "audio-vocoder": ("audio-decoder",),
+    # Training reads the audio decoder's CLAP text encoder (audio-vocoder holds an identical copy) and never its
+    # vocoder: only the parts that render audio depend on audio-vocoder.
     "base": ("encoder", "llm", "image-decoder-refine", "video-decoder", "audio-decoder"),
-    "stage1": ("base", "data"), "eval-stage1": ("stage1",), "stage2": ("stage1", "data"), "eval-stage2": ("stage2",),
-    "stage3": ("stage2", "data"), "eval-stage3": ("stage3",), "package": ("stage3",), "eval-package": ("package",),
+    "stage1": ("base", "data"), "stage2": ("stage1", "data"), "stage3": ("stage2", "data"),
+    "eval-stage1": ("stage1", "audio-vocoder"), "eval-stage2": ("stage2", "audio-vocoder"),
+    "eval-stage3": ("stage3", "audio-vocoder"), "package": ("stage3", "audio-vocoder"), "eval-package": ("package",),
 }  # fmt: skip
 
 
@@ -181,7 +185,7 @@ def toyworld_config(out: Path):
             height=64, width=64, num_frames=8, fps=8.0, cond_dim=32,
         ),
         "audio": DecoderConfig(
-            kind="audioldm", source=str(out / "audio-decoder"), num_inference_steps=20, guidance_scale=2.5,
+            kind="audioldm", source=str(out / "audio-vocoder"), num_inference_steps=20, guidance_scale=2.5,
             audio_seconds=1.0, cond_dim=32,
         ),
     }  # fmt: skip
@@ -301,6 +305,7 @@ def run_recipe(
         "image-decoder": lambda tmp: stage0.train_image_decoder(tmp, s0),
         "video-decoder": lambda tmp: stage0.train_video_decoder(tmp, out / "image-decoder", s0),
         "audio-decoder": lambda tmp: stage0.train_audio_decoder(tmp, s0),
+        "audio-vocoder": lambda tmp: stage0.train_vocoder(tmp, out / "audio-decoder", s0),
         "image-decoder-refine": lambda tmp: stage0.refine_image_decoder(tmp, out / "image-decoder", s0),
         "base": base,
         "stage1": _train_stage(out, 1, out / "base" / "model", settings),

@@ -90,7 +90,7 @@ class Stage0Settings:
     audio_unet_channels: tuple[int, ...] = (32, 64)
     audio_unet_steps: int = 800
     audio_batch: int = 32
-    vocoder_steps: int = 500
+    vocoder_steps: int = 1500
     vocoder_batch: int = 8
     vae_lr: float = 2e-3
 
@@ -405,8 +405,8 @@ def train_audio_decoder(out: Path, settings: Stage0Settings) -> dict[str, Any]:
     parts = tiny_audioldm_components(
         seed=s.seed, cond_dim=s.cond_dim, unet_channels=s.audio_unet_channels, vae_channels=(16, 32, 64)
     )  # mel (100, 64) -> latents (25, 16)
-    vae, unet, text_encoder, tokenizer, scheduler, vocoder = (
-        parts["vae"], parts["unet"], parts["text_encoder"], parts["tokenizer"], parts["scheduler"], parts["vocoder"]
+    vae, unet, text_encoder, tokenizer, scheduler = (
+        parts["vae"], parts["unet"], parts["text_encoder"], parts["tokenizer"], parts["scheduler"]
     )  # fmt: skip
 
     def audio(n: int) -> tuple[torch.Tensor, list[str]]:
@@ -418,7 +418,6 @@ def train_audio_decoder(out: Path, settings: Stage0Settings) -> dict[str, Any]:
         wave, captions = audio(n)
         return audio_log_mel(wave).unsqueeze(1), captions  # (B, 1, T, 64)
 
-    vocoder_losses = _train_vocoder(vocoder, lambda: audio(s.vocoder_batch)[0], s)
     vae_batch = max(1, s.audio_batch // 2)
     vae_losses = _train_vae(vae, lambda: mels(vae_batch)[0], s.audio_vae_steps, s.vae_lr, "audio VAE")
 
@@ -451,24 +450,68 @@ def train_audio_decoder(out: Path, settings: Stage0Settings) -> dict[str, Any]:
         module.requires_grad_(False)
     AudioLDMPipeline(**parts).save_pretrained(out, safe_serialization=True)
     return {
-        "vocoder_loss": _loss_summary(vocoder_losses),
         "vae_loss": _loss_summary(vae_losses),
         "unet_loss": _loss_summary(unet_losses),
     }
 
 
-def _train_vocoder(vocoder, batch_fn: Callable[[], torch.Tensor], s: Stage0Settings) -> list[float]:
-    """HiFi-GAN generator on an L1 log-mel loss (no discriminator: the world's tones do not need one)."""
+def train_vocoder(out: Path, audio_decoder: Path, settings: Stage0Settings) -> dict[str, Any]:
+    """Train the AudioLDM decoder's HiFi-GAN vocoder (a fresh one) on the world's tones; write the decoder with it to
+    ``out``. It reads what the pipeline gives it: mels (:func:`audio_log_mel`) passed through the decoder's frozen
+    VAE (a latent sample, decoded), and learns to make the original tone."""
+    from diffusers import AudioLDMPipeline
+
+    from decoders.tiny import tiny_audioldm_components
+
+    s = settings
+    rng = _rng(s.seed, "vocoder")
+    pipe = AudioLDMPipeline.from_pretrained(audio_decoder)
+    vocoder = tiny_audioldm_components(seed=s.seed + 4)["vocoder"]
+    # transformers initialises HiFi-GAN convolutions with std 0.01: through its stack the output starts ~1e-6 and
+    # barely learns. PyTorch's default (Kaiming-uniform) initialisation trains.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(s.seed + 4)
+        for module in vocoder.modules():
+            if isinstance(module, torch.nn.Conv1d | torch.nn.ConvTranspose1d):
+                module.reset_parameters()
+    pipe.register_modules(vocoder=vocoder)
+
+    def waves() -> torch.Tensor:
+        return torch.from_numpy(np.stack([world.sample_audio(rng).render().waveform for _ in range(s.vocoder_batch)]))
+
+    gen = torch.Generator().manual_seed(s.seed + 5)
+
+    def through_vae(mel: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            latents = pipe.vae.encode(mel.unsqueeze(1)).latent_dist.sample(generator=gen)
+            return pipe.vae.decode(latents).sample.squeeze(1)
+
+    losses = _train_vocoder(pipe.vocoder, waves, s, inputs=through_vae)
+    pipe.save_pretrained(out, safe_serialization=True)
+    return {"vocoder_loss": _loss_summary(losses)}
+
+
+def _train_vocoder(
+    vocoder, batch_fn: Callable[[], torch.Tensor], s: Stage0Settings, inputs: Callable[[torch.Tensor], torch.Tensor]
+) -> list[float]:
+    """HiFi-GAN generator on linear-mel losses (no discriminator: the world's tones do not need one): spectral
+    convergence plus a relative L1. Log-mel losses are dominated by a tone's many silent bins and pull the generator
+    to silence; so does an L1 on samples (phases are free)."""
     vocoder.train()
     vocoder.requires_grad_(True)
     optimizer, schedule = _adamw(vocoder.parameters(), s.vae_lr, s.vocoder_steps)
 
+    import torchaudio
+
+    mel_of = _mel_transform(torchaudio)
+
     def step(_: int) -> float:
         wave = batch_fn()
-        mel = audio_log_mel(wave)
-        fake = vocoder(mel)
-        fake = fake[..., : wave.shape[-1]]
-        loss = F.l1_loss(audio_log_mel(fake), mel) + F.l1_loss(fake, wave)
+        target = mel_of(wave)[..., : wave.shape[-1] // HOP]
+        fake = vocoder(inputs(audio_log_mel(wave)))[..., : wave.shape[-1]]
+        made = mel_of(fake)[..., : wave.shape[-1] // HOP]
+        # spectral convergence + L1 of the linear mel, relative to the target's level
+        loss = torch.linalg.norm(made - target) / torch.linalg.norm(target) + F.l1_loss(made, target) / target.mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vocoder.parameters(), 1.0)
