@@ -63,6 +63,7 @@ class RecipeSettings:
     stage_steps: dict[int, int] | None = None  # None: the shipped configs' max_steps
     eval_samples: int = 96
     eval_max_new_tokens: int = 128
+    eval_decoder_settings: dict[str, Any] | None = None  # e.g. fewer denoising steps (quick runs)
     quick_run: bool = False
 
     def __post_init__(self):
@@ -78,6 +79,7 @@ class RecipeSettings:
             stage_steps={1: 3, 2: 3, 3: 3},
             eval_samples=1,
             eval_max_new_tokens=12,
+            eval_decoder_settings={"num_inference_steps": 2},
             quick_run=True,
         )
 
@@ -252,7 +254,12 @@ def _evaluate(model_dir: Path, settings: RecipeSettings) -> Callable[[Path], dic
         from training.toyworld.evaluate import evaluate, format_report
 
         pipe = AnyGPTPipeline.from_pretrained(model_dir)
-        report = evaluate(pipe, samples=settings.eval_samples, max_new_tokens=settings.eval_max_new_tokens)
+        report = evaluate(
+            pipe,
+            samples=settings.eval_samples,
+            max_new_tokens=settings.eval_max_new_tokens,
+            decoder_settings=settings.eval_decoder_settings,
+        )
         tmp.mkdir(parents=True, exist_ok=True)
         (tmp / "report.json").write_text(json.dumps(report, indent=2) + "\n")
         (tmp / "report.md").write_text(format_report(report) + "\n")
