@@ -288,7 +288,7 @@ KNOWN_MISSES: dict[str, str] = {
     "text_to_audio.pitch": "36.2% (the AudioLDM UNet's mels are noisy; its vocoder is right on clean mels)",
     "text_to_video.direction": "14.7% (the video UNet3D has not learned motion in 700 steps)",
     "text_to_video.colour": "46.6% (inherits the image decoder's colour binding)",
-    "video_to_text.direction": "36.5% (the encoder tells directions apart, 100% caption retrieval; the projector and LLM lose it)",
+    "video_to_text.direction": "36.5% (the encoder tells directions apart: 100% retrieval; projector + LLM lose it)",
 }
 
 
