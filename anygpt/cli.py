@@ -368,6 +368,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         diffusers.utils.logging.set_verbosity_error()
         transformers.utils.logging.set_verbosity_error()
+        if not training:  # loading bars of the libraries (weights, pipeline components) would bury the result
+            diffusers.utils.logging.disable_progress_bar()
+            transformers.utils.logging.disable_progress_bar()
     from anygpt.media import MediaError
     from training.trainer import TrainingError
 
