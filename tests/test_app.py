@@ -328,7 +328,13 @@ def test_a_request_cannot_name_a_server_file(served, media_files):
 def test_launch_options_bind_loopback_and_allow_only_the_output_folder(tmp_path, tiny_pipe, monkeypatch):
     app = load_app_module()
     args = app.parse_args([])
-    assert (args.host, args.port, args.share, args.output_dir, args.model) == ("127.0.0.1", 7860, False, None, "toyworld")
+    assert (args.host, args.port, args.share, args.output_dir, args.model) == (
+        "127.0.0.1",
+        7860,
+        False,
+        None,
+        "toyworld",
+    )
     assert app.parse_args(["--share", "--host", "0.0.0.0"]).share
     engine = ChatEngine(tiny_pipe, tmp_path / "out")
     options = app.launch_options(engine, host=args.host, port=args.port, share=args.share)
