@@ -128,6 +128,16 @@ def _adamw(params, lr: float, steps: int, warmup: int = 50) -> tuple[torch.optim
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+def _update(loss: torch.Tensor, params, optimizer, schedule) -> float:
+    """One optimizer step on ``loss`` (gradients clipped to norm 1); returns the loss value."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    optimizer.step()
+    schedule.step()
+    return loss.item()
+
+
 def _loop(desc: str, steps: int, step_fn: Callable[[int], float], params, max_norm: float = 1.0) -> list[float]:
     """Run ``steps`` optimizer steps of ``step_fn`` (returns the loss tensor's value after backward)."""
     losses: list[float] = []
@@ -172,12 +182,7 @@ def _train_vae(vae, batch_fn: Callable[[], torch.Tensor], steps: int, lr: float,
         posterior = vae.encode(x).latent_dist
         recon = vae.decode(posterior.sample()).sample
         loss = F.l1_loss(recon, x) + F.mse_loss(recon, x) + 1e-6 * posterior.kl().mean()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
-        return loss.item()
+        return _update(loss, vae.parameters(), optimizer, schedule)
 
     losses = _loop(desc, steps, step, vae.parameters())
     vae.eval()
@@ -309,12 +314,7 @@ def _train_text_conditioned_unet(
                 latents = vae.encode(pixels).latent_dist.sample(generator=gen) * vae.config.scaling_factor
         cond = _clip_embeds(text_encoder, tokenizer, _drop_captions(captions, rng))
         loss = _noise_loss(unet, scheduler, latents, gen, encoder_hidden_states=cond)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        schedule.step()
-        return loss.item()
+        return _update(loss, params, optimizer, schedule)
 
     losses = _loop(desc, steps, step, params)
     for module in (unet, text_encoder):
@@ -437,12 +437,7 @@ def train_audio_decoder(out: Path, settings: Stage0Settings) -> dict[str, Any]:
         empty = _clap_embeds(text_encoder, tokenizer, [""], s.cond_dim)  # the pipeline's negative prompt
         cond = torch.where(keep, cond, empty)
         loss = _noise_loss(unet, scheduler, latents, gen, encoder_hidden_states=None, class_labels=cond)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        schedule.step()
-        return loss.item()
+        return _update(loss, params, optimizer, schedule)
 
     unet_losses = _loop("audio UNet", s.audio_unet_steps, step, params)
     for module in (unet, text_encoder):
@@ -512,12 +507,7 @@ def _train_vocoder(
         made = mel_of(fake)[..., : wave.shape[-1] // HOP]
         # spectral convergence + L1 of the linear mel, relative to the target's level
         loss = torch.linalg.norm(made - target) / torch.linalg.norm(target) + F.l1_loss(made, target) / target.mean()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vocoder.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
-        return loss.item()
+        return _update(loss, vocoder.parameters(), optimizer, schedule)
 
     losses = _loop("vocoder", s.vocoder_steps, step, vocoder.parameters())
     vocoder.eval()
@@ -608,12 +598,7 @@ def train_encoder(out: Path, settings: Stage0Settings) -> dict[str, Any]:
             pick = torch.from_numpy(rng.choice(len(labels), size=min(s.encoder_batch, len(labels)), replace=False))
             media = F.normalize(encoder.embed(modality, x[pick].float()).embeds, dim=-1)
             loss = loss + F.cross_entropy(media @ text.T / 0.07, labels[pick])
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
-        return float(loss.item()) / len(pools)
+        return _update(loss, model.parameters(), optimizer, schedule) / len(pools)
 
     losses = _loop("encoder", s.encoder_steps, step, model.parameters())
     model.eval()
@@ -708,12 +693,7 @@ def train_language_model(out: Path, corpus: list[str], settings: Stage0Settings)
     def step(_: int) -> float:
         rows = [encoded[i] for i in rng.choice(len(encoded), size=min(s.llm_batch, len(encoded)), replace=False)]
         loss = model(**batch(rows)).loss
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
-        return loss.item()
+        return _update(loss, model.parameters(), optimizer, schedule)
 
     losses = _loop("language model", s.llm_steps, step, model.parameters())
     model.eval()
