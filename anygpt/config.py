@@ -170,7 +170,7 @@ def packaged_model_dir(name: str) -> Path:
     if not (folder / "anygpt_index.json").is_file():  # anygpt.model.INDEX_FILE (not imported: a cycle)
         raise FileNotFoundError(
             f"the packaged model {name!r} is missing from {folder}; build it with "
-            f"`anygpt toyworld recipe OUT --install` (about 1.5 hours on 2 CPU cores)"
+            f"`anygpt toyworld recipe OUT --install` (about 2 hours on 2 CPU cores)"
         )
     return folder
 

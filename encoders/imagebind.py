@@ -615,8 +615,8 @@ def find_imagebind_checkpoint(config: ImageBindConfig | None = None) -> Path:
 
 
 def load_imagebind_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Read a checkpoint with ``torch.load(..., map_location="cpu", weights_only=True)`` (never a full
-    unpickle).
+    """Read a checkpoint: ``*.safetensors`` with safetensors, anything else (Meta's ``.pth``) with
+    ``torch.load(..., map_location="cpu", weights_only=True)`` (never a full unpickle).
 
     Accepts a plain state dict or one wrapped under ``"model"`` / ``"state_dict"``.
 
@@ -624,7 +624,12 @@ def load_imagebind_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor
         RuntimeError: when the file cannot be read safely or holds no tensor mapping.
     """
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        if str(path).endswith(".safetensors"):
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise RuntimeError(f"cannot load ImageBind checkpoint {path} with weights_only=True: {first}") from e
