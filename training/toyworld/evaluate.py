@@ -288,6 +288,20 @@ class _Queued:
     conditioning: torch.Tensor  # (1, L, D), or (1, D) for pooled conditioning
 
 
+def _reply(pipe: Any, prompt: str, *, seed: int, max_new_tokens: int, **media: Any) -> Any:
+    """The pipeline's greedy reply with ``modalities="auto"``, decoders skipped (their conditioning is kept)."""
+    return pipe(
+        prompt,
+        **media,
+        modalities="auto",
+        seed=seed,
+        temperature=0.0,
+        max_new_tokens=max_new_tokens,
+        show_progress=False,
+        on_decode=_skip_decoders,
+    )
+
+
 def _generate(
     pipe: Any, requests: list[world.Request], tally: _Tally, bar: Any, *, seed: int, max_new_tokens: int
 ) -> list[_Queued]:
@@ -295,15 +309,7 @@ def _generate(
     queued: list[_Queued] = []
     bar.set_postfix_str("requests")
     for i, request in enumerate(requests):
-        out = pipe(
-            request.prompt,
-            modalities="auto",
-            seed=seed + i,
-            temperature=0.0,
-            max_new_tokens=max_new_tokens,
-            show_progress=False,
-            on_decode=_skip_decoders,
-        )
+        out = _reply(pipe, request.prompt, seed=seed + i, max_new_tokens=max_new_tokens)
         emitted = {Modality.parse(m) for m in out.conditioning}
         routed = emitted == request.modalities
         tally.add("routing", routed)
@@ -374,15 +380,8 @@ def _caption(pipe: Any, cases: list[CaptionCase], tally: _Tally, bar: Any, *, se
                 from PIL import Image
 
                 media = Image.fromarray(media)
-            out = pipe(
-                case.question,
-                **{keyword[modality]: [media]},
-                modalities="auto",
-                seed=seed + i,
-                temperature=0.0,
-                max_new_tokens=max_new_tokens,
-                show_progress=False,
-                on_decode=_skip_decoders,
+            out = _reply(
+                pipe, case.question, seed=seed + i, max_new_tokens=max_new_tokens, **{keyword[modality]: [media]}
             )
             task, attributes = _CAPTIONED[modality]
             found = caption_attributes(out.text)
