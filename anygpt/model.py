@@ -77,7 +77,7 @@ class AnyGPTModel(nn.Module):
             tokenizer_dir: a saved tokenizer (with the added tokens) to use instead of the LLM's own.
         """
         from encoders import build_imagebind_encoder
-        from projectors import build_input_projector, build_output_projector
+        from projectors import build_input_projector, build_output_projector, get_input_projector_class
 
         encoder = build_imagebind_encoder(config.encoder, seed=config.seed)
         llm, tokenizer = build_language_model(config.llm, tokenizer_dir=tokenizer_dir)
@@ -99,12 +99,15 @@ class AnyGPTModel(nn.Module):
             torch.manual_seed(config.seed)
             for name in config.input_modalities:
                 m = Modality(name)
+                options = dict(config.input_projector.options)
+                if get_input_projector_class(config.input_projector.name).uses_grid:
+                    options.setdefault("grid", list(encoder.token_grid(m)))  # this modality's patch layout
                 inputs[name] = build_input_projector(
                     config.input_projector.name,
                     in_dim=encoder.embed_dim,
                     token_dim=encoder.token_dim(m),
                     out_dim=hidden,
-                    **config.input_projector.options,
+                    **options,
                 )
             for m in config.output_modalities:
                 spec = decoder_specs[m]
@@ -292,12 +295,18 @@ class AnyGPTModel(nn.Module):
         return parts
 
     @torch.no_grad()
-    def load_trained(self, folder: str | os.PathLike, parts: dict) -> None:
-        """Load what ``save_trained`` wrote (the model must have been built from the same config)."""
+    def load_trained(self, folder: str | os.PathLike, parts: dict, *, skip: set[str] | frozenset = frozenset()) -> None:
+        """Load what ``save_trained`` wrote (the model must have been built from the same config).
+
+        Args:
+            skip: parts left as built (e.g. ``{"input_projectors"}`` when a run swaps in another connector).
+        """
         from diffusers.utils import SAFETENSORS_WEIGHTS_NAME
 
         sides = (("input_projectors", self.input_projectors), ("output_projectors", self.output_projectors))
         for side, modules in sides:
+            if side in skip:
+                continue
             saved = parts.get(side, {})
             if set(saved) != set(modules):
                 raise ValueError(f"{folder}: {side} holds {sorted(saved)}, the config declares {sorted(modules)}")

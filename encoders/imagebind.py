@@ -386,6 +386,29 @@ class ImageBindEncoder(nn.Module):
             patches *= (size - kernel) // stride + 1
         return preprocessor.num_cls_tokens + patches
 
+    def token_grid(self, modality: Modality | str) -> tuple[int, int, int]:
+        """The layout of the trunk tokens of ``modality``: ``(num_prefix, height, width)``.
+
+        The sequence is ``num_prefix`` CLS tokens, then the patches row by row: images and videos a 16 x 16 grid per
+        2-frame time step (time steps stacked along the height), audio (mel bins / 10 - 1) x (frames / 10 - 1).
+        Connectors that keep locality (C-Abstractor, 2 x 2 pooling) read it.
+        """
+        modality = Modality.parse(modality)
+        key = self._key(modality)
+        if key == "text":
+            raise ValueError("text tokens have no spatial grid")
+        preprocessor = self.model.modality_preprocessors[key]
+        if key == "vision":
+            conv = preprocessor.rgbt_stem.proj[1]
+            frames = 2 if modality is Modality.IMAGE else self.config.video_frames_per_clip
+            sizes = (frames, transforms.IMAGE_SIZE, transforms.IMAGE_SIZE)
+        else:
+            conv = preprocessor.rgbt_stem.proj
+            sizes = (self.config.num_mel_bins, self.config.target_frames)
+        counts = [(size - k) // s + 1 for size, k, s in zip(sizes, conv.kernel_size, conv.stride, strict=True)]
+        height, width = (counts[0] * counts[1], counts[2]) if len(counts) == 3 else tuple(counts)
+        return preprocessor.num_cls_tokens, height, width
+
     @property
     def max_video_frames(self) -> int:
         """A good ``max_frames`` for :func:`anygpt.media.load_video`: 16 frames per clip window, enough that

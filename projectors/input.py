@@ -20,6 +20,11 @@ class InputProjector(ModelMixin, ConfigMixin):
     projector_name = "base"
     #: whether ``forward`` reads the token sequence (False: only the pooled embedding).
     uses_tokens = False
+    #: whether the constructor takes ``grid`` (``[num_prefix, height, width]`` of the token sequence), which the
+    #: model fills in from the encoder per modality.
+    uses_grid = False
+    #: named option sets (besides the sizes the model fills in): ``tiny`` for tests, ``real`` for real-size models.
+    presets: dict[str, dict] = {"tiny": {}, "real": {}}
 
     @property
     def num_output_tokens(self) -> int:  # K
@@ -144,6 +149,10 @@ class GroupInputProjector(InputProjector):
     """
 
     uses_tokens = True
+    presets = {
+        "tiny": {"hidden_dim": 32, "num_heads": 2, "num_groups": [16, 4], "depths": [1, 1], "final_depth": 1},
+        "real": {},
+    }
 
     @register_to_config
     def __init__(

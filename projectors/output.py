@@ -19,6 +19,8 @@ from projectors.registry import register_output_projector
 
 class OutputProjector(ModelMixin, ConfigMixin):
     projector_name = "base"
+    #: named option sets (besides the sizes the model fills in): ``tiny`` for tests, ``real`` for real-size models.
+    presets: dict[str, dict] = {"tiny": {}, "real": {}}
 
     def forward(self, hidden_states: torch.Tensor, input_embeds: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -30,6 +32,8 @@ class TransformerOutputProjector(OutputProjector):
     reads the signal tokens (hidden state + input embedding) and whose decoder reads ``num_queries`` learned queries,
     then ``Linear(d_model -> D)``.
     """
+
+    presets = {"tiny": {"d_model": 64, "num_heads": 4, "num_encoder_layers": 1, "num_decoder_layers": 1}, "real": {}}
 
     @register_to_config
     def __init__(

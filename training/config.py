@@ -132,6 +132,18 @@ class RunConfig:
 
 
 @dataclass
+class ConnectorChoice:
+    """A connector picked by registry name for this run (``anygpt info projectors`` lists the names), with options.
+
+    ``--set input_projector=perceiver`` (a bare name) or ``--set input_projector.name=perceiver
+    --set input_projector.options.num_latents=32``.
+    """
+
+    name: str
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
 class TrainConfig:
     """One stage run.
 
@@ -144,6 +156,8 @@ class TrainConfig:
             config file's folder. Shipped configs use NExT-GPT's data layout and take ``--set data_root=DIR``.
         cache_dir: the feature cache (None: no cache; features are computed every time).
         lora: LoRA settings to use when the starting model has no trained adapter yet (stage 3), e.g. ``{r: 32}``.
+        input_projector, output_projector: build fresh connectors of this kind instead of the starting model's
+            (the stage must train that side; see ``ConnectorChoice``).
     """
 
     stage: int
@@ -154,6 +168,8 @@ class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     trainable: TrainableConfig = field(default_factory=TrainableConfig)
     lora: dict[str, Any] | None = None
+    input_projector: ConnectorChoice | None = None
+    output_projector: ConnectorChoice | None = None
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: RunConfig = field(default_factory=RunConfig)
@@ -189,6 +205,15 @@ class TrainConfig:
             fail("data.pair_task", f"expected 'caption', 'generate' or null, got {self.data.pair_task!r}")
         if not self.data.caption_prompts:
             fail("data.caption_prompts", "give at least one prompt")
+        from projectors import list_input_projectors, list_output_projectors
+
+        for key, names in (
+            ("input_projector", list_input_projectors()),
+            ("output_projector", list_output_projectors()),
+        ):
+            choice = getattr(self, key)
+            if choice is not None and choice.name.lower() not in names:
+                fail(f"{key}.name", f"unknown connector {choice.name!r}; registered: {', '.join(names)}")
         if self.trainable.token_rows not in (None, "none", "signal", "all"):
             fail("trainable.token_rows", f"expected none, signal or all, got {self.trainable.token_rows!r}")
         if self.loss.distance not in ("l2", "mse"):
@@ -289,6 +314,9 @@ def load_config(
     data = copy.deepcopy(data)
     for item in overrides:
         _apply_override(data, item, source)
+    for key in ("input_projector", "output_projector"):
+        if isinstance(data.get(key), str):  # a bare registry name
+            data[key] = {"name": data[key]}
     if stage is not None:
         if data.get("stage") not in (None, stage):
             raise ConfigError(f"{source}: stage: the file is for stage {data['stage']}, --stage asks for {stage}")
@@ -317,6 +345,8 @@ def _apply_override(data: dict, item: str, source: str) -> None:
     node = data
     for i, part in enumerate(parts[:-1]):
         child = node.setdefault(part, {})
+        if i == 0 and part in ("input_projector", "output_projector") and isinstance(child, str):
+            child = node[part] = {"name": child}  # a bare name set before, now given options
         if not isinstance(child, dict):
             raise ConfigError(f"--set {item!r}: {'.'.join(parts[: i + 1])} is not a section")
         node = child

@@ -198,11 +198,45 @@ class StageTrainer:
                     f"{model_config.llm.lora}; remove `lora:` to keep training it"
                 )
             model_config.llm.lora = wanted
+        fresh = self._choose_connectors(model_config, parts)
         tokenizer_dir = resolve_part(source, parts["tokenizer"], "tokenizer") if parts else None
         pipe = AnyGPTPipeline.from_config(model_config, tokenizer_dir=tokenizer_dir)
         if parts:
-            pipe.model.load_trained(source, parts)
+            pipe.model.load_trained(source, parts, skip=fresh)
         return pipe
+
+    def _choose_connectors(self, model_config, parts: dict | None) -> set[str]:
+        """Apply the config's ``input_projector`` / ``output_projector`` choices to ``model_config``.
+
+        Returns:
+            the sides (``input_projectors``, ``output_projectors``) that are built fresh instead of loaded.
+        """
+        from anygpt.config import ProjectorConfig
+
+        fresh = set()
+        for key, trains in (
+            ("input_projector", self.trainable.input_projectors),
+            ("output_projector", self.trainable.output_projectors),
+        ):
+            choice = getattr(self.config, key)
+            if choice is None:
+                continue
+            wanted = ProjectorConfig(choice.name, choice.options)
+            current = getattr(model_config, key)
+            if (wanted.name, wanted.options) == (current.name, current.options):
+                continue  # the same connector: keep the trained one
+            if not trains:
+                raise ConfigError(
+                    f"{self.config.source}: {key}: {wanted.name!r} would be built untrained ({self.start} has "
+                    f"{current.name!r}), but stage {self.config.stage} does not train the {key}s; set "
+                    f"trainable.{key}s: true or start from a model that has it"
+                )
+            if parts:
+                logger.warning("%s: %s replaces the trained %s of %s (trained from scratch)", key, wanted.name,
+                               current.name, self.start)  # fmt: skip
+                fresh.add(f"{key}s")
+            setattr(model_config, key, wanted)
+        return fresh
 
     def example_builder(self, model) -> ExampleBuilder:
         """The stage's ``ExampleBuilder`` for ``model`` (length, pair task and prompts from the config)."""

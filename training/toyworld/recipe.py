@@ -162,7 +162,8 @@ def _check_settings(out: Path, settings: RecipeSettings) -> None:
     if path.is_file():
         theirs = json.loads(path.read_text())
         if theirs != mine:
-            differ = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
+            missing = object()  # a key only one side has differs too
+            differ = sorted(k for k in set(mine) | set(theirs) if mine.get(k, missing) != theirs.get(k, missing))
             raise ValueError(
                 f"{out} was made by the recipe with other settings ({', '.join(differ)} differ: see {path}); "
                 "use a new folder"
