@@ -278,6 +278,22 @@ def info(topic: str = "all") -> dict[str, list[str]]:
     return {topic: table[topic]}
 
 
+def _describe_projectors() -> str:
+    from projectors import describe_projectors
+
+    lines = []
+    for side in ("input", "output"):
+        lines.append(f"\n{side} projectors (training: --set {side}_projector=NAME):")
+        for name, summary in describe_projectors(side).items():
+            lines.append(f"  {name:<12} {summary}")
+    lines.append("\nfusion (training: --set cross_attention.every=4):")
+    lines.append(
+        "  cross_attention  Flamingo's gated cross-attention blocks y = x + tanh(g) * xattn(x, media), g = 0 at start, "
+        "before every k-th LLM layer, reading the input projector's output (instead of or beside splicing it in)."
+    )
+    return "\n".join(lines)
+
+
 # ---------------------------------------------------------------------------------------------- argument parsing
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="anygpt", description="Any-to-any multimodal generation.")
@@ -384,6 +400,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             for key, names in info(args.topic).items():
                 print(f"{key}: {', '.join(names)}")
+            if args.topic == "projectors":
+                print(_describe_projectors())
     except (UsageError, MediaError, ValueError, TypeError, OSError) as err:
         logger.debug("error details", exc_info=True)
         print(f"anygpt: error: {err}".splitlines()[0], file=sys.stderr)

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from anygpt.fusion import CrossAttentionConfig
 from anygpt.llm import LanguageModelConfig, llm_config_from_preset
 from anygpt.modality import MEDIA_MODALITIES, Modality
 from anygpt.tokens import SignalTokenConfig
@@ -39,6 +40,8 @@ class AnyGPTConfig:
         decoders: decoder config per output modality (``decoders.DecoderConfig``).
         input_modalities: the media modalities the system reads.
         seed: initialisation seed of the projectors and new token rows.
+        cross_attention: gated cross-attention blocks (Flamingo) in the LLM, or None (media are only spliced in
+            as tokens); see ``anygpt.fusion``.
     """
 
     encoder: Any
@@ -50,6 +53,7 @@ class AnyGPTConfig:
     output_projector_overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
     input_modalities: list[str] = field(default_factory=lambda: [m.value for m in MEDIA_MODALITIES])
     seed: int = 0
+    cross_attention: CrossAttentionConfig | None = None
 
     def __post_init__(self):
         self.input_modalities = [Modality.parse(m).value for m in self.input_modalities]
@@ -62,6 +66,8 @@ class AnyGPTConfig:
             raise ValueError(f"decoders {sorted(missing)} have no signal tokens in signal_tokens.counts")
         for m in self.output_projector_overrides:
             Modality.parse(m)
+        if self.cross_attention is not None and not isinstance(self.cross_attention, CrossAttentionConfig):
+            self.cross_attention = CrossAttentionConfig.from_dict(self.cross_attention)
 
     @property
     def output_modalities(self) -> list[Modality]:
@@ -73,7 +79,7 @@ class AnyGPTConfig:
         return options
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        data = {
             "encoder": self.encoder.to_dict(),
             "llm": self.llm.to_dict(),
             "decoders": {k: v.to_dict() for k, v in self.decoders.items()},
@@ -87,6 +93,9 @@ class AnyGPTConfig:
             "input_modalities": list(self.input_modalities),
             "seed": self.seed,
         }
+        if self.cross_attention is not None:  # absent otherwise: indexes written before it stay as they were
+            data["cross_attention"] = self.cross_attention.to_dict()
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> AnyGPTConfig:
@@ -96,7 +105,7 @@ class AnyGPTConfig:
         data = copy.deepcopy(data)
         known = {
             "encoder", "llm", "decoders", "signal_tokens", "input_projector", "output_projector",
-            "output_projector_overrides", "input_modalities", "seed",
+            "output_projector_overrides", "input_modalities", "seed", "cross_attention",
         }  # fmt: skip
         unknown = set(data) - known
         if unknown:
@@ -111,6 +120,7 @@ class AnyGPTConfig:
             output_projector_overrides=data.get("output_projector_overrides", {}),
             input_modalities=data.get("input_modalities", [m.value for m in MEDIA_MODALITIES]),
             seed=data.get("seed", 0),
+            cross_attention=data.get("cross_attention"),
         )
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from anygpt.modality import Modality
 from anygpt.utils import resolve_dtype, resolve_local_model
 
 logger = logging.getLogger(__name__)
@@ -23,14 +24,37 @@ TINY = "tiny"
 
 @dataclass
 class LoraSettings:
-    """LoRA on the LLM (peft). Defaults follow NExT-GPT's stage 3: r 32, alpha 32, dropout 0.1 on q/k/v/o."""
+    """LoRA on the LLM (peft). Defaults follow NExT-GPT's stage 3: r 32, alpha 32, dropout 0.1 on q/k/v/o.
+
+    Attributes:
+        adapters: None for one adapter (named ``"default"``), or per-modality adapters named after the output
+            modality each serves, e.g. ``["text", "image", "video", "audio"]``: all share these settings; stage 3
+            trains each on the examples that output its modality, and the pipeline selects or combines them at run
+            time (see ``anygpt.lora``).
+    """
 
     r: int = 32
     alpha: int = 32
     dropout: float = 0.1
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    adapters: list[str] | None = None
 
     def __post_init__(self):
+        if self.adapters is not None:
+            if isinstance(self.adapters, str) or not self.adapters:
+                raise ValueError(
+                    f"lora.adapters must be null (one adapter) or a non-empty list of modality names, got "
+                    f"{self.adapters!r}"
+                )
+            names = []
+            for name in self.adapters:
+                try:
+                    names.append(Modality.parse(name).value)
+                except ValueError as err:
+                    raise ValueError(f"lora.adapters: {err} (an adapter is named after its output modality)") from None
+            if len(set(names)) != len(names):
+                raise ValueError(f"lora.adapters: names must be unique, got {names}")
+            self.adapters = names
         if self.r <= 0:
             raise ValueError(f"lora.r must be positive, got {self.r}")
         if not 0.0 <= self.dropout < 1.0:

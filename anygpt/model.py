@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import warnings
 from pathlib import Path
 
 import torch
@@ -18,7 +17,19 @@ from safetensors.torch import load_file, save_file
 
 from anygpt.config import AnyGPTConfig
 from anygpt.conversation import MediaRef, Piece
+from anygpt.fusion import GatedCrossAttentionLayers, find_decoder_layers, media_context
 from anygpt.llm import build_language_model, tokenizer_dir_of
+from anygpt.lora import (
+    activate_adapters,
+    active_adapters,
+    adapter_names,
+    apply_lora,
+    check_selection,
+    combine_adapters,
+    drop_combined,
+    load_adapters,
+    save_adapters,
+)
 from anygpt.modality import Modality
 from anygpt.tokens import (
     ModalityTokens,
@@ -31,6 +42,7 @@ from anygpt.tokens import (
 logger = logging.getLogger(__name__)
 
 TOKEN_ROWS_FILE = "token_embeddings.safetensors"
+CROSS_ATTENTION_FILE = "cross_attention.safetensors"
 INDEX_FILE = "anygpt_index.json"
 FORMAT_VERSION = 1
 
@@ -53,6 +65,7 @@ class AnyGPTModel(nn.Module):
         input_projectors: nn.ModuleDict,
         output_projectors: nn.ModuleDict,
         decoder_specs: dict,
+        cross_attention: GatedCrossAttentionLayers | None = None,
     ):
         super().__init__()
         self.config = config
@@ -63,6 +76,8 @@ class AnyGPTModel(nn.Module):
         self.input_projectors = input_projectors
         self.output_projectors = output_projectors
         self.decoder_specs = dict(decoder_specs)
+        self.cross_attention = cross_attention  # gated cross-attention blocks (installed on the LLM), or None
+        self._combined_adapters: dict[tuple, str] = {}  # (names, weights) -> peft adapter (set_lora_adapters)
 
     # ------------------------------------------------------------------ building
     @classmethod
@@ -85,12 +100,7 @@ class AnyGPTModel(nn.Module):
         tokens = add_modality_tokens(tokenizer, config.signal_tokens)
         init_added_token_rows(llm, tokenizer, tokens, num_old=num_old, seed=config.seed)
         if config.llm.lora is not None:
-            from peft import get_peft_model
-
-            with warnings.catch_warnings(), torch.random.fork_rng(devices=[]):
-                warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
-                torch.manual_seed(config.seed)  # LoRA A matrices start random: the same for every build
-                llm = get_peft_model(llm, config.llm.lora.to_peft())
+            llm = apply_lora(llm, config.llm.lora, seed=config.seed)  # every adapter, A drawn from the seed
         hidden = llm.get_input_embeddings().weight.shape[1]
 
         inputs = nn.ModuleDict()
@@ -126,6 +136,14 @@ class AnyGPTModel(nn.Module):
                     num_signal_tokens=config.signal_tokens.count(m),
                     **options,
                 )
+        cross_attention = None
+        if config.cross_attention is not None:  # built last, from its own seed: every other weight is as without
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(config.seed)
+                cross_attention = GatedCrossAttentionLayers(
+                    config.cross_attention, hidden_size=hidden, num_layers=len(find_decoder_layers(llm))
+                )
+            cross_attention.install(llm)
         model = cls(
             config,
             encoder=encoder,
@@ -135,6 +153,7 @@ class AnyGPTModel(nn.Module):
             input_projectors=inputs,
             output_projectors=outputs,
             decoder_specs=decoder_specs,
+            cross_attention=cross_attention,
         )
         model.requires_grad_(False)
         model.eval()
@@ -154,8 +173,55 @@ class AnyGPTModel(nn.Module):
         return self.language_model.get_input_embeddings().weight.dtype
 
     def num_media_tokens(self, modality: Modality) -> int:
-        """How many LLM tokens one media item of ``modality`` becomes (K)."""
+        """How many LLM tokens one media item of ``modality`` becomes: K, or 1 when the model reads its media only
+        through gated cross-attention (``cross_attention.inline`` false: one placeholder marks the item)."""
+        if self.config.cross_attention is not None and not self.config.cross_attention.inline:
+            return 1
         return self.input_projectors[modality.value].num_output_tokens
+
+    # ------------------------------------------------------------------ LoRA adapters
+    @property
+    def lora_adapters(self) -> list[str]:
+        """The LLM's LoRA adapters: ``[]`` (none), ``["default"]`` (one) or per-modality names (``lora.adapters``)."""
+        return adapter_names(self.config.llm.lora)
+
+    @property
+    def active_lora_adapters(self) -> list[str]:
+        """The adapters the LLM runs with now (a combination shows as its peft name, ``combined_N``)."""
+        return active_adapters(self.language_model) if self.lora_adapters else []
+
+    def set_lora_adapters(self, names: str | list[str], weights: list[float] | None = None) -> None:
+        """Choose the LoRA adapter(s) the LLM runs with, at run time and without reloading.
+
+        One name (weight None or 1) activates that adapter. Several names (or one with another weight) run with one
+        adapter whose update is the weighted sum of theirs, ``sum_i weights[i] * delta_W(names[i])`` (weights None:
+        equal weights summing to 1, their mean), which peft's ``add_weighted_adapter(combination_type="cat")``
+        builds exactly on first use and the model keeps for the next (see ``anygpt.lora``). Switching back to an
+        adapter gives exactly its outputs again. ``requires_grad`` flags are left as they are.
+
+        Args:
+            names: adapter names (``lora_adapters``).
+            weights: one finite weight >= 0 per name.
+
+        Raises:
+            ValueError: an unknown or repeated name (the message lists the model's adapters), bad weights, or a
+                model without LoRA.
+
+        Example:
+            >>> model.set_lora_adapters("image")  # doctest: +SKIP
+            >>> model.set_lora_adapters(["text", "image"], [0.5, 0.5])  # doctest: +SKIP
+        """
+        names, weights = check_selection(self.lora_adapters, names, weights)
+        if len(names) == 1 and weights in (None, [1.0]):
+            activate_adapters(self.language_model, names)
+            return
+        if weights is None:
+            weights = [1.0 / len(names)] * len(names)
+        combined = combine_adapters(self.language_model, names, weights, self._combined_adapters)
+        activate_adapters(self.language_model, [combined])
+
+    def _drop_combined_adapters(self) -> None:
+        drop_combined(self.language_model, self._combined_adapters, self.lora_adapters[:1])
 
     # ------------------------------------------------------------------ inputs
     def project_media(self, modality: Modality, embeds: torch.Tensor, tokens: torch.Tensor | None) -> torch.Tensor:
@@ -211,6 +277,10 @@ class AnyGPTModel(nn.Module):
     def embed_inputs(self, input_ids: torch.Tensor, media: dict[Modality, torch.Tensor]) -> torch.Tensor:
         """Token embeddings with every modality's projected features spliced in at its placeholders.
 
+        With gated cross-attention this also sets the blocks' media context (each row's features, in placeholder
+        order) for the LLM forwards that follow, generation steps included; when ``cross_attention.inline`` is
+        false nothing is spliced: each item's one placeholder keeps its token embedding.
+
         Args:
             input_ids: (B, T).
             media: per modality, (M, K, H) projected features in placeholder order. A modality that has
@@ -220,11 +290,17 @@ class AnyGPTModel(nn.Module):
             (B, T, H).
         """
         embeds = self.language_model.get_input_embeddings()(input_ids)
+        inline = self.cross_attention is None or self.config.cross_attention.inline
+        given = {}
         for modality, placeholder in self.tokens.placeholder.items():
             features = media.get(modality)
             if features is None:
-                features = embeds.new_zeros((0, embeds.shape[-1]))
-            embeds = splice_features(embeds, input_ids, placeholder, features)
+                features = embeds.new_zeros((0, 1, embeds.shape[-1]))
+            given[placeholder] = features
+            if inline:
+                embeds = splice_features(embeds, input_ids, placeholder, features)
+        if self.cross_attention is not None:
+            self.cross_attention.set_context(*media_context(input_ids, given, inline=inline))
         return embeds
 
     # ------------------------------------------------------------------ outputs
@@ -271,18 +347,12 @@ class AnyGPTModel(nn.Module):
                 rel = f"{side}/{name}"
                 module.save_pretrained(folder / rel)
                 parts[side][name] = rel
-        if self.config.llm.lora is not None:
-            from peft import get_peft_model_state_dict
-
-            lora_dir = folder / "lora"
-            lora_dir.mkdir(parents=True, exist_ok=True)
-            state = get_peft_model_state_dict(self.language_model, save_embedding_layers=False)
-            save_file(
-                {k: v.detach().cpu().contiguous() for k, v in state.items()},
-                lora_dir / "adapter_model.safetensors",
-            )
-            self.language_model.peft_config["default"].save_pretrained(lora_dir)
-            parts["lora"] = "lora"
+        if self.cross_attention is not None:  # its config is in the index (config.cross_attention)
+            state = {k: v.detach().cpu().contiguous() for k, v in self.cross_attention.state_dict().items()}
+            save_file(state, folder / CROSS_ATTENTION_FILE)
+            parts["cross_attention"] = CROSS_ATTENTION_FILE
+        if self.config.llm.lora is not None:  # "lora" (one adapter) or {name: "lora/<name>"} (per-modality)
+            parts["lora"] = save_adapters(self.language_model, self.config.llm.lora, folder)
         ids = torch.tensor(self.tokens.all_added_ids)
         rows = {"token_ids": ids, "input_embeddings": self.language_model.get_input_embeddings().weight[ids]}
         out = self.language_model.get_output_embeddings()
@@ -318,14 +388,19 @@ class AnyGPTModel(nn.Module):
                 if differ:
                     raise ValueError(f"{where}/config.json: {sorted(differ)} differ from the model's config")
                 modules[name].load_state_dict(load_file(where / SAFETENSORS_WEIGHTS_NAME))
+        if "cross_attention" not in skip and (self.cross_attention is not None or parts.get("cross_attention")):
+            if self.cross_attention is None or not parts.get("cross_attention"):
+                has = "has no" if self.cross_attention is None else "has"
+                holds = "holds" if parts.get("cross_attention") else "holds no"
+                raise ValueError(f"{folder}: {holds} cross-attention blocks, the config {has} cross_attention")
+            where = resolve_part(folder, parts["cross_attention"], "cross_attention")
+            try:
+                self.cross_attention.load_state_dict(load_file(where))
+            except RuntimeError as err:
+                raise ValueError(f"{where}: does not fit the config's cross_attention ({err})") from None
         if parts.get("lora"):
-            from peft import set_peft_model_state_dict
-
-            state = load_file(resolve_part(folder, parts["lora"], "lora") / "adapter_model.safetensors")
-            result = set_peft_model_state_dict(self.language_model, state)
-            unexpected = getattr(result, "unexpected_keys", [])
-            if unexpected:
-                raise ValueError(f"{folder}/{parts['lora']}: adapter keys not in the model: {unexpected[:5]}")
+            self._drop_combined_adapters()  # combinations of the old weights
+            load_adapters(self.language_model, self.config.llm.lora, folder, parts["lora"], resolve_part)
         rows = load_file(resolve_part(folder, parts["token_embeddings"], "token_embeddings"))
         ids = rows["token_ids"].tolist()
         if ids != self.tokens.all_added_ids:

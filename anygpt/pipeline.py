@@ -24,6 +24,7 @@ from PIL import Image
 
 from anygpt.config import PACKAGED_MODELS, AnyGPTConfig, config_from_preset, list_presets, packaged_model_dir
 from anygpt.conversation import Conversation, MediaRef
+from anygpt.lora import check_selection
 from anygpt.media import Audio, MediaError, Video, load_media
 from anygpt.modality import MEDIA_MODALITIES, Modality
 from anygpt.model import INDEX_FILE, AnyGPTModel, read_index, resolve_part, write_index
@@ -201,6 +202,38 @@ class AnyGPTPipeline:
                 f"{', '.join(valid)}"
             )
         return {Modality(n) for n in names}
+
+    def select_adapters(
+        self, adapters: str | list[str] | Mapping[str, float] | None, forced: set[Modality] | None
+    ) -> tuple[list[str], list[float] | None] | None:
+        """The LoRA adapters (and weights) a call runs with, validated; None: leave the model's as they are.
+
+        ``adapters`` None chooses by default. A model with one adapter (or none) has nothing to choose. With
+        per-modality adapters (``lora.adapters``): when the call forces output modalities, the adapters of those
+        that have one (trained on replies producing them; several are combined, their mean); otherwise (``"auto"``,
+        or no forced modality has an adapter) every adapter combined (their mean), so the LLM may still route the
+        reply to any modality (the ``text`` adapter alone learned only replies without media). Pass
+        ``adapters="text"`` for a text-only reply.
+
+        Raises:
+            ValueError: an unknown or repeated adapter name (listing the model's adapters) or a bad weight.
+        """
+        available = self.model.lora_adapters
+        if adapters is None:
+            lora = self.config.llm.lora
+            if lora is None or lora.adapters is None:
+                return None
+            wanted = [name for name in available if forced and Modality(name) in forced]
+            if wanted:
+                return wanted, None
+            return available, None
+        if isinstance(adapters, Mapping):
+            names = [str(n.value if isinstance(n, Modality) else n) for n in adapters]
+            return check_selection(available, names, list(adapters.values()))
+        if isinstance(adapters, str):
+            adapters = [n for n in adapters.split(",") if n.strip()]
+        names = [str(n.value if isinstance(n, Modality) else n).strip() for n in adapters]
+        return check_selection(available, names, None)
 
     def load_inputs(
         self, modality: Modality, items: list[MediaInput], known: Container[str] = ()
@@ -397,6 +430,7 @@ class AnyGPTPipeline:
         videos: list[MediaInput] | None = None,
         *,
         modalities: str | list[str] = "auto",
+        adapters: str | list[str] | Mapping[str, float] | None = None,
         conversation: Conversation | None = None,
         seed: int | None = None,
         max_new_tokens: int = 128,
@@ -421,6 +455,11 @@ class AnyGPTPipeline:
             images, audios, videos: file paths or ``PIL.Image`` / ``Audio`` / ``Video`` objects.
             modalities: ``"auto"`` (the LLM decides by emitting signal tokens) or a list / comma-separated string
                 of output modalities that are produced after the text answer.
+            adapters: the LoRA adapter(s) this call runs the LLM with, chosen without reloading: a name, a list or
+                comma-separated string of names (combined: the mean of their updates), or ``{name: weight}`` (the
+                weighted sum of their updates); see ``AnyGPTModel.set_lora_adapters``. None: the default of
+                ``select_adapters`` (per-modality adapters: the forced output modalities' adapters, else ``text``).
+                The model keeps the choice after the call.
             conversation: a ``Conversation`` to continue (turn history and cached media features); a new
                 one-turn conversation when None.
             seed: makes sampling and every decoder deterministic.
@@ -463,6 +502,9 @@ class AnyGPTPipeline:
             top_p=top_p,
             decoder_settings=settings,
         )
+        selection = self.select_adapters(adapters, forced)
+        if selection is not None:
+            self.model.set_lora_adapters(*selection)
         if conversation is None:
             conversation = Conversation()
         if conversation.template is None:

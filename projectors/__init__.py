@@ -1,10 +1,14 @@
 """Connectors between the encoder, the LLM and the decoders, selected by name."""
 
+from projectors.cabstractor import CAbstractorProjector
 from projectors.input import GroupInputProjector, InputProjector, LinearInputProjector, MLPInputProjector
 from projectors.output import LinearOutputProjector, OutputProjector, TransformerOutputProjector
+from projectors.perceiver import PerceiverResamplerProjector
+from projectors.qformer import QFormerInputProjector, QFormerOutputProjector
 from projectors.registry import (
     build_input_projector,
     build_output_projector,
+    describe_projectors,
     get_input_projector_class,
     get_output_projector_class,
     list_input_projectors,
@@ -19,10 +23,15 @@ __all__ = [
     "LinearInputProjector",
     "MLPInputProjector",
     "GroupInputProjector",
+    "PerceiverResamplerProjector",
+    "CAbstractorProjector",
+    "QFormerInputProjector",
+    "QFormerOutputProjector",
     "TransformerOutputProjector",
     "LinearOutputProjector",
     "build_input_projector",
     "build_output_projector",
+    "describe_projectors",
     "get_input_projector_class",
     "get_output_projector_class",
     "list_input_projectors",

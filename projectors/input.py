@@ -12,6 +12,7 @@ from diffusers import ConfigMixin, ModelMixin
 from diffusers.configuration_utils import register_to_config
 
 from projectors.registry import register_input_projector
+from projectors.tokens import grid_of, pooled_grid, spatial_pool
 
 
 class InputProjector(ModelMixin, ConfigMixin):
@@ -34,41 +35,102 @@ class InputProjector(ModelMixin, ConfigMixin):
         raise NotImplementedError
 
 
-@register_input_projector("linear")
-class LinearInputProjector(InputProjector):
-    """NExT-GPT legacy / LLaVA: ``Linear(D -> H)`` on the pooled embedding, one LLM token per item."""
+class _PatchOrPooled(InputProjector):
+    """Linear and MLP connectors read either the pooled embedding (one token per item: NExT-GPT's legacy
+    connector) or, with ``source="tokens"``, every patch token (one LLM token per patch, as LLaVA does; CLS tokens
+    dropped), optionally compressed by ``spatial_pool`` x ``spatial_pool`` average pooling of the patch grid."""
 
-    @register_to_config
-    def __init__(self, *, in_dim: int, token_dim: int, out_dim: int):
-        super().__init__()
-        self.proj = nn.Linear(in_dim, out_dim)
+    uses_grid = True
+
+    def _check_source(self) -> None:
+        source, pool = self.config.source, self.config.spatial_pool
+        if source not in ("pooled", "tokens"):
+            raise ValueError(f"{self.projector_name} projector: source must be 'pooled' or 'tokens', got {source!r}")
+        if pool < 1:
+            raise ValueError(f"{self.projector_name} projector: spatial_pool must be >= 1, got {pool}")
+        if source == "tokens" and self.config.grid is None:
+            raise ValueError(f"{self.projector_name} projector: source 'tokens' needs grid [num_prefix, h, w]")
+
+    @property
+    def uses_tokens(self) -> bool:
+        return self.config.source == "tokens"
 
     @property
     def num_output_tokens(self) -> int:
-        return 1
+        if self.config.source == "pooled":
+            return 1
+        _, height, width = pooled_grid(tuple(self.config.grid), self.config.spatial_pool)
+        return height * width
+
+    def _inputs(self, embeds: torch.Tensor, tokens: torch.Tensor | None) -> torch.Tensor:
+        if self.config.source == "pooled":
+            return embeds.unsqueeze(1)  # (B, 1, D)
+        if tokens is None:
+            raise ValueError(f"{self.projector_name} projector (source 'tokens') needs the token sequence; got None")
+        grid = tuple(self.config.grid)
+        if grid_of(tokens.shape[1], grid, self.projector_name) != grid:  # one LLM token per patch: the count is fixed
+            raise ValueError(
+                f"{self.projector_name} projector (source 'tokens') was built for {grid[0]} + {grid[1]} x {grid[2]} "
+                f"tokens, got {tokens.shape[1]}"
+            )
+        tokens = spatial_pool(tokens, self.config.spatial_pool, grid, self.projector_name)
+        return tokens[:, grid[0] :]  # the patch tokens: (B, h * w, D_tok)
+
+
+@register_input_projector("linear")
+class LinearInputProjector(_PatchOrPooled):
+    """NExT-GPT legacy / LLaVA: ``Linear(D -> H)`` on the pooled embedding (one LLM token per item), or on every
+    patch token with ``source="tokens"`` (LLaVA)."""
+
+    presets = {"tiny": {}, "real": {}}
+
+    @register_to_config
+    def __init__(
+        self,
+        *,
+        in_dim: int,
+        token_dim: int,
+        out_dim: int,
+        source: str = "pooled",
+        spatial_pool: int = 1,
+        grid: list[int] | None = None,
+    ):
+        super().__init__()
+        self._check_source()
+        self.proj = nn.Linear(in_dim if source == "pooled" else token_dim, out_dim)
 
     def forward(self, embeds: torch.Tensor, tokens: torch.Tensor | None = None) -> torch.Tensor:
-        return self.proj(embeds).unsqueeze(1)  # (B, 1, H)
+        return self.proj(self._inputs(embeds, tokens))  # (B, K, H)
 
 
 @register_input_projector("mlp")
-class MLPInputProjector(InputProjector):
-    """LLaVA-1.5: ``Linear(D -> H), GELU, Linear(H -> H)`` on the pooled embedding, one LLM token per item."""
+class MLPInputProjector(_PatchOrPooled):
+    """LLaVA-1.5: ``Linear(D -> H), GELU, Linear(H -> H)`` on the pooled embedding (one LLM token per item), or on
+    every patch token with ``source="tokens"``."""
+
+    presets = {"tiny": {}, "real": {}}
 
     @register_to_config
-    def __init__(self, *, in_dim: int, token_dim: int, out_dim: int, hidden_dim: int | None = None):
+    def __init__(
+        self,
+        *,
+        in_dim: int,
+        token_dim: int,
+        out_dim: int,
+        hidden_dim: int | None = None,
+        source: str = "pooled",
+        spatial_pool: int = 1,
+        grid: list[int] | None = None,
+    ):
         super().__init__()
+        self._check_source()
         hidden_dim = hidden_dim or out_dim
-        self.fc1 = nn.Linear(in_dim, hidden_dim)
+        self.fc1 = nn.Linear(in_dim if source == "pooled" else token_dim, hidden_dim)
         self.act = nn.GELU()
         self.fc2 = nn.Linear(hidden_dim, out_dim)
 
-    @property
-    def num_output_tokens(self) -> int:
-        return 1
-
     def forward(self, embeds: torch.Tensor, tokens: torch.Tensor | None = None) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(embeds))).unsqueeze(1)  # (B, 1, H)
+        return self.fc2(self.act(self.fc1(self._inputs(embeds, tokens))))  # (B, K, H)
 
 
 class _Mlp(nn.Sequential):
@@ -149,6 +211,7 @@ class GroupInputProjector(InputProjector):
     """
 
     uses_tokens = True
+    uses_grid = True
     presets = {
         "tiny": {"hidden_dim": 32, "num_heads": 2, "num_groups": [16, 4], "depths": [1, 1], "final_depth": 1},
         "real": {},
@@ -167,8 +230,12 @@ class GroupInputProjector(InputProjector):
         depths: tuple[int, ...] | list[int] = (6, 3),
         final_depth: int = 3,
         hard_assignment: bool = True,
+        spatial_pool: int = 1,
+        grid: list[int] | None = None,
     ):
         super().__init__()
+        if spatial_pool < 1:
+            raise ValueError(f"group projector: spatial_pool must be >= 1, got {spatial_pool}")
         if len(num_groups) != len(depths) or not num_groups:
             raise ValueError(
                 f"group projector: num_groups {list(num_groups)} and depths {list(depths)} must be non-empty and "
@@ -202,6 +269,7 @@ class GroupInputProjector(InputProjector):
     def forward(self, embeds: torch.Tensor, tokens: torch.Tensor | None = None) -> torch.Tensor:
         if tokens is None:
             raise ValueError("group projector needs the encoder's token sequence (B, N, D_tok); got None")
+        tokens = spatial_pool(tokens, self.config.spatial_pool, self.config.grid, "group")
         x = self.in_fc(tokens)  # (B, N, C)
         batch = x.shape[0]
         for stage, grouping, groups in zip(self.stages, self.grouping, self.group_tokens, strict=True):

@@ -64,6 +64,16 @@ def list_output_projectors() -> list[str]:
     return sorted(OUTPUT_PROJECTORS)
 
 
+def describe_projectors(side: str) -> dict[str, str]:
+    """``{name: the first sentence of the class's docstring}`` of the ``input`` or ``output`` registry."""
+    registry = {"input": INPUT_PROJECTORS, "output": OUTPUT_PROJECTORS}[side]
+    summaries = {}
+    for name in sorted(registry):
+        doc = " ".join((registry[name].__doc__ or "").replace("``", "").split())
+        summaries[name] = doc.split(". ")[0].rstrip(".") + "." if doc else ""
+    return summaries
+
+
 def build_input_projector(name: str, *, in_dim: int, token_dim: int, out_dim: int, **options) -> nn.Module:
     """Build the input projector registered as ``name``.
 

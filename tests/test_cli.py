@@ -104,4 +104,17 @@ def test_bad_input_exits_2_with_one_line(tmp_path, capsys, use_tiny, media_files
 def test_info_lists_registries(capsys):
     assert cli.main(["info"]) == 0
     text = capsys.readouterr().out
-    assert "input_projectors: group, linear, mlp" in text and "presets: " in text and "tiny" in text
+    assert "input_projectors: cabstractor, group, linear, mlp, perceiver, qformer" in text
+    assert "output_projectors: linear, qformer, transformer" in text
+    assert "presets: " in text and "tiny" in text
+
+
+def test_info_projectors_describes_every_registered_connector(capsys):
+    from projectors import list_input_projectors, list_output_projectors
+
+    assert cli.main(["info", "projectors"]) == 0
+    text = capsys.readouterr().out
+    for name in {*list_input_projectors(), *list_output_projectors(), "cross_attention"}:
+        line = next(line for line in text.splitlines() if line.strip().startswith(name + " "))
+        assert len(line.split(None, 1)[1]) > 20, line  # a description, not just the name
+    assert "--set input_projector=NAME" in text and "--set output_projector=NAME" in text

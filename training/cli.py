@@ -12,8 +12,8 @@ logger = logging.getLogger(__name__)
 
 def add_commands(sub) -> None:
     """Add the training sub-commands to the ``anygpt`` parser."""
-    train = sub.add_parser("train", help="run a training stage (1, 2 or 3) from a YAML config")
-    train.add_argument("--stage", type=int, choices=(1, 2, 3), required=True)
+    train = sub.add_parser("train", help="run a training stage (0, 1, 2 or 3) from a YAML config")
+    train.add_argument("--stage", type=int, choices=(0, 1, 2, 3), required=True)
     train.add_argument("--config", required=True, help="the stage's YAML config")
     train.add_argument("--from", dest="start", help="preset name or a previous stage's final/ folder")
     train.add_argument(
@@ -32,7 +32,7 @@ def add_commands(sub) -> None:
 
     cache = sub.add_parser("cache", help="precompute encoder features and caption embeddings for a stage config")
     cache.add_argument("--config", required=True)
-    cache.add_argument("--stage", type=int, choices=(1, 2, 3))
+    cache.add_argument("--stage", type=int, choices=(0, 1, 2, 3))
     cache.add_argument("--from", dest="start", help="preset name or a final/ folder (default: the config's model)")
     cache.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     cache.add_argument("--cache-dir", help="the cache folder (default: the config's cache_dir)")

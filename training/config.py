@@ -20,7 +20,7 @@ import yaml
 from anygpt.modality import MEDIA_MODALITIES, Modality
 from training.data.records import DatasetSpec
 
-STAGES = (1, 2, 3)
+STAGES = (0, 1, 2, 3)
 
 
 class ConfigError(ValueError):
@@ -54,13 +54,15 @@ class TrainableConfig:
     """Which parts train. None: the stage's default (``training.recipes.STAGE_DEFAULTS``).
 
     ``token_rows``: ``none``, ``signal`` (the signal tokens' rows of the input embedding and LM head) or ``all``
-    (every added token). Only these rows train, never the whole embedding matrix.
+    (every added token). Only these rows train, never the whole embedding matrix. ``cross_attention``: the gated
+    cross-attention blocks (stage 1 trains them when the model has them; true asks for them).
     """
 
     input_projectors: bool | None = None
     output_projectors: bool | None = None
     lora: bool | None = None
     token_rows: str | None = None
+    cross_attention: bool | None = None
 
 
 @dataclass
@@ -73,6 +75,22 @@ class DiffusionLossConfig:
 
 
 @dataclass
+class Blip2LossConfig:
+    """Stage 0's terms: BLIP-2's representation pre-training of Q-Former connectors (``training.blip2``).
+
+    Attributes:
+        itc, itm, itg: weights of image-text contrastive, image-text matching (hardest in-batch negatives) and
+            image-grounded text generation (each >= 0, not all 0).
+        max_text_length: text positions of the Q-Former's text side (BLIP-2: 32); longer captions are cut.
+    """
+
+    itc: float = 1.0
+    itm: float = 1.0
+    itg: float = 1.0
+    max_text_length: int = 32
+
+
+@dataclass
 class LossConfig:
     """Loss terms.
 
@@ -82,12 +100,14 @@ class LossConfig:
         distance: ``l2`` (NExT-GPT: mean per-token Euclidean distance) or ``mse``.
         modality_weights: per output modality factor on that distance (NExT-GPT's stage 3 weighs video x2).
         diffusion: the optional diffusion loss.
+        blip2: stage 0's BLIP-2 terms.
     """
 
     caption_embedding_weight: float = 1.0
     distance: str = "l2"
     modality_weights: dict[str, float] = field(default_factory=dict)
     diffusion: DiffusionLossConfig = field(default_factory=DiffusionLossConfig)
+    blip2: Blip2LossConfig = field(default_factory=Blip2LossConfig)
 
 
 @dataclass
@@ -148,7 +168,8 @@ class TrainConfig:
     """One stage run.
 
     Attributes:
-        stage: 1 (encoder-side alignment), 2 (decoder-side alignment) or 3 (instruction tuning).
+        stage: 0 (BLIP-2 pre-training of Q-Former input projectors), 1 (encoder-side alignment), 2 (decoder-side
+            alignment) or 3 (instruction tuning).
         model: a preset name or a folder written by a previous stage (``.../final``); ``--from`` overrides it.
         output_dir: where checkpoints, metrics and ``final/`` go (relative to the config file; when the file has
             none, ``runs/stage{N}`` in the working directory, like any command's output).
@@ -158,6 +179,8 @@ class TrainConfig:
         lora: LoRA settings to use when the starting model has no trained adapter yet (stage 3), e.g. ``{r: 32}``.
         input_projector, output_projector: build fresh connectors of this kind instead of the starting model's
             (the stage must train that side; see ``ConnectorChoice``).
+        cross_attention: gated cross-attention blocks (``anygpt.fusion.CrossAttentionConfig`` options, e.g.
+            ``--set cross_attention.every=2``) built fresh in the starting model (the stage must train them).
     """
 
     stage: int
@@ -170,6 +193,7 @@ class TrainConfig:
     lora: dict[str, Any] | None = None
     input_projector: ConnectorChoice | None = None
     output_projector: ConnectorChoice | None = None
+    cross_attention: dict[str, Any] | None = None
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: RunConfig = field(default_factory=RunConfig)
@@ -214,6 +238,13 @@ class TrainConfig:
             choice = getattr(self, key)
             if choice is not None and choice.name.lower() not in names:
                 fail(f"{key}.name", f"unknown connector {choice.name!r}; registered: {', '.join(names)}")
+        if self.cross_attention is not None:
+            from anygpt.fusion import CrossAttentionConfig
+
+            try:
+                CrossAttentionConfig.from_dict(self.cross_attention)
+            except (TypeError, ValueError) as err:
+                fail("cross_attention", str(err))
         if self.trainable.token_rows not in (None, "none", "signal", "all"):
             fail("trainable.token_rows", f"expected none, signal or all, got {self.trainable.token_rows!r}")
         if self.loss.distance not in ("l2", "mse"):
@@ -233,6 +264,14 @@ class TrainConfig:
             fail("loss.diffusion.min_snr_gamma", "must be > 0")
         if self.loss.diffusion.weight < 0:
             fail("loss.diffusion.weight", "must be >= 0")
+        blip2 = self.loss.blip2
+        for name in ("itc", "itm", "itg"):
+            if getattr(blip2, name) < 0:
+                fail(f"loss.blip2.{name}", f"must be >= 0, got {getattr(blip2, name)}")
+        if not (blip2.itc or blip2.itm or blip2.itg):
+            fail("loss.blip2", "itc, itm and itg are all 0: nothing would train")
+        if blip2.max_text_length < 2:
+            fail("loss.blip2.max_text_length", f"must be >= 2, got {blip2.max_text_length}")
         if self.optim.lr <= 0:
             fail("optim.lr", f"must be > 0, got {self.optim.lr}")
         if len(self.optim.betas) != 2 or not all(0 <= b < 1 for b in self.optim.betas):
@@ -322,7 +361,7 @@ def load_config(
             raise ConfigError(f"{source}: stage: the file is for stage {data['stage']}, --stage asks for {stage}")
         data["stage"] = stage
     if "stage" not in data:
-        raise ConfigError(f"{source}: stage: missing (1, 2 or 3; or pass --stage)")
+        raise ConfigError(f"{source}: stage: missing (0, 1, 2 or 3; or pass --stage)")
     default_output = data.get("output_dir") is None
     if default_output:
         data["output_dir"] = str(Path.cwd() / "runs" / f"stage{data['stage']}")

@@ -28,6 +28,8 @@ class Example:
         input_ids, labels: same length; labels are ``IGNORE_INDEX`` where nothing is supervised.
         media: input media in the order of their placeholder runs.
         outputs: output media in the order of their signal groups.
+        reply_modality: what its reply produces (``reply_modality``): with per-modality LoRA adapters, the adapter
+            it runs with and trains.
     """
 
     input_ids: list[int]
@@ -36,6 +38,20 @@ class Example:
     outputs: list[OutputMedia] = field(default_factory=list)
     dataset: str = ""
     truncated: bool = False
+    reply_modality: Modality = Modality.TEXT
+
+
+def reply_modality(sample: Sample) -> Modality:
+    """The modality of the first media output of the sample's last assistant turn; text when it outputs none.
+
+    With per-modality LoRA adapters (``lora.adapters``) an example runs with, and trains, this modality's adapter
+    (the whole sequence, every earlier turn included): the adapter the pipeline chooses by default when a request
+    asks for that output.
+    """
+    for turn in reversed(sample.turns):
+        if turn.role == "assistant":
+            return turn.outputs[0].modality if turn.outputs else Modality.TEXT
+    return Modality.TEXT
 
 
 def pair_to_sample(pair: Pair, task: str, caption_prompts: list[str]) -> Sample:
@@ -191,7 +207,15 @@ class ExampleBuilder:
             media = media[: sum(1 for s, e, kind, _ in runs if kind == "media" and e <= cut)]
             outputs = outputs[: sum(1 for s, e, kind, _ in runs if kind == "output" and e <= cut)]
         labels = [i if s else IGNORE_INDEX for i, s in zip(ids, sup, strict=True)]
-        return Example(ids, labels, media, outputs, dataset=sample.dataset, truncated=truncated)
+        return Example(
+            ids,
+            labels,
+            media,
+            outputs,
+            dataset=sample.dataset,
+            truncated=truncated,
+            reply_modality=reply_modality(sample),
+        )
 
 
 def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:

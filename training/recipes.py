@@ -3,8 +3,13 @@
 =====  =======================  ==========================================  =====================
 stage  trains                   data                                        loss
 =====  =======================  ==========================================  =====================
+0      Q-Former input           X-caption pairs (one media item each)       BLIP-2: ITC + ITM + ITG
+       projectors (+ the        (optional: BLIP-2's representation          (training.blip2)
+       objectives' heads)       pre-training before stage 1)
 1      input projectors,        X-caption pairs (media in, caption out)      CE on the caption
-       added token rows
+       added token rows,
+       cross-attention blocks
+       (when the model has them)
 2      output projectors,       caption pairs (caption in, caption +         CE + caption-embedding
        signal token rows        signal tokens out)                           distance
 3      LoRA, signal token rows  instruction conversations                    CE + caption-embedding
@@ -31,14 +36,18 @@ class Trainable:
     output_projectors: bool
     lora: bool
     token_rows: str  # none | signal | all
+    # the gated cross-attention blocks (anygpt.fusion): True (the model must have them), False, or None (train them
+    # when the model has them)
+    cross_attention: bool | None = False
 
 
 STAGE_DEFAULTS = {
-    1: Trainable(input_projectors=True, output_projectors=False, lora=False, token_rows="all"),
+    0: Trainable(input_projectors=True, output_projectors=False, lora=False, token_rows="none"),
+    1: Trainable(input_projectors=True, output_projectors=False, lora=False, token_rows="all", cross_attention=None),
     2: Trainable(input_projectors=False, output_projectors=True, lora=False, token_rows="signal"),
     3: Trainable(input_projectors=False, output_projectors=False, lora=True, token_rows="signal"),
 }
-PAIR_TASK = {1: "caption", 2: "generate", 3: "generate"}
+PAIR_TASK = {0: "caption", 1: "caption", 2: "generate", 3: "generate"}
 
 
 def resolve_trainable(stage: int, overrides: TrainableConfig) -> Trainable:
@@ -142,6 +151,12 @@ def apply_trainable(model, trainable: Trainable) -> TokenRows | None:
         for name, param in model.language_model.named_parameters():
             if "lora_" in name:
                 param.requires_grad_(True)
+    if trainable.cross_attention and model.cross_attention is None:
+        raise ValueError(
+            "this recipe trains the gated cross-attention blocks, but the model has none (set cross_attention.every)"
+        )
+    if trainable.cross_attention is not False and model.cross_attention is not None:
+        model.cross_attention.requires_grad_(True)
     ids = token_row_ids(model, trainable.token_rows)
     rows = TokenRows(model.language_model, ids) if ids else None
     for param in model.parameters():  # trainable weights in float32 (mixed precision autocasts the compute)

@@ -23,12 +23,14 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
+from anygpt.lora import checkpoint_context_fn, forward_per_adapter
 from anygpt.modality import Modality
+from training.blip2 import Blip2StageModule, blip2_terms, check_stage0
 from training.cache import CaptionEmbeddingCache, MediaFeatureCache
 from training.checkpoint import clean_partial, list_checkpoints, read_checkpoint, restore_checkpoint, save_checkpoint
 from training.config import ConfigError, TrainConfig
 from training.data.records import OutputMedia, Pair, Record
-from training.examples import Example, ExampleBuilder, collate, pair_to_sample
+from training.examples import Example, ExampleBuilder, collate, pair_to_sample, reply_modality
 from training.losses import caption_distance_sum, token_cross_entropy_sum
 from training.recipes import PAIR_TASK, Trainable, apply_trainable, resolve_trainable
 from training.sampling import BatchPlan
@@ -62,7 +64,14 @@ class StageModule(nn.Module):
         media: dict[str, tuple[torch.Tensor, torch.Tensor | None]],
         targets: dict[str, torch.Tensor],
         diffusion: dict | None = None,
+        adapters: list[str] | None = None,
     ) -> dict[str, torch.Tensor]:
+        """Loss sums of one micro-batch.
+
+        Args:
+            adapters: per row, the LoRA adapter it runs with and trains (per-modality adapters; see
+                ``StageTrainer.tensors``), one LLM forward per adapter; None: one forward with the active adapter.
+        """
         model = self.model
         diffusion = diffusion or {}
         features = {}
@@ -70,16 +79,27 @@ class StageModule(nn.Module):
             features[Modality(name)] = model.project_media(Modality(name), embeds, tokens)
         inputs_embeds = model.embed_inputs(input_ids, features)
         wanted = list(dict.fromkeys([*targets, *diffusion]))
-        out = model.language_model(
-            inputs_embeds=inputs_embeds,
-            attention_mask=attention_mask,
-            output_hidden_states=bool(wanted),
-            use_cache=False,
-        )
-        ce, _ = token_cross_entropy_sum(out.logits, labels)
+        if adapters is None:
+            out = model.language_model(
+                inputs_embeds=inputs_embeds,
+                attention_mask=attention_mask,
+                output_hidden_states=bool(wanted),
+                use_cache=False,
+            )
+            logits, hidden = out.logits, (out.hidden_states[-1] if wanted else None)
+        else:  # per-modality LoRA: each row runs with (and so trains) only its own adapter
+            logits, hidden = forward_per_adapter(
+                model.language_model,
+                adapters,
+                inputs_embeds,
+                attention_mask,
+                output_hidden_states=bool(wanted),
+                rows=model.cross_attention.rows if model.cross_attention is not None else None,
+            )
+        ce, _ = token_cross_entropy_sum(logits, labels)
         sums = {"ce": ce}
         for name in wanted:
-            cond, where = model.signal_conditioning(Modality(name), out.hidden_states[-1], input_ids)
+            cond, where = model.signal_conditioning(Modality(name), hidden, input_ids)
             if name in targets:
                 target = targets[name]
                 if len(where) != target.shape[0]:
@@ -206,10 +226,12 @@ class StageTrainer:
         return pipe
 
     def _choose_connectors(self, model_config, parts: dict | None) -> set[str]:
-        """Apply the config's ``input_projector`` / ``output_projector`` choices to ``model_config``.
+        """Apply the config's ``input_projector`` / ``output_projector`` / ``cross_attention`` choices to
+        ``model_config``.
 
         Returns:
-            the sides (``input_projectors``, ``output_projectors``) that are built fresh instead of loaded.
+            the parts (``input_projectors``, ``output_projectors``, ``cross_attention``) that are built fresh instead
+            of loaded.
         """
         from anygpt.config import ProjectorConfig
 
@@ -236,7 +258,36 @@ class StageTrainer:
                                current.name, self.start)  # fmt: skip
                 fresh.add(f"{key}s")
             setattr(model_config, key, wanted)
+        fresh |= self._choose_cross_attention(model_config, parts)
         return fresh
+
+    def _choose_cross_attention(self, model_config, parts: dict | None) -> set[str]:
+        """Apply the config's ``cross_attention`` (fresh gated cross-attention blocks) to ``model_config``."""
+        from anygpt.fusion import CrossAttentionConfig
+
+        source = self.config.source
+        if self.config.cross_attention is not None:
+            wanted = CrossAttentionConfig.from_dict(self.config.cross_attention)  # validated with the config
+            current = model_config.cross_attention
+            if wanted != current:
+                if self.trainable.cross_attention is False:
+                    raise ConfigError(
+                        f"{source}: cross_attention: the blocks would be built untrained, but stage "
+                        f"{self.config.stage} does not train them; set trainable.cross_attention: true or start from "
+                        "a model that has them"
+                    )
+                if parts and current is not None:
+                    logger.warning("cross_attention: %s replaces the trained %s of %s (trained from scratch)",
+                                   wanted, current, self.start)  # fmt: skip
+                model_config.cross_attention = wanted
+                if parts:
+                    return {"cross_attention"}
+        if self.trainable.cross_attention and model_config.cross_attention is None:
+            raise ConfigError(
+                f"{source}: trainable.cross_attention: true, but {self.start} has no gated cross-attention blocks; "
+                "add them with cross_attention: {every: 4} (--set cross_attention.every=4)"
+            )
+        return set()
 
     def example_builder(self, model) -> ExampleBuilder:
         """The stage's ``ExampleBuilder`` for ``model`` (length, pair task and prompts from the config)."""
@@ -267,6 +318,7 @@ class StageTrainer:
         model = self.model
         source = self.config.source
         produces = target_media = False
+        adapters = model.config.llm.lora.adapters if self.per_modality_lora else None
         for name, recs in zip(data.names, data.records, strict=True):
             for rec in recs:
                 sample = pair_to_sample(rec, self.pair_task, ["x"]) if isinstance(rec, Pair) else rec
@@ -281,6 +333,11 @@ class StageTrainer:
                     raise ConfigError(
                         f"{source}: dataset {name} asks for {sorted(outputs - set(model.output_projectors))[0]} "
                         f"outputs, but the model produces only {list(model.output_projectors)}"
+                    )
+                if adapters is not None and reply_modality(sample).value not in adapters:
+                    raise ConfigError(
+                        f"{source}: dataset {name} has replies producing {reply_modality(sample).value}, but the "
+                        f"model has no such LoRA adapter (lora.adapters: {adapters})"
                     )
             examples = [self.builder.build(rec) for rec in recs[:64]]  # tokenised once, for every check below
             for ex in examples:
@@ -337,6 +394,8 @@ class StageTrainer:
         self.token_rows = apply_trainable(self.model, self.trainable)
         self.builder = self.example_builder(self.model)
         self.check_compatible(self.data)
+        if config.stage == 0:  # BLIP-2 pre-training of Q-Former connectors (training.blip2)
+            check_stage0(self.model, self.data, config, self.pair_task)
 
         acc = self.accelerator
         run = config.train
@@ -355,10 +414,17 @@ class StageTrainer:
         # the frozen encoder runs outside the optimised module (feature cache): keep it out of DDP / FSDP / ZeRO
         self.encoder = self.model._modules.pop("encoder")
         self.model.__dict__["encoder"] = self.encoder
-        self.module = StageModule(self.model, self.token_rows, distance=config.loss.distance, diffusion=self.diffusion)
+        if config.stage == 0:  # the model and BLIP-2's objectives, whose heads train and are checkpointed too
+            self.module = Blip2StageModule.for_model(self.model, config.loss.blip2, seed=run.seed)
+        else:
+            self.module = StageModule(
+                self.model, self.token_rows, distance=config.loss.distance, diffusion=self.diffusion
+            )
         if run.gradient_checkpointing:
             llm = self.model.language_model
             kwargs = {"use_reentrant": False}
+            if self.per_modality_lora:  # recompute each layer with the adapter its forward ran with
+                kwargs["context_fn"] = checkpoint_context_fn(llm, self.model.cross_attention)
             if hasattr(llm, "activation_checkpointing_enable"):  # transformers >= 5.x name
                 llm.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
             else:
@@ -413,6 +479,12 @@ class StageTrainer:
         )
 
     # ------------------------------------------------------------------ batches
+    @property
+    def per_modality_lora(self) -> bool:
+        """The model has per-modality LoRA adapters (``lora.adapters``): batches route rows to them."""
+        lora = self.model.config.llm.lora
+        return lora is not None and lora.adapters is not None
+
     def trainable_state(self) -> dict[str, torch.Tensor]:
         """The trained tensors (this process's own parameters; not gathered)."""
         module = self.accelerator.unwrap_model(self.module)
@@ -466,6 +538,8 @@ class StageTrainer:
         batch["media"] = media
         batch["targets"] = targets
         batch["diffusion"] = {}
+        # per-modality LoRA adapters: each example runs with (and trains) the adapter of what its reply produces
+        batch["adapters"] = [e.reply_modality.value for e in examples] if self.per_modality_lora else None
         if self.diffusion is not None:
             positions = positions if positions is not None else list(range(len(examples)))
             # each item's noise and timestep come from its own seed (run seed, step, place in the global batch), so
@@ -590,9 +664,14 @@ class StageTrainer:
         # whether a process failed to build its batch (so no process waits forever for the others)
         outs = [m.value for m in self.model.decoder_specs]
         names = ["ce"] + [f"caption_{m}" for m in outs] + [f"diffusion_{m}" for m in outs]
+        if config.stage == 0:  # BLIP-2's terms (training.blip2), each a sum over the media-caption pairs
+            names = list(blip2_terms(config.loss.blip2))
         local = torch.zeros(len(names) + 1, device=acc.device)
         local[-1] = 1.0 if error is not None else 0.0
         for b in batches:
+            if config.stage == 0:
+                local[: len(names)] += b["labels"].shape[0]
+                continue
             local[0] += int((b["labels"][:, 1:] != -100).sum())
             for j, name in enumerate(names[1:], start=1):
                 kind, modality = name.split("_", 1)
@@ -609,14 +688,17 @@ class StageTrainer:
             where = f"this process: {error}" if error is not None else "another process failed (see its message)"
             raise TrainingError(f"step {step + 1}: could not build the batch ({where})")
         counts = reduced[:-1]
-        weights = {"ce": 1.0}
-        for name in names[1:]:
-            kind, modality = name.split("_", 1)
-            factor = config.loss.modality_weights.get(modality, 1.0)
-            if kind == "caption":
-                weights[name] = config.loss.caption_embedding_weight * factor
-            else:
-                weights[name] = config.loss.diffusion.weight * factor
+        if config.stage == 0:
+            weights = {name: getattr(config.loss.blip2, name) for name in names}
+        else:
+            weights = {"ce": 1.0}
+            for name in names[1:]:
+                kind, modality = name.split("_", 1)
+                factor = config.loss.modality_weights.get(modality, 1.0)
+                if kind == "caption":
+                    weights[name] = config.loss.caption_embedding_weight * factor
+                else:
+                    weights[name] = config.loss.diffusion.weight * factor
         deepspeed = acc.distributed_type.value == "DEEPSPEED"
         # DDP averages gradients over processes and DeepSpeed also divides by its accumulation steps: undo both, the
         # loss is already normalised over the global batch
@@ -632,9 +714,15 @@ class StageTrainer:
                 context = contextlib.nullcontext()
             with context:
                 parts = self.module(
-                    b["input_ids"], b["labels"], b["attention_mask"], b["media"], b["targets"], b["diffusion"]
+                    b["input_ids"],
+                    b["labels"],
+                    b["attention_mask"],
+                    b["media"],
+                    b["targets"],
+                    b["diffusion"],
+                    adapters=b.get("adapters"),
                 )
-                loss = parts["ce"] * 0.0  # always a tensor: every process runs backward (DDP)
+                loss = parts[names[0]] * 0.0  # always a tensor: every process runs backward (DDP)
                 for j, name in enumerate(names):
                     if name in parts and counts[j] > 0:
                         loss = loss + weights[name] * parts[name] / counts[j]
@@ -665,7 +753,7 @@ class StageTrainer:
         metrics["lr"] = self.scheduler.get_last_lr()[0]
         if grad_norm is not None:
             metrics["grad_norm"] = float(grad_norm)
-        metrics["tokens"] = int(counts[0].item())
+        metrics["pairs" if config.stage == 0 else "tokens"] = int(counts[0].item())
         return metrics
 
     # ------------------------------------------------------------------ files

@@ -36,7 +36,7 @@ import json
 import logging
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -210,6 +210,7 @@ def evaluate(
     progress: bool = True,
     max_new_tokens: int = 128,
     decoder_settings: Mapping[str, Any] | None = None,
+    tasks: Collection[str] = ("generation", "captioning"),
 ) -> dict[str, Any]:
     """Score a pipeline on held-out toy-world requests and media.
 
@@ -223,6 +224,8 @@ def evaluate(
         max_new_tokens: LLM reply length limit.
         decoder_settings: settings passed to every decoder (``num_inference_steps``, ``guidance_scale``,
             ``height``, ``width``, ``num_frames``, ``audio_seconds``); None keeps each decoder's defaults.
+        tasks: ``generation`` (text -> media and routing) and/or ``captioning`` (media -> text); the metrics of a
+            task left out are None.
 
     Returns:
         A JSON-safe report: ``{"metrics": {name: {"value", "correct", "total", "target"}}, "meta": {...},
@@ -232,10 +235,13 @@ def evaluate(
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    unknown = set(tasks) - {"generation", "captioning"}
+    if unknown or not tasks:
+        raise ValueError(f"tasks: expected generation and/or captioning, got {sorted(tasks)}")
     start = time.perf_counter()
     settings = dict(decoder_settings or {})
-    requests = heldout_requests(samples, seed)
-    cases = heldout_items(samples, seed)
+    requests = heldout_requests(samples, seed) if "generation" in tasks else []
+    cases = heldout_items(samples, seed) if "captioning" in tasks else []
     tally = _Tally()
     bar = tqdm(total=len(requests) + len(cases), desc="toy-world eval", unit="step", disable=not progress)
     try:
