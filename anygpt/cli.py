@@ -48,6 +48,7 @@ class GenerateRequest:
     max_new_tokens: int = 128
     temperature: float = 0.0
     top_p: float = 1.0
+    adapters: str | list[str] | None = None
     id: str | None = None
     origin: str = field(default="", repr=False, compare=False)  # "FILE:LINE: " for error messages, not a field
 
@@ -68,6 +69,11 @@ class GenerateRequest:
             isinstance(self.modalities, list) and all(isinstance(m, str) for m in self.modalities)
         ):
             fail("modalities", "'auto', a comma-separated string or a list of names")
+        if self.adapters is not None and not (
+            isinstance(self.adapters, str)
+            or (isinstance(self.adapters, list) and all(isinstance(a, str) for a in self.adapters))
+        ):
+            fail("adapters", "a comma-separated string or a list of LoRA adapter names")
         for name, minimum in (("seed", 0), ("steps", 1), ("frames", 1), ("max_new_tokens", 1)):
             value = getattr(self, name)
             if value is None and name != "max_new_tokens":
@@ -163,6 +169,7 @@ def _run(pipe, request: GenerateRequest):
         guidance_scale=request.guidance,
         num_frames=request.frames,
         audio_seconds=request.audio_seconds,
+        adapters=request.adapters,
         show_progress=False,
     )
 
@@ -317,6 +324,9 @@ def _build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--max-new-tokens", type=int, default=128)
     gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument(
+        "--adapters", default=None, help="LoRA adapters of a per-modality model: a name or a comma list (combined)"
+    )
     gen.add_argument("--json", action="store_true", help="print one JSON object (batch: one line per prompt)")
 
     inf = sub.add_parser("info", help="list presets, projectors, decoders and encoders")
@@ -353,6 +363,7 @@ def _cmd_generate(args: argparse.Namespace) -> None:
         max_new_tokens=args.max_new_tokens,
         temperature=args.temperature,
         top_p=args.top_p,
+        adapters=args.adapters,
     )
     result = generate(request, model=args.model, out=args.out)
     if args.json:

@@ -161,7 +161,8 @@ def toy_world_table(start: str, data: Path, cache: Path, work: Path, steps: int,
         metrics = {k: v["value"] for k, v in report["metrics"].items() if v["value"] is not None}
         table[name] = {
             "tokens_per_item": pipe.model.num_media_tokens(next(iter(pipe.model.tokens.placeholder))),
-            "trained_params": sum(p.numel() for p in pipe.model.input_projectors.parameters()),
+            "trained_params": sum(p.numel() for p in pipe.model.input_projectors.parameters())
+            + sum(p.numel() for p in (pipe.model.cross_attention.parameters() if pipe.model.cross_attention else [])),
             "step_s": round(_step_time(out, trainer.global_batch, skip=min(5, steps - 1)), 4),
             "train_s": round(train_s, 1),
             **{k: round(v, 4) for k, v in metrics.items()},

@@ -79,6 +79,8 @@ def test_batch(tmp_path, capsys, use_tiny, media_files):
         (["generate", "x", "--model", "no-such-model"], "unknown model 'no-such-model'"),
         (["generate", "--batch", "{tmp}/bad.jsonl"], "bad.jsonl:2: not valid JSON"),
         (["generate"], "a PROMPT or --batch FILE is required"),
+        (["generate", "x", "--adapters", "image"], "unknown LoRA adapter 'image': this model has default"),
+        (["generate", "--batch", "{tmp}/adapters.jsonl"], "adapters.jsonl:1: 'adapters' must be a comma-separated"),
         (["info", "nonsense"], "unknown topic 'nonsense'"),
     ],
 )
@@ -87,6 +89,7 @@ def test_bad_input_exits_2_with_one_line(tmp_path, capsys, use_tiny, media_files
     (tmp_path / "dup.jsonl").write_text('{"prompt": "one", "id": "a"}\n{"prompt": "two", "id": "a"}\n')
     (tmp_path / "types.jsonl").write_text('{"prompt": "one", "steps": "many"}\n')
     (tmp_path / "mods.jsonl").write_text('{"prompt": "one", "modalities": "smell"}\n')
+    (tmp_path / "adapters.jsonl").write_text('{"prompt": "one", "adapters": 3}\n')
     out = tmp_path / "out"
     fill = {"tmp": str(tmp_path), "wav": str(media_files["audio"])}
     argv = [a.format(**fill) for a in args]

@@ -469,3 +469,24 @@ def test_per_adapter_forwards_with_gated_cross_attention():
     assert set(checkpointed) == set(grads) and {n.split(".lora_")[1].split(".")[1] for n in grads} == {"image", "text"}
     for name, grad in grads.items():
         torch.testing.assert_close(checkpointed[name], grad)
+
+
+def test_stage_3_with_adapters_starts_from_a_stage_2_model_whose_adapter_never_trained(sample, tmp_path):
+    from training.config import ConfigError, load_config
+    from training.trainer import StageTrainer
+
+    def run(stage: int, out: Path, start=None, **sets):
+        overrides = ["cache_dir=null", *(f"{k}={v}" for k, v in sets.items())]
+        config = load_config(sample / f"stage{stage}.yaml", overrides=overrides)
+        return StageTrainer(config, start=start, output_dir=out, max_steps=2).train()
+
+    stage2 = run(2, tmp_path / "s2")  # carries the preset's single adapter along, untouched (B = 0)
+    lora = json.dumps({**LORA, "adapters": ADAPTERS})
+    stage3 = run(3, tmp_path / "s3", start=str(stage2), lora=lora)
+    from anygpt.pipeline import AnyGPTPipeline
+
+    assert AnyGPTPipeline.from_pretrained(stage3).model.lora_adapters == ADAPTERS
+    # a trained adapter is never thrown away silently
+    trained = run(3, tmp_path / "s3-single", start=str(stage2))
+    with pytest.raises(ConfigError, match="already holds a trained adapter"):
+        run(3, tmp_path / "again", start=str(trained), lora=lora)

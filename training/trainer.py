@@ -213,10 +213,12 @@ class StageTrainer:
             except (TypeError, ValueError) as err:
                 raise ConfigError(f"{self.config.source}: lora: {err}") from None
             if parts and parts.get("lora") and model_config.llm.lora != wanted:
-                raise ConfigError(
-                    f"{self.config.source}: lora: {self.start} already holds a trained adapter with "
-                    f"{model_config.llm.lora}; remove `lora:` to keep training it"
-                )
+                if _adapters_trained(source, parts["lora"]):
+                    raise ConfigError(
+                        f"{self.config.source}: lora: {self.start} already holds a trained adapter with "
+                        f"{model_config.llm.lora}; remove `lora:` to keep training it"
+                    )
+                parts = {k: v for k, v in parts.items() if k != "lora"}  # untrained (B = 0): replaced, not loaded
             model_config.llm.lora = wanted
         fresh = self._choose_connectors(model_config, parts)
         tokenizer_dir = resolve_part(source, parts["tokenizer"], "tokenizer") if parts else None
@@ -879,6 +881,20 @@ class StageTrainer:
             logger.info("stage %d done: %s", self.config.stage, folder)
         acc.wait_for_everyone()
         return folder
+
+
+def _adapters_trained(folder: Path, entry: str | dict) -> bool:
+    """Whether a saved LoRA part changes the model: any ``lora_B`` non-zero (peft starts every B at 0, so the
+    adapter that stages 1 and 2 carry along untouched is a no-op and may be replaced by other LoRA settings)."""
+    from safetensors import safe_open
+
+    from anygpt.model import resolve_part
+
+    for rel in [entry] if isinstance(entry, str) else list(entry.values()):
+        with safe_open(resolve_part(folder, rel, "lora") / "adapter_model.safetensors", framework="pt") as f:
+            if any("lora_B" in key and bool(f.get_tensor(key).any()) for key in f.keys()):
+                return True
+    return False
 
 
 def _step_of(folder: Path) -> int:
