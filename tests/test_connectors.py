@@ -12,7 +12,9 @@ import torch
 from projectors import (
     build_input_projector,
     get_input_projector_class,
+    get_output_projector_class,
     list_input_projectors,
+    list_output_projectors,
 )
 from training.config import ConfigError, load_config
 from training.trainer import StageTrainer
@@ -154,3 +156,28 @@ def test_bare_name_then_options(sample):
         sample / "stage1.yaml", overrides=["input_projector=perceiver", "input_projector.options.num_latents=4"]
     )
     assert (config.input_projector.name, config.input_projector.options) == ("perceiver", {"num_latents": 4})
+
+
+@pytest.mark.parametrize("name", list_output_projectors())
+def test_stage2_trains_only_the_output_connector_and_the_loss_falls(sample, tmp_path, name):
+    options = get_output_projector_class(name).presets["tiny"]
+    overrides = [
+        "cache_dir=null",
+        f"output_projector.name={name}",
+        f"output_projector.options={json.dumps(options)}",
+        "optim.lr=0.003",
+    ]
+    out = tmp_path / "out"
+    trainer = StageTrainer(load_config(sample / "stage2.yaml", overrides=overrides), output_dir=out, max_steps=14)
+    trainer.setup()
+    model = trainer.model
+    assert all(type(p) is get_output_projector_class(name) for p in model.output_projectors.values())
+    allowed = {n for n, _ in trainer.params}
+    assert allowed and all(n.startswith(("model.output_projectors.", "token_rows.")) for n in allowed)
+    assert any(n.startswith("model.output_projectors.") for n in allowed)
+    trainer.train()
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    caption = [r for r in rows if any(k.startswith("loss_caption_") for k in r)]
+    first = sum(r["loss"] for r in caption[:3]) / 3
+    last = sum(r["loss"] for r in caption[-3:]) / 3
+    assert last < first, (first, last)

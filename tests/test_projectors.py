@@ -15,10 +15,8 @@ TINY_INPUT_OPTIONS = {
     "mlp": {},
     "group": {"hidden_dim": 32, "num_heads": 4, "num_groups": [16, 8], "depths": [1, 1], "final_depth": 1},
 }
-TINY_OUTPUT_OPTIONS = {
-    "transformer": {"d_model": 32, "num_heads": 4, "num_encoder_layers": 1, "num_decoder_layers": 1},
-    "linear": {},
-}
+# every registered output projector, with its tiny preset
+TINY_OUTPUT_OPTIONS = {name: get_output_projector_class(name).presets["tiny"] for name in list_output_projectors()}
 
 
 def test_registries_list_the_builtin_projectors():
