@@ -458,7 +458,7 @@ class AnyGPTPipeline:
             adapters: the LoRA adapter(s) this call runs the LLM with, chosen without reloading: a name, a list or
                 comma-separated string of names (combined: the mean of their updates), or ``{name: weight}`` (the
                 weighted sum of their updates); see ``AnyGPTModel.set_lora_adapters``. None: the default of
-                ``select_adapters`` (per-modality adapters: the forced output modalities' adapters, else ``text``).
+                ``select_adapters`` (per-modality adapters: the forced output modalities' adapters, else all combined).
                 The model keeps the choice after the call.
             conversation: a ``Conversation`` to continue (turn history and cached media features); a new
                 one-turn conversation when None.
