@@ -71,6 +71,32 @@ class AnyGPTOutput:
     stopped: bool = False
 
 
+class UnknownModelError(ValueError):
+    """A model name that is neither a folder written by ``save_pretrained``, a packaged model nor a preset."""
+
+
+def find_model(name_or_dir: str | os.PathLike) -> tuple[Path | None, AnyGPTConfig, dict | None]:
+    """Where a model comes from: ``(folder, config, trained parts)`` of a ``save_pretrained`` folder or a model
+    shipped in the package, or ``(None, config, None)`` for a preset (built untrained).
+
+    Raises:
+        UnknownModelError: neither (a folder without an index, or an unknown name).
+        ValueError: an invalid index (``read_index``).
+    """
+    path = Path(name_or_dir).expanduser()
+    if not (path / INDEX_FILE).is_file() and str(name_or_dir) in PACKAGED_MODELS:
+        path = packaged_model_dir(str(name_or_dir))  # a shipped trained model: its trained parts too
+    if (path / INDEX_FILE).is_file():
+        config, parts = read_index(path)
+        return path, config, parts
+    name = str(name_or_dir)
+    if name in list_presets():  # a preset's name wins over a folder of that name without an index
+        return None, config_from_preset(name), None
+    if path.is_dir():
+        raise UnknownModelError(f"{path} is a folder but holds no {INDEX_FILE} (not written by save_pretrained)")
+    raise UnknownModelError(f"unknown model {name!r}: not a folder, and presets are {', '.join(list_presets())}")
+
+
 class AnyGPTPipeline:
     """Any-to-any generation: a frozen encoder, projectors, an LLM and diffusers decoders.
 
@@ -115,23 +141,15 @@ class AnyGPTPipeline:
             ValueError: an unknown preset name or an invalid folder.
             FileNotFoundError: a frozen backbone the config refers to is not on this machine.
         """
-        path = Path(name_or_dir).expanduser()
-        if not (path / INDEX_FILE).is_file() and str(name_or_dir) in PACKAGED_MODELS:
-            return cls.from_pretrained(packaged_model_dir(str(name_or_dir)))
-        if (path / INDEX_FILE).is_file():
-            config, parts = read_index(path)
-            pipe = cls.from_config(config, tokenizer_dir=resolve_part(path, parts["tokenizer"], "tokenizer"))
-            pipe.model.load_trained(path, parts)
-            logger.info("loaded anygpt pipeline from %s", path)
-            return pipe
-        if path.is_dir():
-            raise ValueError(f"{path} is a folder but holds no {INDEX_FILE} (not written by save_pretrained)")
-        name = str(name_or_dir)
-        if name in list_presets():
-            if name == "tiny":
+        path, config, parts = find_model(name_or_dir)
+        if path is None:
+            if str(name_or_dir) == "tiny":
                 logger.warning("the 'tiny' preset is randomly initialised: its text and media are noise")
-            return cls.from_config(config_from_preset(name))
-        raise ValueError(f"unknown model {name!r}: not a folder, and presets are {', '.join(list_presets())}")
+            return cls.from_config(config)
+        pipe = cls.from_config(config, tokenizer_dir=resolve_part(path, parts["tokenizer"], "tokenizer"))
+        pipe.model.load_trained(path, parts)
+        logger.info("loaded anygpt pipeline from %s", path)
+        return pipe
 
     def save_pretrained(self, folder: str | os.PathLike) -> None:
         """Write the trained parts and one JSON index into ``folder`` (atomically: all or nothing).

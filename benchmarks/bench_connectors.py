@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 
 import torch
+from bench_training import median_step_time  # the benchmarks' folder is on sys.path when run as a script
 
 REPO = Path(__file__).resolve().parents[1]
 STAGE1 = REPO / "training" / "configs" / "toyworld-stage1.yaml"
@@ -119,11 +120,6 @@ def real_size_table() -> dict[str, dict]:
     return table
 
 
-def _step_time(out: Path, global_batch: int, skip: int) -> float:
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return statistics.median(global_batch / r["samples_per_s"] for r in rows[skip:])
-
-
 def toy_world_table(start: str, data: Path, cache: Path, work: Path, steps: int, samples: int, only) -> dict:
     from anygpt.pipeline import AnyGPTPipeline
     from training.config import load_config
@@ -163,7 +159,7 @@ def toy_world_table(start: str, data: Path, cache: Path, work: Path, steps: int,
             "tokens_per_item": pipe.model.num_media_tokens(next(iter(pipe.model.tokens.placeholder))),
             "trained_params": sum(p.numel() for p in pipe.model.input_projectors.parameters())
             + sum(p.numel() for p in (pipe.model.cross_attention.parameters() if pipe.model.cross_attention else [])),
-            "step_s": round(_step_time(out, trainer.global_batch, skip=min(5, steps - 1)), 4),
+            "step_s": round(median_step_time(out, trainer.global_batch, skip=min(5, steps - 1)), 4),
             "train_s": round(train_s, 1),
             **{k: round(v, 4) for k, v in metrics.items()},
             "caption_mean": round(statistics.mean(metrics.values()), 4),

@@ -92,8 +92,7 @@ class CAbstractorProjector(InputProjector):
         return self.config.num_queries
 
     def forward(self, embeds: torch.Tensor, tokens: torch.Tensor | None = None) -> torch.Tensor:
-        if tokens is None:
-            raise ValueError("cabstractor projector needs the encoder's token sequence (B, N, D_tok); got None")
+        tokens = self.token_sequence(tokens)  # no pooling option: it pools by itself
         layout = grid_of(tokens.shape[1], self.config.grid, "cabstractor")
         _, patches = split_grid(tokens, layout)  # (B, D_tok, h, w)
         x = patches.flatten(2).transpose(1, 2)  # (B, h * w, D_tok)

@@ -34,6 +34,20 @@ class InputProjector(ModelMixin, ConfigMixin):
     def forward(self, embeds: torch.Tensor, tokens: torch.Tensor | None = None) -> torch.Tensor:
         raise NotImplementedError
 
+    def token_sequence(self, tokens: torch.Tensor | None) -> torch.Tensor:
+        """The encoder's token sequence (B, N, D_tok) a sequence connector reads, after its ``spatial_pool`` option
+        (when it has one): (B, N', D_tok).
+
+        Raises:
+            ValueError: ``tokens`` is None, or does not fit the connector's ``grid`` for pooling.
+        """
+        if tokens is None:
+            raise ValueError(
+                f"{self.projector_name} projector needs the encoder's token sequence (B, N, D_tok); got None"
+            )
+        factor = self.config.get("spatial_pool", 1)
+        return spatial_pool(tokens, factor, self.config.get("grid"), f"{self.projector_name} projector")
+
 
 class _PatchOrPooled(InputProjector):
     """Linear and MLP connectors read either the pooled embedding (one token per item: NExT-GPT's legacy
@@ -267,10 +281,7 @@ class GroupInputProjector(InputProjector):
         return self.config.num_groups[-1]
 
     def forward(self, embeds: torch.Tensor, tokens: torch.Tensor | None = None) -> torch.Tensor:
-        if tokens is None:
-            raise ValueError("group projector needs the encoder's token sequence (B, N, D_tok); got None")
-        tokens = spatial_pool(tokens, self.config.spatial_pool, self.config.grid, "group")
-        x = self.in_fc(tokens)  # (B, N, C)
+        x = self.in_fc(self.token_sequence(tokens))  # (B, N, C)
         batch = x.shape[0]
         for stage, grouping, groups in zip(self.stages, self.grouping, self.group_tokens, strict=True):
             g = groups.expand(batch, -1, -1)

@@ -13,7 +13,6 @@ from diffusers.configuration_utils import register_to_config
 
 from projectors.input import InputProjector
 from projectors.registry import register_input_projector
-from projectors.tokens import spatial_pool
 
 
 class _ResamplerLayer(nn.Module):
@@ -81,9 +80,7 @@ class PerceiverResamplerProjector(InputProjector):
         return self.config.num_latents
 
     def forward(self, embeds: torch.Tensor, tokens: torch.Tensor | None = None) -> torch.Tensor:
-        if tokens is None:
-            raise ValueError("perceiver projector needs the encoder's token sequence (B, N, D_tok); got None")
-        media = self.in_fc(spatial_pool(tokens, self.config.spatial_pool, self.config.grid, "perceiver"))
+        media = self.in_fc(self.token_sequence(tokens))  # (B, N', C)
         latents = self.latents.expand(media.shape[0], -1, -1).to(media.dtype)
         for layer in self.layers:
             latents = layer(latents, media)

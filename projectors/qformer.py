@@ -22,7 +22,6 @@ from transformers import Blip2QFormerConfig, Blip2QFormerModel
 from projectors.input import InputProjector
 from projectors.output import OutputProjector
 from projectors.registry import register_input_projector, register_output_projector
-from projectors.tokens import spatial_pool
 
 TINY_QFORMER = {"hidden_size": 32, "num_layers": 2, "num_heads": 2, "intermediate_size": 64}
 
@@ -140,9 +139,7 @@ class QFormerInputProjector(InputProjector):
 
     def media_tokens(self, tokens: torch.Tensor | None) -> torch.Tensor:
         """The keys and values the queries read: the token sequence after ``spatial_pool``. (B, N', D_tok)."""
-        if tokens is None:
-            raise ValueError("qformer projector needs the encoder's token sequence (B, N, D_tok); got None")
-        return spatial_pool(tokens, self.config.spatial_pool, self.config.grid, "qformer projector")
+        return self.token_sequence(tokens)
 
     def query_features(self, tokens: torch.Tensor | None) -> torch.Tensor:
         """The Q-Former's query outputs before the LLM projection (what BLIP-2's first stage trains).

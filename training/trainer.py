@@ -190,23 +190,18 @@ class StageTrainer:
 
     def load_pipeline(self):
         """The starting pipeline, with the config's LoRA settings when the model has no trained adapter yet."""
-        from anygpt.config import PACKAGED_MODELS, config_from_preset, list_presets, packaged_model_dir
+        from anygpt.config import list_presets
         from anygpt.llm import LoraSettings
-        from anygpt.model import INDEX_FILE, read_index, resolve_part
-        from anygpt.pipeline import AnyGPTPipeline
+        from anygpt.model import INDEX_FILE, resolve_part
+        from anygpt.pipeline import AnyGPTPipeline, UnknownModelError, find_model
 
-        source = Path(self.start).expanduser()
-        if not (source / INDEX_FILE).is_file() and self.start in PACKAGED_MODELS:
-            source = packaged_model_dir(self.start)  # a shipped trained model: its trained parts too
-        if (source / INDEX_FILE).is_file():
-            model_config, parts = read_index(source)
-        elif self.start in list_presets():
-            model_config, parts = config_from_preset(self.start), None
-        else:
+        try:
+            source, model_config, parts = find_model(self.start)
+        except UnknownModelError:
             raise ConfigError(
                 f"--from / model: {self.start!r} is neither a preset ({', '.join(list_presets())}) nor a folder "
                 f"holding {INDEX_FILE} (a stage's final/ folder)"
-            )
+            ) from None
         if self.config.lora is not None:
             try:
                 wanted = LoraSettings(**self.config.lora)

@@ -381,11 +381,7 @@ def _caption(pipe: Any, cases: list[CaptionCase], tally: _Tally, bar: Any, *, se
     for i, case in enumerate(cases):
         modality = case.item.modality
         if modality in readable:
-            media = case.item.render()
-            if modality is Modality.IMAGE:
-                from PIL import Image
-
-                media = Image.fromarray(media)
+            media = world.media_input(case.item)
             out = _reply(
                 pipe, case.question, seed=seed + i, max_new_tokens=max_new_tokens, **{keyword[modality]: [media]}
             )

@@ -608,7 +608,7 @@ def train_encoder(out: Path, settings: Stage0Settings) -> dict[str, Any]:
         text = F.normalize(encoder(Modality.TEXT, text_ids).embeds, dim=-1)
         for modality in pools:  # retrieval accuracy on fresh media
             items = [world.sample_item(rng, modality) for _ in range(48)]
-            emb = F.normalize(encoder.encode(modality, [_as_input(i) for i in items]).embeds, dim=-1)
+            emb = F.normalize(encoder.encode(modality, [world.media_input(i) for i in items]).embeds, dim=-1)
             predicted = (emb @ text.T).argmax(-1)
             accuracy[modality.value] = float(
                 np.mean([captions[p] == i.caption for p, i in zip(predicted.tolist(), items, strict=True)])
@@ -617,15 +617,6 @@ def train_encoder(out: Path, settings: Stage0Settings) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     save_file({k: v.detach().half().contiguous() for k, v in model.state_dict().items()}, out / "imagebind.safetensors")
     return {"loss": _loss_summary(losses), "retrieval_accuracy": accuracy}
-
-
-def _as_input(item) -> Any:
-    rendered = item.render()
-    if item.modality is Modality.IMAGE:
-        from PIL import Image
-
-        return Image.fromarray(rendered)
-    return rendered
 
 
 # ------------------------------------------------------------------------------------------------------------

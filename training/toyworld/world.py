@@ -156,6 +156,16 @@ def sample_video(rng: np.random.Generator) -> VideoItem:
     return VideoItem(_pick(rng, COLOURS), _pick(rng, DIRECTIONS), int(rng.integers(12, 21)), int(rng.integers(-14, 15)))
 
 
+def media_input(item: Item) -> Any:
+    """``item`` rendered as the pipeline and the encoder take it: a ``PIL.Image``, an ``Audio`` or a ``Video``."""
+    rendered = item.render()
+    if item.modality is Modality.IMAGE:
+        from PIL import Image
+
+        return Image.fromarray(rendered)
+    return rendered
+
+
 def sample_item(rng: np.random.Generator, modality: Modality | str) -> Item:
     modality = Modality.parse(modality)
     return {Modality.IMAGE: sample_image, Modality.AUDIO: sample_audio, Modality.VIDEO: sample_video}[modality](rng)
