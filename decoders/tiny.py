@@ -157,7 +157,10 @@ def tiny_stable_diffusion_components(
                 down_block_types=_attention_first("CrossAttnDownBlock2D", "DownBlock2D", len(unet_channels)),
                 up_block_types=_attention_first("CrossAttnUpBlock2D", "UpBlock2D", len(unet_channels))[::-1],
                 cross_attention_dim=cond_dim,
-                attention_head_dim=8,
+                # heads of width 8, as ZeroScope's UNet3DConditionModel(attention_head_dim=8) builds them (a 2-D UNet
+                # reads attention_head_dim as the number of heads), so an image UNet's weights start a video UNet
+                # unchanged.
+                attention_head_dim=tuple(max(1, c // 8) for c in unet_channels),
             ),
             "vae": _image_vae((16, 32, 64), in_channels=3),  # 64 px -> 16x16 latents
             "tokenizer": build_clip_tokenizer(),
@@ -197,7 +200,7 @@ def tiny_zeroscope_components(
                 down_block_types=_attention_first("CrossAttnDownBlock3D", "DownBlock3D", len(unet_channels)),
                 up_block_types=_attention_first("CrossAttnUpBlock3D", "UpBlock3D", len(unet_channels))[::-1],
                 cross_attention_dim=cond_dim,
-                attention_head_dim=8,
+                attention_head_dim=8,  # the head width of its spatial transformers: channels // 8 heads
             ),
             "vae": _image_vae((16, 32, 64), in_channels=3),
             "tokenizer": build_clip_tokenizer(),

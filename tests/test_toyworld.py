@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from anygpt.modality import Modality
 from training.toyworld import world
@@ -159,6 +160,59 @@ def test_restricting_a_text_encoder_keeps_caption_embeddings(kind, one_thread):
     assert torch.equal(_encode(pipe, texts), before)
 
 
+def test_video_unet_starts_as_the_image_unet_frame_by_frame(one_thread):
+    from decoders.tiny import tiny_stable_diffusion_components, tiny_zeroscope_components
+    from training.toyworld.stage0 import video_unet_from_image
+
+    image = tiny_stable_diffusion_components(seed=1, unet_channels=(32, 64, 64))["unet"]
+    video = tiny_zeroscope_components(seed=0, unet_channels=(32, 64, 64))["unet"]
+    assert video_unet_from_image(video, image) == len(image.state_dict())
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, 3, 16, 16, generator=gen)  # (B, C, F, h, w)
+    t = torch.tensor([900, 20])
+    text = torch.randn(2, 77, 32, generator=gen)
+    with torch.no_grad():
+        clip = video(x, t, encoder_hidden_states=text).sample
+        frames = image(
+            x.transpose(1, 2).flatten(0, 1), t.repeat_interleave(3), encoder_hidden_states=text.repeat_interleave(3, 0)
+        ).sample
+    assert torch.allclose(clip, frames.unflatten(0, (2, 3)).transpose(1, 2), atol=1e-5)
+
+    other = tiny_stable_diffusion_components(seed=1, unet_channels=(64, 64, 64))["unet"]
+    with pytest.raises(ValueError, match="no place for"):
+        video_unet_from_image(tiny_zeroscope_components(seed=0, unet_channels=(32, 64, 64))["unet"], other)
+
+
+def test_text_tower_alignment_separates_what_the_media_separate(one_thread):
+    """LiT: a CLAP text tower tuned against locked media embeddings tells apart captions whose media differ."""
+    from decoders.tiny import tiny_audioldm_components
+    from training.toyworld import stage0
+
+    parts = tiny_audioldm_components(seed=0)
+    tower, tokenizer = parts["text_encoder"], parts["tokenizer"]
+    tower.train()
+    tower.requires_grad_(True)
+    gen = torch.Generator().manual_seed(0)
+    centres = F.normalize(torch.randn(2, 24, generator=gen), dim=-1)
+    captions = ["a steady low tone", "a steady high tone"] * 16
+    bank = F.normalize(centres[[0, 1] * 16] + 0.05 * torch.randn(32, 24, generator=gen), dim=-1)
+
+    def similarity() -> float:
+        with torch.no_grad():
+            low, high = stage0._clap_embeds(tower, tokenizer, captions[:2])
+        return float(low @ high)
+
+    before = similarity()
+    settings = stage0.Stage0Settings(align_steps=40, align_batch=16, align_lr=2e-3)
+    losses = stage0._lock_align_text(
+        lambda c: stage0._clap_embeds(tower, tokenizer, c), list(tower.parameters()), bank, captions, settings,
+        np.random.default_rng(0), desc="align",
+    )  # fmt: skip
+    floor = np.log(8)  # the soft targets' entropy: 8 of a batch of 16 share each caption
+    assert np.mean(losses[-5:]) - floor < 0.25 * (np.mean(losses[:5]) - floor)
+    assert similarity() < min(0.5, before)
+
+
 # ------------------------------------------------------------------------------------------------------------ recipe
 
 
@@ -187,7 +241,12 @@ def test_quick_recipe_runs_every_part_and_packages_a_loadable_model(quick_recipe
         assert info["seconds"] >= 0
     assert not list(out.glob(".*.partial"))
     summary = (out / "summary.md").read_text()
-    assert "| stage3 |" in summary and "routing" in summary
+    assert "| stage3 |" in summary and "routing" in summary and "| video.direction |" in summary
+    from training.toyworld.evaluate import DECODER_METRICS
+
+    alone = results["eval-decoders"]["metrics"]["metrics"]
+    assert set(alone) == set(DECODER_METRICS)
+    assert all(entry["total"] == 1 for entry in alone.values())  # one held-out item per modality, each scored
     package = out / "package" / "toyworld"
     index = json.loads((package / "anygpt_index.json").read_text())
     assert index["config"]["llm"]["source"] == "./llm"  # components named relative to the folder

@@ -56,6 +56,9 @@ def add_commands(sub) -> None:
     ev.add_argument("model", nargs="?", default="toyworld", help="preset name or folder (default toyworld)")
     ev.add_argument("--samples", type=int, default=96, help="samples per figure")
     ev.add_argument("--output", help="write the JSON report here")
+    ev.add_argument(
+        "--decoders", action="store_true", help="score each decoder alone from its own caption embeddings (a ceiling)"
+    )
 
 
 COMMANDS = ("train", "data", "cache", "toyworld")
@@ -80,13 +83,20 @@ def _toyworld(args: argparse.Namespace) -> None:
         print(json.dumps(info["counts"]))
     elif args.toyworld_command == "eval":
         from anygpt.pipeline import AnyGPTPipeline
-        from training.toyworld.evaluate import evaluate, failures, format_report
+        from training.toyworld import evaluate as toy_eval
 
-        report = evaluate(AnyGPTPipeline.from_pretrained(args.model), samples=args.samples)
+        pipe = AnyGPTPipeline.from_pretrained(args.model)
+        if args.decoders:
+            report = toy_eval.evaluate_decoders(pipe, samples=args.samples)
+            if args.output:
+                Path(args.output).write_text(json.dumps(report, indent=2) + "\n")
+            print(toy_eval.format_decoder_report(report))
+            return
+        report = toy_eval.evaluate(pipe, samples=args.samples)
         if args.output:
             Path(args.output).write_text(json.dumps(report, indent=2) + "\n")
-        print(format_report(report))
-        missed = failures(report)
+        print(toy_eval.format_report(report))
+        missed = toy_eval.failures(report)
         if missed:
             print(f"below target: {', '.join(missed)}")
             raise SystemExit(1)

@@ -52,12 +52,15 @@ from training.toyworld.oracles import audio_attributes, caption_attributes, imag
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "DECODER_METRICS",
     "HELDOUT_SEED",
     "METRICS",
     "TARGETS",
     "CaptionCase",
     "evaluate",
+    "evaluate_decoders",
     "failures",
+    "format_decoder_report",
     "format_report",
     "heldout_items",
     "heldout_requests",
@@ -284,6 +287,72 @@ def evaluate(
     return report
 
 
+DECODER_METRICS: tuple[str, ...] = (
+    "image.colour", "image.shape", "audio.pitch", "audio.style", "video.direction", "video.colour",
+)  # fmt: skip
+"""The metrics of :func:`evaluate_decoders`, ``<modality>.<attribute>``."""
+
+
+@torch.no_grad()
+def evaluate_decoders(
+    pipe: Any,
+    *,
+    samples: int = 96,
+    seed: int = HELDOUT_SEED,
+    batch_size: int = 16,
+    progress: bool = True,
+    decoder_settings: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Score each decoder alone: held-out captions encoded by the decoder's own text encoder
+    (``Decoder.encode_captions``, what stage 2 trains the output projectors to produce) and rendered, the media
+    scored by the same oracles as :func:`evaluate`. This is the ceiling of the text -> media figures: the system
+    can only get there when its output projectors reproduce the caption embeddings.
+
+    Args:
+        pipe: an ``AnyGPTPipeline``; its LLM is not used.
+        samples: held-out items per modality (the media of :func:`heldout_items`, by caption).
+        seed: the held-out seed (also seeds every sample's generator).
+        batch_size: captions rendered per decoder call.
+        progress: show a progress bar.
+        decoder_settings: as for :func:`evaluate`.
+
+    Returns:
+        ``{"metrics": {"image.colour": {"value", "correct", "total", "target": None}, ...}, "meta": {...}}``.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    start = time.perf_counter()
+    settings = dict(decoder_settings or {})
+    cases = [case for case in heldout_items(samples, seed) if case.item.modality in pipe.decoders]
+    counts = {name: [0, 0] for name in DECODER_METRICS}
+    bar = tqdm(total=len(cases), desc="toy-world decoders", unit="item", disable=not progress)
+    try:
+        for modality in (Modality.IMAGE, Modality.AUDIO, Modality.VIDEO):
+            items = [case.item for case in cases if case.item.modality is modality]
+            decoder = pipe.decoders.get(modality)
+            for begin in range(0, len(items), batch_size):
+                batch = items[begin : begin + batch_size]
+                embeds = decoder.encode_captions([item.caption for item in batch])
+                generators = [torch.Generator(device="cpu").manual_seed(seed + begin + i) for i in range(len(batch))]
+                outputs = decoder.generate(embeds, generator=generators, show_progress=False, **settings)
+                for item, media in zip(batch, outputs, strict=True):
+                    found = _ORACLES[modality](media)
+                    for attribute, expected in item.attributes().items():
+                        name = f"{modality.value}.{attribute}"
+                        counts[name][0] += int(found.get(attribute) == expected)
+                        counts[name][1] += 1
+                bar.update(len(batch))
+    finally:
+        bar.close()
+    metrics = {
+        name: {"value": right / total if total else None, "correct": right, "total": total, "target": None}
+        for name, (right, total) in counts.items()
+    }
+    meta = {"samples": samples, "seed": seed, "seconds": round(time.perf_counter() - start, 3),
+            "decoder_settings": {k: v for k, v in settings.items() if v is not None}}  # fmt: skip
+    return {"metrics": metrics, "meta": meta}
+
+
 @dataclass
 class _Queued:
     """A requested item whose signal group the LLM emitted: its conditioning waits to be rendered."""
@@ -448,6 +517,19 @@ def format_report(report: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def format_decoder_report(report: Mapping[str, Any]) -> str:
+    """What :func:`evaluate_decoders` returned, as a Markdown table (metric, value, n)."""
+    lines = ["| decoder alone | value | n |", "|---|---:|---:|"]
+    for name in DECODER_METRICS:
+        entry = report["metrics"].get(name, {})
+        value = entry.get("value")
+        lines.append(f"| {name} | {'-' if value is None else f'{100 * value:.1f}%'} | {entry.get('total', 0)} |")
+    meta = report.get("meta", {})
+    lines.append("")
+    lines.append(f"samples {meta.get('samples')}, seed {meta.get('seed')}, {meta.get('seconds')} s")
+    return "\n".join(lines)
+
+
 # ------------------------------------------------------------------------------------------------------------
 # Command line
 # ------------------------------------------------------------------------------------------------------------
@@ -467,11 +549,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--device", default=None, help="e.g. cuda; default: the pipeline's (CPU)")
     parser.add_argument("--output", type=Path, default=None, help="write the JSON report here")
+    parser.add_argument("--decoders", action="store_true", help="score the decoders alone (their ceiling)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     pipe = AnyGPTPipeline.from_pretrained(args.model)
     if args.device:
         pipe.to(args.device)
+    if args.decoders:
+        report = evaluate_decoders(pipe, samples=args.samples, seed=args.seed, batch_size=args.batch_size)
+        if args.output is not None:
+            args.output.parent.mkdir(parents=True, exist_ok=True)
+            args.output.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        sys.stdout.write(format_decoder_report(report) + "\n")
+        return 0
     report = evaluate(pipe, samples=args.samples, seed=args.seed, batch_size=args.batch_size)
     if args.output is not None:
         args.output.parent.mkdir(parents=True, exist_ok=True)

@@ -13,6 +13,7 @@ audio-decoder      AudioLDM with its CLAP text encoder and HiFi-GAN vocoder (sta
 base               the untrained any-to-any system over those components (``save_pretrained``)
 stage1..stage3     ``anygpt train`` with ``training/configs/toyworld-stage{1,2,3}.yaml`` (resumable)
 eval-stage1..3     the evaluator on held-out prompts and media after each stage
+eval-decoders      each packaged decoder alone, from its own caption embeddings (the text -> media ceiling)
 package            the stage-3 model with its components in fp16, loadable as one folder
 =================  ==========================================================================================
 
@@ -48,7 +49,7 @@ PART_FILE = "part.json"
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 PARTS = (
     "data", "encoder", "llm", "image-decoder", "video-decoder", "audio-decoder", "image-decoder-refine",
-    "audio-vocoder", "base", "stage1", "stage2", "stage3", "package", "eval-package",
+    "audio-vocoder", "base", "stage1", "stage2", "stage3", "package", "eval-package", "eval-decoders",
     "eval-stage3", "eval-stage2", "eval-stage1",
 )  # fmt: skip
 
@@ -87,13 +88,14 @@ class RecipeSettings:
 # What each part reads: a part whose inputs were redone since it ran is stale and runs again.
 DEPENDS: dict[str, tuple[str, ...]] = {
     "data": (), "encoder": (), "llm": ("data",), "image-decoder": (), "video-decoder": ("image-decoder",),
-    "audio-decoder": (), "image-decoder-refine": ("image-decoder",), "audio-vocoder": ("audio-decoder",),
+    "audio-decoder": ("encoder",), "image-decoder-refine": ("image-decoder",), "audio-vocoder": ("audio-decoder",),
     # Training reads the audio decoder's CLAP text encoder (audio-vocoder holds an identical copy) and never its
     # vocoder: only the parts that render audio depend on audio-vocoder.
     "base": ("encoder", "llm", "image-decoder-refine", "video-decoder", "audio-decoder"),
     "stage1": ("base", "data"), "stage2": ("stage1", "data"), "stage3": ("stage2", "data"),
     "eval-stage1": ("stage1", "audio-vocoder"), "eval-stage2": ("stage2", "audio-vocoder"),
     "eval-stage3": ("stage3", "audio-vocoder"), "package": ("stage3", "audio-vocoder"), "eval-package": ("package",),
+    "eval-decoders": ("package",),
 }  # fmt: skip
 
 
@@ -273,6 +275,21 @@ def _evaluate(model_dir: Path, settings: RecipeSettings) -> Callable[[Path], dic
     return run
 
 
+def _evaluate_decoders(model_dir: Path, settings: RecipeSettings) -> Callable[[Path], dict[str, Any]]:
+    def run(tmp: Path) -> dict[str, Any]:
+        from anygpt.pipeline import AnyGPTPipeline
+        from training.toyworld.evaluate import evaluate_decoders, format_decoder_report
+
+        pipe = AnyGPTPipeline.from_pretrained(model_dir)
+        report = evaluate_decoders(pipe, samples=settings.eval_samples, decoder_settings=settings.eval_decoder_settings)
+        tmp.mkdir(parents=True, exist_ok=True)
+        (tmp / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+        (tmp / "report.md").write_text(format_decoder_report(report) + "\n")
+        return report
+
+    return run
+
+
 def run_recipe(
     out: str | os.PathLike,
     settings: RecipeSettings | None = None,
@@ -316,7 +333,7 @@ def run_recipe(
         "llm": lambda tmp: stage0.train_language_model(tmp, read_corpus(out / "data"), s0),
         "image-decoder": lambda tmp: stage0.train_image_decoder(tmp, s0),
         "video-decoder": lambda tmp: stage0.train_video_decoder(tmp, out / "image-decoder", s0),
-        "audio-decoder": lambda tmp: stage0.train_audio_decoder(tmp, s0),
+        "audio-decoder": lambda tmp: stage0.train_audio_decoder(tmp, s0, out / "encoder"),
         "audio-vocoder": lambda tmp: stage0.train_vocoder(tmp, out / "audio-decoder", s0),
         "image-decoder-refine": lambda tmp: stage0.refine_image_decoder(tmp, out / "image-decoder", s0),
         "base": base,
@@ -327,6 +344,7 @@ def run_recipe(
         "eval-stage2": _evaluate(out / "stage2" / "final", settings),
         "eval-stage3": _evaluate(out / "stage3" / "final", settings),
         "eval-package": _evaluate(out / "package" / "toyworld", settings),
+        "eval-decoders": _evaluate_decoders(out / "package" / "toyworld", settings),
         "package": lambda tmp: package_model(
             out / "stage3" / "final", tmp / "toyworld", vocabulary_texts=stage0.world_captions() + [""]
         ),
@@ -363,7 +381,7 @@ def _write_summary(out: Path) -> None:
     lines = ["| part | minutes |", "|---|---:|"]
     lines += [f"| {k} | {v['seconds'] / 60:.1f} |" for k, v in done.items()]
     lines.append(f"| **total** | **{sum(v['seconds'] for v in done.values()) / 60:.1f}** |")
-    evals = {k: v["metrics"] for k, v in done.items() if k.startswith("eval-")}
+    evals = {k: v["metrics"] for k, v in done.items() if k.startswith("eval-") and k != "eval-decoders"}
     if evals:
         lines += [
             "",
@@ -376,6 +394,10 @@ def _write_summary(out: Path) -> None:
             values = [r.get("metrics", {}).get(metric, {}).get("value") for r in evals.values()]
             row = ["-" if v is None else f"{100 * v:.1f}" for v in values]
             lines.append(f"| {metric} | {100 * target:.0f} | " + " | ".join(row) + " |")
+    if "eval-decoders" in done:
+        from training.toyworld.evaluate import format_decoder_report
+
+        lines += ["", format_decoder_report(done["eval-decoders"]["metrics"])]
     (out / "summary.md").write_text("\n".join(lines) + "\n")
     (out / "summary.json").write_text(json.dumps(done, indent=2) + "\n")
 
