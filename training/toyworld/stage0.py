@@ -9,7 +9,11 @@
 * :func:`train_video_decoder`: ZeroScope (``UNet3DConditionModel``; spatial layers, VAE and text encoder start from the
   image decoder's).
 * :func:`train_audio_decoder`: AudioLDM (mel ``AutoencoderKL``, ``UNet2DConditionModel`` conditioned on the
-  L2-normalised ``ClapTextModelWithProjection`` embedding, ``SpeechT5HifiGan`` vocoder).
+  L2-normalised ``ClapTextModelWithProjection`` embedding, whose text tower is first aligned to the encoder's audio
+  embeddings and then frozen; ``SpeechT5HifiGan`` vocoder).
+
+The three decoders are trained and sampled with the zero-terminal-SNR, v-prediction DDIM scheduler
+(:func:`zero_snr_scheduler`), saved in each decoder folder, so the unmodified pipelines sample them as trained.
 
 Every function writes a folder that the pipeline loads as it loads real weights (a diffusers folder with
 ``model_index.json``, a transformers folder, an ImageBind safetensors checkpoint). The decoders and their text
