@@ -255,36 +255,27 @@ def _train_stage(out: Path, stage: int, start: Path, settings: RecipeSettings) -
     return run
 
 
-def _evaluate(model_dir: Path, settings: RecipeSettings) -> Callable[[Path], dict[str, Any]]:
+def _evaluate(
+    model_dir: Path, settings: RecipeSettings, *, decoders_alone: bool = False
+) -> Callable[[Path], dict[str, Any]]:
+    """The evaluator on ``model_dir`` (``decoders_alone``: each decoder from its own caption embeddings), writing
+    ``report.json`` and ``report.md``."""
+
     def run(tmp: Path) -> dict[str, Any]:
         from anygpt.pipeline import AnyGPTPipeline
-        from training.toyworld.evaluate import evaluate, format_report
+        from training.toyworld import evaluate as toy_eval
 
         pipe = AnyGPTPipeline.from_pretrained(model_dir)
-        report = evaluate(
-            pipe,
-            samples=settings.eval_samples,
-            max_new_tokens=settings.eval_max_new_tokens,
-            decoder_settings=settings.eval_decoder_settings,
-        )
+        common = {"samples": settings.eval_samples, "decoder_settings": settings.eval_decoder_settings}
+        if decoders_alone:
+            report = toy_eval.evaluate_decoders(pipe, **common)
+            table = toy_eval.format_decoder_report(report)
+        else:
+            report = toy_eval.evaluate(pipe, max_new_tokens=settings.eval_max_new_tokens, **common)
+            table = toy_eval.format_report(report)
         tmp.mkdir(parents=True, exist_ok=True)
         (tmp / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-        (tmp / "report.md").write_text(format_report(report) + "\n")
-        return report
-
-    return run
-
-
-def _evaluate_decoders(model_dir: Path, settings: RecipeSettings) -> Callable[[Path], dict[str, Any]]:
-    def run(tmp: Path) -> dict[str, Any]:
-        from anygpt.pipeline import AnyGPTPipeline
-        from training.toyworld.evaluate import evaluate_decoders, format_decoder_report
-
-        pipe = AnyGPTPipeline.from_pretrained(model_dir)
-        report = evaluate_decoders(pipe, samples=settings.eval_samples, decoder_settings=settings.eval_decoder_settings)
-        tmp.mkdir(parents=True, exist_ok=True)
-        (tmp / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-        (tmp / "report.md").write_text(format_decoder_report(report) + "\n")
+        (tmp / "report.md").write_text(table + "\n")
         return report
 
     return run
@@ -344,7 +335,7 @@ def run_recipe(
         "eval-stage2": _evaluate(out / "stage2" / "final", settings),
         "eval-stage3": _evaluate(out / "stage3" / "final", settings),
         "eval-package": _evaluate(out / "package" / "toyworld", settings),
-        "eval-decoders": _evaluate_decoders(out / "package" / "toyworld", settings),
+        "eval-decoders": _evaluate(out / "package" / "toyworld", settings, decoders_alone=True),
         "package": lambda tmp: package_model(
             out / "stage3" / "final", tmp / "toyworld", vocabulary_texts=stage0.world_captions() + [""]
         ),
