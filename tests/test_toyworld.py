@@ -199,6 +199,18 @@ def test_zero_snr_scheduler_keeps_the_betas_family_and_ends_in_pure_noise(kind):
     assert int(scheduler.timesteps[0]) == 999  # sampling starts where training saw pure noise
 
 
+def test_timestep_shift_moves_training_towards_the_noisy_end():
+    from training.toyworld import stage0
+
+    uniform = stage0._draw_timesteps(20000, 1000, torch.Generator().manual_seed(0))
+    shifted = stage0._draw_timesteps(20000, 1000, torch.Generator().manual_seed(0), shift=3.0)
+    for t in (uniform, shifted):
+        assert t.dtype == torch.int64 and int(t.min()) >= 0 and int(t.max()) == 999
+    assert abs(float((uniform >= 800).float().mean()) - 0.20) < 0.02
+    assert abs(float((shifted >= 800).float().mean()) - 0.43) < 0.02  # u > 4/7
+    assert float((shifted < 100).float().mean()) > 0.02  # every level still trained
+
+
 def test_text_tower_alignment_separates_what_the_media_separate(one_thread):
     """LiT: a CLAP text tower tuned against locked media embeddings tells apart captions whose media differ."""
     from decoders.tiny import tiny_audioldm_components
@@ -231,6 +243,32 @@ def test_text_tower_alignment_separates_what_the_media_separate(one_thread):
     floor = np.log(8)  # the soft targets' entropy: 8 of a batch of 16 share each caption
     assert np.mean(losses[-5:]) - floor < 0.25 * (np.mean(losses[:5]) - floor)
     assert before > 0.9 and similarity() < before - 0.25  # two captions one word apart, their media far apart
+
+
+@pytest.mark.parametrize("train_text", [True, False])
+def test_unet_training_leaves_a_frozen_text_tower_as_it_was(train_text, one_thread):
+    """The video decoder trains its UNet on an aligned, frozen text tower: exactly the UNet changes then."""
+    from decoders.tiny import tiny_stable_diffusion_components
+    from training.toyworld import stage0, world
+
+    parts = tiny_stable_diffusion_components(seed=0)
+    parts["scheduler"] = stage0.zero_snr_scheduler(parts["scheduler"])
+    rng = np.random.default_rng(0)
+    before = {n: {k: v.clone() for k, v in parts[n].state_dict().items()} for n in ("unet", "text_encoder")}
+
+    def images(n: int):
+        items = [world.sample_image(rng) for _ in range(n)]
+        return stage0._images_tensor([i.render() for i in items]), [i.caption for i in items]
+
+    stage0._train_text_conditioned_unet(
+        parts["unet"], parts["text_encoder"], parts["tokenizer"], parts["scheduler"], parts["vae"], lambda: images(2),
+        2, stage0.Stage0Settings(), rng, torch.Generator().manual_seed(0), desc="unet", train_text=train_text,
+    )  # fmt: skip
+    for name in ("unet", "text_encoder"):
+        after = parts[name].state_dict()
+        changed = any(not torch.equal(before[name][k], after[k]) for k in after)
+        assert changed == (name == "unet" or train_text), name
+        assert not any(p.requires_grad for p in parts[name].parameters())  # both frozen afterwards
 
 
 # ------------------------------------------------------------------------------------------------------------ recipe

@@ -9,6 +9,7 @@ llm                a BPE tokenizer and a Llama LM trained on the world's convers
 image-decoder      Stable Diffusion trained on the world's images (stage 0)
 image-decoder-...  its UNet and text encoder trained further at a lower learning rate (``-refine``)
 video-decoder      ZeroScope, its spatial layers from the image decoder (stage 0)
+video-decoder-...  its UNet trained further on noisier timesteps, the text encoder kept (``-refine``)
 audio-decoder      AudioLDM with its CLAP text encoder and HiFi-GAN vocoder (stage 0)
 base               the untrained any-to-any system over those components (``save_pretrained``)
 stage1..stage3     ``anygpt train`` with ``training/configs/toyworld-stage{1,2,3}.yaml`` (resumable)
@@ -49,8 +50,8 @@ PART_FILE = "part.json"
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 PARTS = (
     "data", "encoder", "llm", "image-decoder", "video-decoder", "audio-decoder", "image-decoder-refine",
-    "audio-vocoder", "base", "stage1", "stage2", "stage3", "package", "eval-package", "eval-decoders",
-    "eval-stage3", "eval-stage2", "eval-stage1",
+    "video-decoder-refine", "audio-vocoder", "base", "stage1", "stage2", "stage3", "package", "eval-package",
+    "eval-decoders", "eval-stage3", "eval-stage2", "eval-stage1",
 )  # fmt: skip
 
 
@@ -86,15 +87,17 @@ class RecipeSettings:
 
 
 # What each part reads: a part whose inputs were redone since it ran is stale and runs again.
+_RENDER = ("audio-vocoder", "video-decoder-refine")
 DEPENDS: dict[str, tuple[str, ...]] = {
-    "data": (), "encoder": (), "llm": ("data",), "image-decoder": (), "video-decoder": ("image-decoder",),
+    "data": (), "encoder": (), "llm": ("data",), "image-decoder": (), "video-decoder": ("image-decoder", "encoder"),
     "audio-decoder": ("encoder",), "image-decoder-refine": ("image-decoder",), "audio-vocoder": ("audio-decoder",),
-    # Training reads the audio decoder's CLAP text encoder (audio-vocoder holds an identical copy) and never its
-    # vocoder: only the parts that render audio depend on audio-vocoder.
+    "video-decoder-refine": ("video-decoder",),
+    # Training reads the audio and video decoders' text encoders (audio-vocoder and video-decoder-refine hold
+    # identical copies) and never their vocoder or UNet: only the parts that render depend on those two.
     "base": ("encoder", "llm", "image-decoder-refine", "video-decoder", "audio-decoder"),
     "stage1": ("base", "data"), "stage2": ("stage1", "data"), "stage3": ("stage2", "data"),
-    "eval-stage1": ("stage1", "audio-vocoder"), "eval-stage2": ("stage2", "audio-vocoder"),
-    "eval-stage3": ("stage3", "audio-vocoder"), "package": ("stage3", "audio-vocoder"), "eval-package": ("package",),
+    "eval-stage1": ("stage1", *_RENDER), "eval-stage2": ("stage2", *_RENDER),
+    "eval-stage3": ("stage3", *_RENDER), "package": ("stage3", *_RENDER), "eval-package": ("package",),
     "eval-decoders": ("package",),
 }  # fmt: skip
 
@@ -187,7 +190,7 @@ def toyworld_config(out: Path):
             guidance_scale=5.0, height=64, width=64, cond_dim=32,
         ),
         "video": DecoderConfig(
-            kind="zeroscope", source=str(out / "video-decoder"), num_inference_steps=20, guidance_scale=5.0,
+            kind="zeroscope", source=str(out / "video-decoder-refine"), num_inference_steps=20, guidance_scale=5.0,
             height=64, width=64, num_frames=8, fps=8.0, cond_dim=32,
         ),
         "audio": DecoderConfig(
@@ -323,10 +326,11 @@ def run_recipe(
         "encoder": lambda tmp: stage0.train_encoder(tmp, s0),
         "llm": lambda tmp: stage0.train_language_model(tmp, read_corpus(out / "data"), s0),
         "image-decoder": lambda tmp: stage0.train_image_decoder(tmp, s0),
-        "video-decoder": lambda tmp: stage0.train_video_decoder(tmp, out / "image-decoder", s0),
+        "video-decoder": lambda tmp: stage0.train_video_decoder(tmp, out / "image-decoder", s0, out / "encoder"),
         "audio-decoder": lambda tmp: stage0.train_audio_decoder(tmp, s0, out / "encoder"),
         "audio-vocoder": lambda tmp: stage0.train_vocoder(tmp, out / "audio-decoder", s0),
         "image-decoder-refine": lambda tmp: stage0.refine_image_decoder(tmp, out / "image-decoder", s0),
+        "video-decoder-refine": lambda tmp: stage0.refine_video_decoder(tmp, out / "video-decoder", s0),
         "base": base,
         "stage1": _train_stage(out, 1, out / "base" / "model", settings),
         "stage2": _train_stage(out, 2, out / "stage1" / "final", settings),

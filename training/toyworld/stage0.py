@@ -7,7 +7,7 @@
   Llama-architecture causal LM trained on the world's conversations (media replaced by their captions).
 * :func:`train_image_decoder`: Stable Diffusion (``AutoencoderKL``, ``UNet2DConditionModel``, ``CLIPTextModel``).
 * :func:`train_video_decoder`: ZeroScope (``UNet3DConditionModel``; spatial layers, VAE and text encoder start from the
-  image decoder's).
+  image decoder's; the text encoder is then aligned to the encoder's video embeddings and frozen).
 * :func:`train_audio_decoder`: AudioLDM (mel ``AutoencoderKL``, ``UNet2DConditionModel`` conditioned on the
   L2-normalised ``ClapTextModelWithProjection`` embedding, whose text tower is first aligned to the encoder's audio
   embeddings and then frozen; ``SpeechT5HifiGan`` vocoder).
@@ -52,6 +52,7 @@ __all__ = [
     "train_image_decoder",
     "train_language_model",
     "train_video_decoder",
+    "refine_video_decoder",
     "video_unet_from_image",
     "zero_snr_scheduler",
 ]
@@ -91,6 +92,9 @@ class Stage0Settings:
     # video decoder
     video_unet_steps: int = 700
     video_batch: int = 8
+    video_refine_steps: int = 600
+    video_refine_lr: float = 5e-4
+    video_timestep_shift: float = 3.0
     # audio decoder
     audio_vae_steps: int = 400
     audio_unet_channels: tuple[int, ...] = (32, 64)
@@ -207,12 +211,14 @@ def _train_vae(vae, batch_fn: Callable[[], torch.Tensor], steps: int, lr: float,
     return losses
 
 
-def _clip_embeds(text_encoder, tokenizer, captions: list[str]) -> torch.Tensor:
-    """What ``StableDiffusionPipeline.encode_prompt`` computes (last hidden state of the padded prompt), with grad."""
+def _clip_embeds(text_encoder, tokenizer, captions: list[str], pooled: bool = False) -> torch.Tensor:
+    """What ``StableDiffusionPipeline.encode_prompt`` computes (last hidden state of the padded prompt), with grad;
+    ``pooled``: the end-of-text token's state instead (CLIP's own text embedding, before its projection)."""
     ids = tokenizer(
         captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
     ).input_ids
-    return text_encoder(ids)[0]
+    output = text_encoder(ids)
+    return output.pooler_output if pooled else output.last_hidden_state
 
 
 def _clap_embeds(text_encoder, tokenizer, captions: list[str], max_length: int | None = None) -> torch.Tensor:
@@ -249,11 +255,17 @@ def zero_snr_scheduler(scheduler):
     )  # fmt: skip
 
 
-def _noise_loss(unet, scheduler, latents: torch.Tensor, generator: torch.Generator, **cond) -> torch.Tensor:
-    """The denoising loss at uniformly drawn timesteps, for the scheduler's prediction type: epsilon with min-SNR
-    (gamma 5) weighting, or v (velocity) unweighted, as Stable Diffusion 2 trains it."""
+def _noise_loss(
+    unet, scheduler, latents: torch.Tensor, generator: torch.Generator, shift: float = 1.0, **cond
+) -> torch.Tensor:
+    """The denoising loss for the scheduler's prediction type: epsilon with min-SNR (gamma 5) weighting, or v
+    (velocity) unweighted, as Stable Diffusion 2 trains it.
+
+    Timesteps are drawn uniformly, or with ``shift`` > 1 moved towards the noisy end as Stable Diffusion 3 shifts
+    them (``t = s u / (1 + (s - 1) u)``, ``u`` uniform): the steps where the layout of the whole sample is decided,
+    such as which way a clip moves, are seen more often (shift 3: 43% of the steps above t = 800 instead of 20%)."""
     noise = torch.randn(latents.shape, generator=generator)
-    t = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator)
+    t = _draw_timesteps(latents.shape[0], scheduler.config.num_train_timesteps, generator, shift)
     noisy = scheduler.add_noise(latents, noise, t)
     pred = unet(noisy, t, **cond).sample
     if scheduler.config.prediction_type == "v_prediction":
@@ -263,6 +275,14 @@ def _noise_loss(unet, scheduler, latents: torch.Tensor, generator: torch.Generat
     weight = torch.clamp(snr, max=5.0) / snr
     per_item = F.mse_loss(pred, noise, reduction="none").flatten(1).mean(1)
     return (weight * per_item).mean()
+
+
+def _draw_timesteps(n: int, total: int, generator: torch.Generator, shift: float = 1.0) -> torch.Tensor:
+    """``n`` training timesteps in [0, total): uniform, or shifted towards ``total`` (see :func:`_noise_loss`)."""
+    if shift == 1.0:
+        return torch.randint(0, total, (n,), generator=generator)
+    u = torch.rand(n, generator=generator)
+    return (shift * u / (1 + (shift - 1) * u) * total).long().clamp(max=total - 1)
 
 
 def _media_bank(
@@ -375,14 +395,15 @@ def refine_image_decoder(out: Path, image_decoder: Path, settings: Stage0Setting
 
 def _train_text_conditioned_unet(
     unet, text_encoder, tokenizer, scheduler, vae, batch_fn, steps: int, s: Stage0Settings, rng, gen, *, desc: str,
-    video: bool = False, lr: float | None = None,
+    video: bool = False, lr: float | None = None, train_text: bool = True, shift: float = 1.0,
 ) -> list[float]:  # fmt: skip
-    """Train the UNet and the CLIP text encoder together on (media, caption) batches from ``batch_fn``."""
+    """Train the UNet, and the CLIP text encoder with it unless ``train_text`` is False (then it stays frozen), on
+    (media, caption) batches from ``batch_fn``; ``shift``: see :func:`_noise_loss`."""
     unet.train()
-    text_encoder.train()
     unet.requires_grad_(True)
-    text_encoder.requires_grad_(True)
-    params = list(unet.parameters()) + list(text_encoder.parameters())
+    text_encoder.train(train_text)
+    text_encoder.requires_grad_(train_text)
+    params = list(unet.parameters()) + (list(text_encoder.parameters()) if train_text else [])
     optimizer, schedule = _adamw(params, lr or s.unet_lr, steps)
 
     def step(_: int) -> float:
@@ -394,8 +415,9 @@ def _train_text_conditioned_unet(
                 latents = lat.unflatten(0, (b, f)).permute(0, 2, 1, 3, 4) * vae.config.scaling_factor
             else:
                 latents = vae.encode(pixels).latent_dist.sample(generator=gen) * vae.config.scaling_factor
-        cond = _clip_embeds(text_encoder, tokenizer, _drop_captions(captions, rng))
-        loss = _noise_loss(unet, scheduler, latents, gen, encoder_hidden_states=cond)
+        with torch.set_grad_enabled(train_text):
+            cond = _clip_embeds(text_encoder, tokenizer, _drop_captions(captions, rng))
+        loss = _noise_loss(unet, scheduler, latents, gen, shift, encoder_hidden_states=cond)
         return _update(loss, params, optimizer, schedule)
 
     losses = _loop(desc, steps, step, params)
@@ -410,12 +432,15 @@ def _train_text_conditioned_unet(
 # ------------------------------------------------------------------------------------------------------------
 
 
-def train_video_decoder(out: Path, image_decoder: Path, settings: Stage0Settings) -> dict[str, Any]:
+def train_video_decoder(out: Path, image_decoder: Path, settings: Stage0Settings, encoder: Path) -> dict[str, Any]:
     """Train a ZeroScope (``TextToVideoSDPipeline``) pipeline on the world's videos; write it to ``out``.
 
     The VAE, the text encoder and the UNet's spatial layers start from the trained image decoder in
     ``image_decoder``, so the UNet3D starts as the image UNet applied frame by frame (:func:`video_unet_from_image`);
-    the VAE stays frozen."""
+    the VAE stays frozen. The text encoder has never read a direction word there: it is first aligned to the
+    trained encoder's video embeddings (``encoder``, see :func:`_lock_align_text`, on its pooled output, as CLIP
+    is trained), then frozen while the UNet learns (trained jointly instead, "moving left" and "moving right"
+    stayed at cosine 0.997 and the decoder drew either direction at chance)."""
     from diffusers import StableDiffusionPipeline, TextToVideoSDPipeline
 
     from decoders.tiny import tiny_zeroscope_components
@@ -431,18 +456,57 @@ def train_video_decoder(out: Path, image_decoder: Path, settings: Stage0Settings
     unet = parts["unet"]
     spatial = video_unet_from_image(unet, image.unet)
 
-    def videos(n: int) -> tuple[torch.Tensor, list[str]]:
-        items = [world.sample_video(rng) for _ in range(n)]
-        frames = np.stack([i.render().frames for i in items])  # (B, F, H, W, 3)
-        x = torch.from_numpy(frames).float().permute(0, 1, 4, 2, 3) / 127.5 - 1.0
-        return x, [i.caption for i in items]
+    text_encoder, tokenizer = parts["text_encoder"], parts["tokenizer"]
+    align_rng = _rng(s.seed, "video-align")
+    bank, bank_captions = _media_bank(encoder, Modality.VIDEO, s.align_pool, align_rng)
+    text_encoder.train()
+    text_encoder.requires_grad_(True)
+    align_losses = _lock_align_text(
+        lambda c: _clip_embeds(text_encoder, tokenizer, c, pooled=True), list(text_encoder.parameters()), bank,
+        bank_captions, s, align_rng, desc="CLIP text tower (aligned to video)",
+    )  # fmt: skip
 
     losses = _train_text_conditioned_unet(
-        unet, parts["text_encoder"], parts["tokenizer"], parts["scheduler"], parts["vae"],
-        lambda: videos(s.video_batch), s.video_unet_steps, s, rng, gen, desc="video UNet3D", video=True,
+        unet, text_encoder, tokenizer, parts["scheduler"], parts["vae"], lambda: _videos(rng, s.video_batch),
+        s.video_unet_steps, s, rng, gen, desc="video UNet3D", video=True, train_text=False,
     )  # fmt: skip
     TextToVideoSDPipeline(**parts).save_pretrained(out, safe_serialization=True)
-    return {"unet_loss": _loss_summary(losses), "initialised_from_image": spatial}
+    return {
+        "text_align_loss": _loss_summary(align_losses),
+        "unet_loss": _loss_summary(losses),
+        "initialised_from_image": spatial,
+    }
+
+
+def refine_video_decoder(out: Path, video_decoder: Path, settings: Stage0Settings) -> dict[str, Any]:
+    """Train the video decoder's UNet further, its text encoder frozen (copied unchanged, so the stages that read
+    only the text encoder need not wait for this part), with timesteps shifted towards the noisy end
+    (``video_timestep_shift``, see :func:`_noise_loss`): which way the square moves is decided there. Write the
+    result to ``out``.
+
+    After ``train_video_decoder`` (uniform timesteps) the decoder alone drew the prompt's direction 27% of the time
+    (chance); after this, 85% (48 clips; the shift and the extra steps were not tried apart)."""
+    from diffusers import TextToVideoSDPipeline
+
+    s = settings
+    rng = _rng(s.seed, "video-refine")
+    gen = torch.Generator().manual_seed(s.seed + 4)
+    pipe = TextToVideoSDPipeline.from_pretrained(video_decoder)
+    losses = _train_text_conditioned_unet(
+        pipe.unet, pipe.text_encoder, pipe.tokenizer, pipe.scheduler, pipe.vae, lambda: _videos(rng, s.video_batch),
+        s.video_refine_steps, s, rng, gen, desc="video UNet3D (refine)", video=True, lr=s.video_refine_lr,
+        train_text=False, shift=s.video_timestep_shift,
+    )  # fmt: skip
+    pipe.save_pretrained(out, safe_serialization=True)
+    return {"unet_loss": _loss_summary(losses)}
+
+
+def _videos(rng: np.random.Generator, n: int) -> tuple[torch.Tensor, list[str]]:
+    """``n`` fresh clips as pixels (B, F, 3, H, W) in [-1, 1], and their captions."""
+    items = [world.sample_video(rng) for _ in range(n)]
+    frames = np.stack([i.render().frames for i in items])  # (B, F, H, W, 3)
+    x = torch.from_numpy(frames).float().permute(0, 1, 4, 2, 3) / 127.5 - 1.0
+    return x, [i.caption for i in items]
 
 
 def video_unet_from_image(unet, image_unet) -> int:
