@@ -319,6 +319,23 @@ def test_quick_recipe_runs_every_part_and_packages_a_loadable_model(quick_recipe
     assert size < 40e6
 
 
+def test_toyworld_eval_command_writes_the_report_and_fails_below_target(quick_recipe, tmp_path, capsys):
+    """``anygpt toyworld eval``: the few-step model misses the targets (exit 1, table printed, report written);
+    ``--decoders`` scores each decoder alone (exit 0)."""
+    from anygpt.cli import main
+    from training.toyworld.evaluate import DECODER_METRICS, TARGETS
+
+    package = str(quick_recipe[0] / "package" / "toyworld")
+    with pytest.raises(SystemExit) as stop:
+        main(["toyworld", "eval", package, "--samples", "1", "--output", str(tmp_path / "sub" / "system.json")])
+    assert stop.value.code == 1
+    assert "below target:" in capsys.readouterr().out
+    assert set(TARGETS) <= set(json.loads((tmp_path / "sub" / "system.json").read_text())["metrics"])
+    alone = ["toyworld", "eval", package, "--samples", "1", "--decoders", "--output", str(tmp_path / "d.json")]
+    assert main(alone) == 0
+    assert set(json.loads((tmp_path / "d.json").read_text())["metrics"]) == set(DECODER_METRICS)
+
+
 def test_recipe_skips_finished_parts(quick_recipe):
     from training.toyworld.recipe import RecipeSettings, run_recipe
 

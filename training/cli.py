@@ -82,24 +82,11 @@ def _toyworld(args: argparse.Namespace) -> None:
         info = write_world(args.dir, seed=args.seed, sizes=WorldSizes.quick() if args.quick else None)
         print(json.dumps(info["counts"]))
     elif args.toyworld_command == "eval":
-        from anygpt.pipeline import AnyGPTPipeline
         from training.toyworld import evaluate as toy_eval
 
-        pipe = AnyGPTPipeline.from_pretrained(args.model)
-        if args.decoders:
-            report = toy_eval.evaluate_decoders(pipe, samples=args.samples)
-            if args.output:
-                Path(args.output).write_text(json.dumps(report, indent=2) + "\n")
-            print(toy_eval.format_decoder_report(report))
-            return
-        report = toy_eval.evaluate(pipe, samples=args.samples)
-        if args.output:
-            Path(args.output).write_text(json.dumps(report, indent=2) + "\n")
-        print(toy_eval.format_report(report))
-        missed = toy_eval.failures(report)
-        if missed:
-            print(f"below target: {', '.join(missed)}")
-            raise SystemExit(1)
+        status = toy_eval.run(args.model, samples=args.samples, output=args.output, decoders=args.decoders)
+        if status:
+            raise SystemExit(status)
     else:
         from training.toyworld.recipe import RecipeSettings, install_package, run_recipe
 

@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from collections.abc import Collection, Mapping, Sequence
@@ -535,13 +536,39 @@ def format_decoder_report(report: Mapping[str, Any]) -> str:
 # ------------------------------------------------------------------------------------------------------------
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m training.toyworld.evaluate MODEL [--samples N] [--output report.json]``.
+def run(
+    model: str, *, samples: int = 96, seed: int = HELDOUT_SEED, batch_size: int = 16, device: str | None = None,
+    output: str | os.PathLike | None = None, decoders: bool = False,
+) -> int:  # fmt: skip
+    """Evaluate ``model`` (a folder or preset name), print the Markdown table, write the JSON report to ``output``.
 
-    Prints the Markdown table and returns 1 when a target is missed, 0 otherwise.
+    Returns:
+        The exit status: 1 when a target is missed (the system evaluation), 0 otherwise.
     """
     from anygpt import AnyGPTPipeline
 
+    pipe = AnyGPTPipeline.from_pretrained(model)
+    if device:
+        pipe.to(device)
+    if decoders:
+        report = evaluate_decoders(pipe, samples=samples, seed=seed, batch_size=batch_size)
+        table, missed = format_decoder_report(report), []
+    else:
+        report = evaluate(pipe, samples=samples, seed=seed, batch_size=batch_size)
+        table, missed = format_report(report), failures(report)
+    if output is not None:
+        output = Path(output)
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    sys.stdout.write(table + "\n")
+    if missed:
+        sys.stdout.write(f"below target: {', '.join(missed)}\n")
+    return 1 if missed else 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m training.toyworld.evaluate MODEL [--samples N] [--output report.json] [--decoders]``: see
+    :func:`run`."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("model", help="a folder written by save_pretrained, or a preset name")
     parser.add_argument("--samples", type=int, default=96)
@@ -552,22 +579,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--decoders", action="store_true", help="score the decoders alone (their ceiling)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    pipe = AnyGPTPipeline.from_pretrained(args.model)
-    if args.device:
-        pipe.to(args.device)
-    if args.decoders:
-        report = evaluate_decoders(pipe, samples=args.samples, seed=args.seed, batch_size=args.batch_size)
-        if args.output is not None:
-            args.output.parent.mkdir(parents=True, exist_ok=True)
-            args.output.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-        sys.stdout.write(format_decoder_report(report) + "\n")
-        return 0
-    report = evaluate(pipe, samples=args.samples, seed=args.seed, batch_size=args.batch_size)
-    if args.output is not None:
-        args.output.parent.mkdir(parents=True, exist_ok=True)
-        args.output.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    sys.stdout.write(format_report(report) + "\n")
-    return 1 if failures(report) else 0
+    return run(
+        args.model, samples=args.samples, seed=args.seed, batch_size=args.batch_size, device=args.device,
+        output=args.output, decoders=args.decoders,
+    )  # fmt: skip
 
 
 if __name__ == "__main__":
