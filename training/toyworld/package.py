@@ -10,6 +10,7 @@ as the config says.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -24,7 +25,7 @@ from anygpt.utils import atomic_directory
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["package_model", "to_fp16"]
+__all__ = ["forget_local_paths", "package_model", "to_fp16"]
 
 
 def to_fp16(folder: Path) -> None:
@@ -89,6 +90,33 @@ def _encode(pipe, texts: list[str]) -> torch.Tensor:
     return pipe.encode_prompt(texts, torch.device("cpu"), 1, False)[0]
 
 
+_ORIGIN_KEYS = ("_name_or_path", "base_model_name_or_path")
+
+
+def forget_local_paths(folder: str | os.PathLike) -> int:
+    """Replace the origin that diffusers, transformers and peft record in each saved config (``_name_or_path``,
+    ``base_model_name_or_path``: the absolute folder it was loaded from, on the machine that trained it) by the
+    component's own path inside ``folder``. Nothing loads from these keys; a shipped model should not carry the
+    paths of the machine that made it. Returns the number of values replaced."""
+    folder = Path(folder)
+    replaced = 0
+    for path in sorted(folder.rglob("*.json")):
+        data = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(data, dict):
+            continue
+        changed = False
+        for key in _ORIGIN_KEYS:
+            value = data.get(key)
+            if isinstance(value, str) and Path(value).is_absolute():
+                component = path.parent if key == "_name_or_path" else folder / "llm"
+                data[key] = "./" + component.relative_to(folder).as_posix()
+                changed = True
+                replaced += 1
+        if changed:
+            path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    return replaced
+
+
 def package_model(
     src: str | os.PathLike, dst: str | os.PathLike, *, vocabulary_texts: list[str] | None = None
 ) -> dict[str, Any]:
@@ -134,6 +162,7 @@ def package_model(
             pipe.to(dtype=torch.float16).save_pretrained(tmp / "decoders" / modality, safe_serialization=True)
             decoder_config.source = f"./decoders/{modality}"
         to_fp16(tmp)
+        forget_local_paths(tmp)
         write_index(tmp, config, parts)
     sizes = {}
     for name in ("encoder", "llm", "decoders"):
