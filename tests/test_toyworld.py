@@ -249,20 +249,17 @@ def test_text_tower_alignment_separates_what_the_media_separate(one_thread):
 def test_unet_training_leaves_a_frozen_text_tower_as_it_was(train_text, one_thread):
     """The video decoder trains its UNet on an aligned, frozen text tower: exactly the UNet changes then."""
     from decoders.tiny import tiny_stable_diffusion_components
-    from training.toyworld import stage0, world
+    from training.toyworld import stage0
 
     parts = tiny_stable_diffusion_components(seed=0)
     parts["scheduler"] = stage0.zero_snr_scheduler(parts["scheduler"])
     rng = np.random.default_rng(0)
     before = {n: {k: v.clone() for k, v in parts[n].state_dict().items()} for n in ("unet", "text_encoder")}
 
-    def images(n: int):
-        items = [world.sample_image(rng) for _ in range(n)]
-        return stage0._images_tensor([i.render() for i in items]), [i.caption for i in items]
-
     stage0._train_text_conditioned_unet(
-        parts["unet"], parts["text_encoder"], parts["tokenizer"], parts["scheduler"], parts["vae"], lambda: images(2),
-        2, stage0.Stage0Settings(), rng, torch.Generator().manual_seed(0), desc="unet", train_text=train_text,
+        parts["unet"], parts["text_encoder"], parts["tokenizer"], parts["scheduler"], parts["vae"],
+        lambda: stage0._images(rng, 2), 2, stage0.Stage0Settings(), rng, torch.Generator().manual_seed(0),
+        desc="unet", train_text=train_text,
     )  # fmt: skip
     for name in ("unet", "text_encoder"):
         after = parts[name].state_dict()

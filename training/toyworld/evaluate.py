@@ -536,6 +536,20 @@ def format_decoder_report(report: Mapping[str, Any]) -> str:
 # ------------------------------------------------------------------------------------------------------------
 
 
+def evaluate_with_table(
+    pipe: Any, *, decoders: bool = False, max_new_tokens: int | None = None, **kwargs: Any
+) -> tuple[dict[str, Any], str]:
+    """:func:`evaluate` (or, with ``decoders``, :func:`evaluate_decoders`) with ``kwargs``, and the report as a
+    Markdown table. ``max_new_tokens`` (None: the default) applies to the system evaluation only."""
+    if decoders:
+        report = evaluate_decoders(pipe, **kwargs)
+        return report, format_decoder_report(report)
+    if max_new_tokens is not None:
+        kwargs["max_new_tokens"] = max_new_tokens
+    report = evaluate(pipe, **kwargs)
+    return report, format_report(report)
+
+
 def run(
     model: str, *, samples: int = 96, seed: int = HELDOUT_SEED, batch_size: int = 16, device: str | None = None,
     output: str | os.PathLike | None = None, decoders: bool = False,
@@ -550,12 +564,8 @@ def run(
     pipe = AnyGPTPipeline.from_pretrained(model)
     if device:
         pipe.to(device)
-    if decoders:
-        report = evaluate_decoders(pipe, samples=samples, seed=seed, batch_size=batch_size)
-        table, missed = format_decoder_report(report), []
-    else:
-        report = evaluate(pipe, samples=samples, seed=seed, batch_size=batch_size)
-        table, missed = format_report(report), failures(report)
+    report, table = evaluate_with_table(pipe, decoders=decoders, samples=samples, seed=seed, batch_size=batch_size)
+    missed = [] if decoders else failures(report)
     if output is not None:
         output = Path(output)
         output.parent.mkdir(parents=True, exist_ok=True)

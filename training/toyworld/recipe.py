@@ -269,13 +269,10 @@ def _evaluate(
         from training.toyworld import evaluate as toy_eval
 
         pipe = AnyGPTPipeline.from_pretrained(model_dir)
-        common = {"samples": settings.eval_samples, "decoder_settings": settings.eval_decoder_settings}
-        if decoders_alone:
-            report = toy_eval.evaluate_decoders(pipe, **common)
-            table = toy_eval.format_decoder_report(report)
-        else:
-            report = toy_eval.evaluate(pipe, max_new_tokens=settings.eval_max_new_tokens, **common)
-            table = toy_eval.format_report(report)
+        report, table = toy_eval.evaluate_with_table(
+            pipe, decoders=decoders_alone, samples=settings.eval_samples, max_new_tokens=settings.eval_max_new_tokens,
+            decoder_settings=settings.eval_decoder_settings,
+        )  # fmt: skip
         tmp.mkdir(parents=True, exist_ok=True)
         (tmp / "report.json").write_text(json.dumps(report, indent=2) + "\n")
         (tmp / "report.md").write_text(table + "\n")

@@ -183,6 +183,12 @@ def _images_tensor(pixels: list[np.ndarray]) -> torch.Tensor:
     return array.permute(0, 3, 1, 2) / 127.5 - 1.0
 
 
+def _images(rng: np.random.Generator, n: int) -> tuple[torch.Tensor, list[str]]:
+    """``n`` fresh images as pixels (B, 3, H, W) in [-1, 1], and their captions."""
+    items = [world.sample_image(rng) for _ in range(n)]
+    return _images_tensor([i.render() for i in items]), [i.caption for i in items]
+
+
 def _write_json(path: Path, data: dict) -> None:
     path.write_text(json.dumps(data, indent=2) + "\n")
 
@@ -356,15 +362,11 @@ def train_image_decoder(out: Path, settings: Stage0Settings) -> dict[str, Any]:
         parts["vae"], parts["unet"], parts["text_encoder"], parts["tokenizer"], parts["scheduler"]
     )  # fmt: skip
 
-    def images(n: int) -> tuple[torch.Tensor, list[str]]:
-        items = [world.sample_image(rng) for _ in range(n)]
-        return _images_tensor([i.render() for i in items]), [i.caption for i in items]
-
     vae_batch = max(1, s.image_batch // 2)
-    vae_losses = _train_vae(vae, lambda: images(vae_batch)[0], s.image_vae_steps, s.vae_lr, "image VAE")
+    vae_losses = _train_vae(vae, lambda: _images(rng, vae_batch)[0], s.image_vae_steps, s.vae_lr, "image VAE")
     unet_losses = _train_text_conditioned_unet(
-        unet, text_encoder, tokenizer, scheduler, vae, lambda: images(s.image_batch), s.image_unet_steps, s, rng, gen,
-        desc="image UNet",
+        unet, text_encoder, tokenizer, scheduler, vae, lambda: _images(rng, s.image_batch), s.image_unet_steps, s,
+        rng, gen, desc="image UNet",
     )  # fmt: skip
     pipe = StableDiffusionPipeline(**parts)
     pipe.save_pretrained(out, safe_serialization=True)
@@ -381,12 +383,8 @@ def refine_image_decoder(out: Path, image_decoder: Path, settings: Stage0Setting
     gen = torch.Generator().manual_seed(s.seed + 3)
     pipe = StableDiffusionPipeline.from_pretrained(image_decoder, safety_checker=None, requires_safety_checker=False)
 
-    def images(n: int) -> tuple[torch.Tensor, list[str]]:
-        items = [world.sample_image(rng) for _ in range(n)]
-        return _images_tensor([i.render() for i in items]), [i.caption for i in items]
-
     losses = _train_text_conditioned_unet(
-        pipe.unet, pipe.text_encoder, pipe.tokenizer, pipe.scheduler, pipe.vae, lambda: images(s.image_batch),
+        pipe.unet, pipe.text_encoder, pipe.tokenizer, pipe.scheduler, pipe.vae, lambda: _images(rng, s.image_batch),
         s.image_refine_steps, s, rng, gen, desc="image UNet (refine)", lr=s.image_refine_lr,
     )  # fmt: skip
     pipe.save_pretrained(out, safe_serialization=True)
