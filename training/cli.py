@@ -44,6 +44,11 @@ def add_commands(sub) -> None:
     recipe.add_argument("--quick", action="store_true", help="a few steps of every part (checks the recipe runs)")
     recipe.add_argument("--only", help="comma-separated parts to run (their inputs must be done)")
     recipe.add_argument("--until", help="stop after this part")
+    recipe.add_argument(
+        "--jobs", type=int, default=1,
+        help="parts run at once, each in its own process with cpu_count/jobs threads (2 on a 2-core machine: "
+        "small models use two cores poorly, so two parts side by side finish sooner)",
+    )  # fmt: skip
     recipe.add_argument("--seed", type=int, default=0)
     recipe.add_argument(
         "--install", action="store_true", help="copy the packaged model into the anygpt package (for its developers)"
@@ -92,7 +97,7 @@ def _toyworld(args: argparse.Namespace) -> None:
 
         settings = RecipeSettings.quick(args.seed) if args.quick else RecipeSettings(seed=args.seed)
         only = [p.strip() for p in args.only.split(",")] if args.only else None
-        run_recipe(args.out, settings, only=only, until=args.until)
+        run_recipe(args.out, settings, only=only, until=args.until, jobs=args.jobs)
         print((Path(args.out) / "summary.md").read_text())
         if args.install:
             print(f"installed: {install_package(args.out)}")
