@@ -381,10 +381,10 @@ class _FakePart:
         self.polls += 1
         if self.polls < 3:
             return None
-        if self.code == 0 and not (self.out / self.name).exists():
+        if self.code == 0:
             from training.toyworld import recipe
 
-            (self.out / self.name).mkdir()
+            (self.out / self.name).mkdir(exist_ok=True)
             inputs = recipe._inputs(self.out, self.name)
             info = {"part": self.name, "seconds": 0.0, "finished": time.time(), "inputs": inputs}
             (self.out / self.name / "part.json").write_text(json.dumps(info))
@@ -423,6 +423,32 @@ def test_parallel_recipe_respects_inputs_and_job_count_and_starts_the_longest_ch
     assert started.index("data") > started.index("encoder")
 
 
+def test_parallel_recipe_skips_finished_parts_and_reruns_everything_downstream_of_a_redone_one(tmp_path):
+    from training.toyworld.recipe import PARTS, run_parallel
+
+    log = []
+
+    def start(name):
+        log.append(("start", name))
+        return _FakePart(tmp_path, name, log)
+
+    run_parallel(tmp_path, list(PARTS), 2, start, poll=0)
+    log.clear()
+    run_parallel(tmp_path, list(PARTS), 2, start, poll=0)
+    assert log == []  # all done: nothing starts
+    time.sleep(0.01)
+    part = _FakePart(tmp_path, "image-decoder", [])
+    while part.poll() is None:  # image-decoder redone: a newer part.json
+        pass
+    log.clear()
+    run_parallel(tmp_path, list(PARTS), 2, start, poll=0)
+    started = {n for k, n in log if k == "start"}
+    assert started == {
+        "image-decoder-refine", "video-decoder", "video-decoder-refine", "base", "stage1", "stage2", "stage3",
+        "package", "eval-package", "eval-decoders", "eval-stage2", "eval-stage1",
+    }  # fmt: skip
+
+
 def test_parallel_recipe_stops_launching_after_a_failure_and_names_the_part(tmp_path):
     from training.toyworld.recipe import run_parallel
 
@@ -459,6 +485,9 @@ def test_recipe_rejects_unknown_parts(tmp_path):
 
     with pytest.raises(ValueError, match="unknown part 'stage4'"):
         run_recipe(tmp_path, only=["stage4"])
+    with pytest.raises(ValueError, match="no part is both in --only"):
+        run_recipe(tmp_path, only=["stage2"], until="stage1")
+    assert not (tmp_path / "recipe.json").exists()
 
 
 # ------------------------------------------------------------------------------------------------ shipped model

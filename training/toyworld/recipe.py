@@ -13,7 +13,8 @@ video-decoder-...  its UNet trained further on noisier timesteps, the text encod
 audio-decoder      AudioLDM with its CLAP text encoder and HiFi-GAN vocoder (stage 0)
 base               the untrained any-to-any system over those components (``save_pretrained``)
 stage1..stage3     ``anygpt train`` with ``training/configs/toyworld-stage{1,2,3}.yaml`` (resumable)
-eval-stage1..3     the evaluator on held-out prompts and media after each stage
+eval-stage1, -2    the evaluator on held-out prompts and media after stages 1 and 2
+eval-package       the evaluator on the package: the figures after stage 3 (its weights in fp16)
 eval-decoders      each packaged decoder alone, from its own caption embeddings (the text -> media ceiling)
 package            the stage-3 model with its components in fp16, loadable as one folder
 =================  ==========================================================================================
@@ -31,6 +32,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -332,12 +334,9 @@ def run_recipe(
     Returns:
         ``part.json`` content per part run or found.
     """
-    from training.toyworld.package import package_model
-
     out = Path(out).expanduser().resolve()
     out.mkdir(parents=True, exist_ok=True)
     settings = settings or RecipeSettings()
-    s0 = settings.stage0
     for name in only or []:
         if name not in PARTS:
             raise ValueError(f"unknown part {name!r}: expected one of {', '.join(PARTS)}")
@@ -345,6 +344,28 @@ def run_recipe(
         raise ValueError(f"unknown part {until!r}: expected one of {', '.join(PARTS)}")
     if jobs < 1:
         raise ValueError(f"jobs must be >= 1, got {jobs}")
+    names = [n for n in PARTS[: PARTS.index(until) + 1 if until else None] if not only or n in only]
+    if not names:
+        raise ValueError(f"no part is both in --only ({', '.join(only or [])}) and at or before --until ({until})")
+    _check_settings(out, settings)
+    results = {}
+    if jobs > 1:
+        threads = max(1, len(os.sched_getaffinity(0)) // jobs)
+        run_parallel(out, names, jobs, lambda name: _start_child(out, name, threads))
+        results = {name: _part_done(out, name) for name in names}
+    else:
+        steps = _part_steps(out, settings)
+        for name in names:
+            results[name] = _run_part(out, name, steps[name], seed=settings.seed)
+    _write_summary(out)
+    return results
+
+
+def _part_steps(out: Path, settings: RecipeSettings) -> dict[str, Callable[[Path], dict[str, Any]]]:
+    """What each part runs, given the folder it writes into."""
+    from training.toyworld.package import package_model
+
+    s0 = settings.stage0
 
     def base(tmp: Path) -> dict[str, Any]:
         from anygpt.pipeline import AnyGPTPipeline
@@ -375,25 +396,14 @@ def run_recipe(
             out / "stage3" / "final", tmp / "toyworld", vocabulary_texts=stage0.world_captions() + [""]
         ),
     }
-    _check_settings(out, settings)
-    names = [n for n in PARTS[: PARTS.index(until) + 1 if until else None] if not only or n in only]
-    results = {}
-    if jobs > 1:
-        threads = max(1, (os.cpu_count() or 1) // jobs)
-        run_parallel(out, names, jobs, lambda name: _start_child(out, name, threads))
-        results = {name: _part_done(out, name) for name in names}
-    else:
-        for name in names:
-            results[name] = _run_part(out, name, steps[name], seed=settings.seed)
-    _write_summary(out)
-    return results
+    return steps
 
 
 def _start_child(out: Path, name: str, threads: int) -> subprocess.Popen:
     """One part in its own process (``python -m training.toyworld.recipe OUT PART``), its output in a log file."""
     log = out / "logs" / f"{name}.log"
     log.parent.mkdir(exist_ok=True)
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"}
     with open(log, "w") as f:
         return subprocess.Popen(
             [sys.executable, "-m", "training.toyworld.recipe", str(out), name, "--threads", str(threads)],
@@ -419,7 +429,10 @@ def run_parallel(out: Path, names: list[str], jobs: int, start: Callable[[str], 
     """
     from tqdm.auto import tqdm
 
-    todo = [n for n in names if _part_done(out, n) is None]
+    todo: list[str] = []
+    for name in names:  # PARTS order: a part waiting on one that will run again is stale too
+        if _part_done(out, name) is None or any(d in todo for d in DEPENDS[name]):
+            todo.append(name)
     for name in todo:
         missing = [d for d in DEPENDS[name] if d not in todo and _part_done(out, d) is None]
         if missing:
@@ -428,6 +441,7 @@ def run_parallel(out: Path, names: list[str], jobs: int, start: Callable[[str], 
     running: dict[str, tuple[Any, float]] = {}
     failed: list[str] = []
     bar = tqdm(total=len(names), initial=len(names) - len(todo), desc="recipe", unit="part")
+    previous = _raise_on_termination()
     try:
         while todo or running:
             for name, (handle, began) in list(running.items()):
@@ -452,17 +466,39 @@ def run_parallel(out: Path, names: list[str], jobs: int, start: Callable[[str], 
                 bar.set_postfix_str(", ".join(running))
             if running:
                 time.sleep(poll)
-    except BaseException:
+    except BaseException:  # interrupted (Ctrl-C, SIGTERM, SIGHUP): stop the parts; they resume on the next run
         for handle, _ in running.values():
             handle.terminate()
         for handle, _ in running.values():
-            handle.wait()
+            try:
+                handle.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                handle.kill()
         raise
     finally:
         bar.close()
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
     if failed:
         logs = ", ".join(str(out / "logs" / f"{n}.log") for n in failed)
         raise RuntimeError(f"recipe part(s) {', '.join(failed)} failed: see {logs}")
+    unfinished = [n for n in names if _part_done(out, n) is None]
+    if unfinished:
+        raise RuntimeError(f"recipe part(s) {', '.join(unfinished)} ended without finishing (no {PART_FILE})")
+
+
+def _raise_on_termination() -> dict[int, Any]:
+    """Turn SIGTERM and SIGHUP into ``SystemExit`` (so the running parts are stopped, never orphaned); returns the
+    handlers to restore. Only the main thread can set handlers: elsewhere nothing changes."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+
+    def stop(signum, frame):
+        raise SystemExit(128 + signum)
+
+    return {signum: signal.signal(signum, stop) for signum in (signal.SIGTERM, signal.SIGHUP)}
 
 
 def _child_main(argv: list[str] | None = None) -> None:
@@ -477,9 +513,10 @@ def _child_main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.threads:
         torch.set_num_threads(args.threads)
-    out = Path(args.out)
+    out = Path(args.out).resolve()
     settings = RecipeSettings.from_dict(json.loads((out / "recipe.json").read_text()))
-    run_recipe(out, settings, only=[args.part])
+    _check_settings(out, settings)
+    _run_part(out, args.part, _part_steps(out, settings)[args.part], seed=settings.seed)  # the parent writes summary
 
 
 def _parameter_counts(pipe) -> dict[str, int]:
