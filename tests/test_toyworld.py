@@ -480,6 +480,17 @@ def test_parallel_recipe_runs_parts_in_their_own_processes(tmp_path):
     assert "| llm |" in (tmp_path / "summary.md").read_text()
 
 
+def test_base_depends_on_every_folder_its_config_names(tmp_path):
+    """A from-nothing run starts the stages only once every component folder the system names is written (a stage-2
+    run once started before the video decoder's folder existed and failed loading its text encoder)."""
+    from training.toyworld.recipe import DEPENDS, PARTS, toyworld_config
+
+    config = toyworld_config(tmp_path)
+    named = {config.llm.source, config.encoder.checkpoint} | {d.source for d in config.decoders.values()}
+    parts = {Path(p).relative_to(tmp_path).parts[0] for p in named}
+    assert parts <= set(PARTS) and parts <= set(DEPENDS["base"]), parts - set(DEPENDS["base"])
+
+
 def test_recipe_rejects_unknown_parts(tmp_path):
     from training.toyworld.recipe import run_recipe
 

@@ -112,18 +112,17 @@ class RecipeSettings:
 
 
 # What each part reads: a part whose inputs were redone since it ran is stale and runs again.
-_RENDER = ("audio-vocoder", "video-decoder-refine")
 DEPENDS: dict[str, tuple[str, ...]] = {
     "data": (), "encoder": (), "llm": ("data",), "image-decoder": (), "video-decoder": ("image-decoder", "encoder"),
     "audio-decoder": ("encoder",), "image-decoder-refine": ("image-decoder",), "audio-vocoder": ("audio-decoder",),
     "video-decoder-refine": ("video-decoder",),
-    # Training reads the audio and video decoders' text encoders (audio-vocoder and video-decoder-refine hold
-    # identical copies) and never their vocoder or UNet: only the parts that render depend on those two.
-    "base": ("encoder", "llm", "image-decoder-refine", "video-decoder", "audio-decoder"),
+    # the base system names these folders as its components (toyworld_config); stage 2 reads the decoders' text
+    # encoders from them for its caption targets
+    "base": ("encoder", "llm", "image-decoder-refine", "video-decoder-refine", "audio-vocoder"),
     "stage1": ("base", "data"), "stage2": ("stage1", "data"), "stage3": ("stage2", "data"),
-    "eval-stage1": ("stage1", *_RENDER), "eval-stage2": ("stage2", *_RENDER),
+    "eval-stage1": ("stage1",), "eval-stage2": ("stage2",),
     # the package is stage 3's model with its weights in fp16: its evaluation is the figure after stage 3
-    "package": ("stage3", *_RENDER), "eval-package": ("package",), "eval-decoders": ("package",),
+    "package": ("stage3",), "eval-package": ("package",), "eval-decoders": ("package",),
 }  # fmt: skip
 
 
