@@ -558,7 +558,7 @@ def _write_summary(out: Path) -> None:
 
         lines += ["", format_decoder_report(done["eval-decoders"]["metrics"])]
     for name, text in (("summary.md", "\n".join(lines) + "\n"), ("summary.json", json.dumps(done, indent=2) + "\n")):
-        tmp = out / f".{name}.{os.getpid()}"  # parts running side by side each rewrite the summary
+        tmp = out / f".{name}.{os.getpid()}"  # written whole, then renamed: a reader never sees half a summary
         tmp.write_text(text)
         os.replace(tmp, out / name)
 
