@@ -403,18 +403,18 @@ def test_parallel_recipe_respects_inputs_and_job_count_and_starts_the_longest_ch
 
     log, peak = [], [0]
 
-    def start(name):
+    def start(name, threads):
         finished = {n for kind, n in log if kind == "end"}
         assert all(dep in finished for dep in DEPENDS[name]), name  # its inputs are done
         log.append(("start", name))
         return _FakePart(tmp_path, name, log)
 
-    def tracked(name):
-        handle = start(name)
+    def tracked(name, threads):
+        handle = start(name, threads)
         peak[0] = max(peak[0], len({n for k, n in log if k == "start"} - {n for k, n in log if k == "end"}))
         return handle
 
-    run_parallel(tmp_path, list(PARTS), 2, tracked, poll=0)
+    run_parallel(tmp_path, list(PARTS), 2, tracked, cores=2, poll=0)
     assert sorted(n for k, n in log if k == "start") == sorted(PARTS)
     assert peak[0] == 2
     started = [n for k, n in log if k == "start"]
@@ -423,25 +423,45 @@ def test_parallel_recipe_respects_inputs_and_job_count_and_starts_the_longest_ch
     assert started.index("data") > started.index("encoder")
 
 
+def test_parallel_recipe_gives_a_part_that_starts_alone_all_the_cores(tmp_path):
+    from training.toyworld.recipe import run_parallel
+
+    log, threads_of, folder = [], {}, [tmp_path]
+
+    def start(name, threads):
+        threads_of[name] = threads
+        log.append(("start", name))
+        return _FakePart(folder[0], name, log)
+
+    # encoder and image-decoder start together (2 each of 4 cores); video-decoder waits on both, so it starts alone
+    run_parallel(tmp_path, ["encoder", "image-decoder", "video-decoder"], 2, start, cores=4, poll=0)
+    assert threads_of == {"encoder": 2, "image-decoder": 2, "video-decoder": 4}
+    threads_of.clear()
+    folder[0] = tmp_path / "one-core"
+    folder[0].mkdir()
+    run_parallel(folder[0], ["encoder", "image-decoder"], 2, start, cores=1, poll=0)
+    assert threads_of == {"encoder": 1, "image-decoder": 1}  # never zero threads
+
+
 def test_parallel_recipe_skips_finished_parts_and_reruns_everything_downstream_of_a_redone_one(tmp_path):
     from training.toyworld.recipe import PARTS, run_parallel
 
     log = []
 
-    def start(name):
+    def start(name, threads):
         log.append(("start", name))
         return _FakePart(tmp_path, name, log)
 
-    run_parallel(tmp_path, list(PARTS), 2, start, poll=0)
+    run_parallel(tmp_path, list(PARTS), 2, start, cores=2, poll=0)
     log.clear()
-    run_parallel(tmp_path, list(PARTS), 2, start, poll=0)
+    run_parallel(tmp_path, list(PARTS), 2, start, cores=2, poll=0)
     assert log == []  # all done: nothing starts
     time.sleep(0.01)
     part = _FakePart(tmp_path, "image-decoder", [])
     while part.poll() is None:  # image-decoder redone: a newer part.json
         pass
     log.clear()
-    run_parallel(tmp_path, list(PARTS), 2, start, poll=0)
+    run_parallel(tmp_path, list(PARTS), 2, start, cores=2, poll=0)
     started = {n for k, n in log if k == "start"}
     assert started == {
         "image-decoder-refine", "video-decoder", "video-decoder-refine", "base", "stage1", "stage2", "stage3",
@@ -454,17 +474,17 @@ def test_parallel_recipe_stops_launching_after_a_failure_and_names_the_part(tmp_
 
     log = []
 
-    def start(name):
+    def start(name, threads):
         log.append(("start", name))
         return _FakePart(tmp_path, name, log, code=1 if name == "encoder" else 0)
 
     with pytest.raises(RuntimeError, match=r"part\(s\) encoder failed: see .*encoder\.log"):
-        run_parallel(tmp_path, ["data", "encoder", "llm", "audio-decoder"], 2, start, poll=0)
+        run_parallel(tmp_path, ["data", "encoder", "llm", "audio-decoder"], 2, start, cores=2, poll=0)
     started = [n for k, n in log if k == "start"]
     assert "audio-decoder" not in started  # it waits on the failed encoder
     assert (tmp_path / "data" / "part.json").is_file()  # parts already running finish and keep their work
     with pytest.raises(ValueError, match="needs the part"):
-        run_parallel(tmp_path, ["stage1"], 2, start, poll=0)
+        run_parallel(tmp_path, ["stage1"], 2, start, cores=2, poll=0)
 
 
 def test_parallel_recipe_runs_parts_in_their_own_processes(tmp_path):

@@ -46,8 +46,8 @@ def add_commands(sub) -> None:
     recipe.add_argument("--until", help="stop after this part")
     recipe.add_argument(
         "--jobs", type=int, default=1,
-        help="parts run at once, each in its own process with cpu_count/jobs threads (2 on a 2-core machine: "
-        "small models use two cores poorly, so two parts side by side finish sooner)",
+        help="parts run at once, each in its own process with its share of the cores, all of them when it runs "
+        "alone (2 on a 2-core machine: small models use two cores poorly, so two parts side by side finish sooner)",
     )  # fmt: skip
     recipe.add_argument("--seed", type=int, default=0)
     recipe.add_argument(

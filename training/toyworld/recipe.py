@@ -325,10 +325,10 @@ def run_recipe(
         settings: sizes and steps (default: the full recipe).
         only: run just these parts (their inputs must be done).
         until: stop after this part (in the order of :data:`PARTS`).
-        jobs: parts run at once. 1: one after another in this process. More: each part in its own process with
-            ``cpu_count // jobs`` threads, a part starting as soon as its inputs are done (the longest remaining
-            chain first); each writes ``out/logs/<part>.log``. Small models use two cores poorly, so two parts
-            side by side finish sooner than one after another.
+        jobs: parts run at once. 1: one after another in this process. More: each part in its own process, a
+            part starting as soon as its inputs are done (the longest remaining chain first) with its share of the
+            cores (all of them when it starts alone); each writes ``out/logs/<part>.log``. Small models use two
+            cores poorly, so two parts side by side finish sooner than one after another.
 
     Returns:
         ``part.json`` content per part run or found.
@@ -349,8 +349,8 @@ def run_recipe(
     _check_settings(out, settings)
     results = {}
     if jobs > 1:
-        threads = max(1, len(os.sched_getaffinity(0)) // jobs)
-        run_parallel(out, names, jobs, lambda name: _start_child(out, name, threads))
+        cores = len(os.sched_getaffinity(0))
+        run_parallel(out, names, jobs, lambda name, threads: _start_child(out, name, threads), cores=cores)
         results = {name: _part_done(out, name) for name in names}
     else:
         steps = _part_steps(out, settings)
@@ -419,12 +419,17 @@ def _chain_minutes() -> dict[str, float]:
     return after
 
 
-def run_parallel(out: Path, names: list[str], jobs: int, start: Callable[[str], Any], poll: float = 1.0) -> None:
+def run_parallel(
+    out: Path, names: list[str], jobs: int, start: Callable[[str, int], Any], *, cores: int, poll: float = 1.0
+) -> None:
     """Run ``names`` with at most ``jobs`` at once, each as soon as its inputs are done.
 
-    ``start(name)`` launches a part and returns a handle with ``poll()``, ``wait()``, ``terminate()`` and
-    ``args`` (a ``subprocess.Popen``). A failed part stops new launches; the running ones finish (they keep their
-    work), then the error names the part and its log. Finished parts are skipped as in the sequential run.
+    ``start(name, threads)`` launches a part and returns a handle with ``poll()``, ``wait()``, ``terminate()`` and
+    ``args`` (a ``subprocess.Popen``). A part gets its share of ``cores`` among the parts running once it starts:
+    one that starts alone (nothing else ready) gets them all, since a lone part would leave the rest idle for its
+    whole run (the video decoder's refinement, 29 minutes at one thread). A failed part stops new launches; the
+    running ones finish (they keep their work), then the error names the part and its log. Finished parts are
+    skipped as in the sequential run.
     """
     from tqdm.auto import tqdm
 
@@ -457,10 +462,12 @@ def run_parallel(out: Path, names: list[str], jobs: int, start: Callable[[str], 
             if failed:
                 todo = []
             ready = [n for n in todo if all(d not in todo and d not in running for d in DEPENDS[n])]
-            for name in sorted(ready, key=lambda n: -rank[n])[: jobs - len(running)]:
+            launch = sorted(ready, key=lambda n: -rank[n])[: jobs - len(running)]
+            threads = max(1, cores // (len(running) + len(launch))) if launch else 0
+            for name in launch:
                 todo.remove(name)
-                running[name] = (start(name), time.perf_counter())
-                logger.info("part %s: started (%s running)", name, ", ".join(running))
+                running[name] = (start(name, threads), time.perf_counter())
+                logger.info("part %s: started with %d thread(s) (%s running)", name, threads, ", ".join(running))
             if bar.postfix != ", ".join(running):
                 bar.set_postfix_str(", ".join(running))
             if running:
