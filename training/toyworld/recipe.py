@@ -57,13 +57,13 @@ PARTS = (
     "video-decoder-refine", "audio-vocoder", "base", "stage1", "stage2", "stage3", "package", "eval-package",
     "eval-decoders", "eval-stage2", "eval-stage1",
 )  # fmt: skip
-# Minutes each part took alone on the 2-core machine (full recipe): with ``jobs > 1`` the ready part that heads the
-# longest remaining chain of work starts first.
+# Minutes each part took with one thread, two parts at a time, in the first from-nothing run on the 2-core machine:
+# with ``jobs > 1`` the ready part that heads the longest remaining chain of work starts first.
 PART_MINUTES = {
-    "data": 1.0, "encoder": 13.2, "llm": 11.4, "image-decoder": 21.3, "video-decoder": 26.9, "audio-decoder": 11.3,
-    "image-decoder-refine": 11.7, "video-decoder-refine": 19.0, "audio-vocoder": 4.8, "base": 0.1, "stage1": 1.7,
-    "stage2": 1.6, "stage3": 5.8, "package": 0.1, "eval-package": 6.4, "eval-decoders": 4.3, "eval-stage2": 1.5,
-    "eval-stage1": 1.5,
+    "data": 0.7, "encoder": 6.1, "llm": 9.2, "image-decoder": 26.1, "video-decoder": 34.4, "audio-decoder": 18.7,
+    "image-decoder-refine": 12.6, "video-decoder-refine": 29.3, "audio-vocoder": 6.7, "base": 0.1, "stage1": 2.8,
+    "stage2": 3.4, "stage3": 8.6, "package": 0.1, "eval-package": 11.6, "eval-decoders": 9.8, "eval-stage2": 1.0,
+    "eval-stage1": 1.0,
 }  # fmt: skip
 
 
