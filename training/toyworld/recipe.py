@@ -427,9 +427,10 @@ def run_parallel(
     ``start(name, threads)`` launches a part and returns a handle with ``poll()``, ``wait()``, ``terminate()`` and
     ``args`` (a ``subprocess.Popen``). A part gets its share of ``cores`` among the parts running once it starts:
     one that starts alone (nothing else ready) gets them all, since a lone part would leave the rest idle for its
-    whole run (the video decoder's refinement, 29 minutes at one thread). A failed part stops new launches; the
-    running ones finish (they keep their work), then the error names the part and its log. Finished parts are
-    skipped as in the sequential run.
+    whole run (the video decoder's refinement, 29 minutes at one thread); a part that becomes ready later still gets
+    its share, so the cores can be briefly oversubscribed. A failed part stops new launches; the running ones
+    finish (they keep their work), then the error names the part and its log. Finished parts are skipped as in the
+    sequential run.
     """
     from tqdm.auto import tqdm
 
