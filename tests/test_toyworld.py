@@ -590,3 +590,27 @@ def test_shipped_model_meets_the_quality_target(metric, shipped_report):
     figure = shipped_report["metrics"][metric]
     assert figure["total"] >= 96
     assert figure["value"] >= TARGETS[metric], f"{metric}: {figure['value']:.3f} < {TARGETS[metric]}"
+
+
+def test_make_run_request_gives_its_three_files(tmp_path):
+    """`make run` (the Makefile's PROMPT, the default model and seed) writes one file per requested item, and each
+    file, read back from disk, shows what was asked."""
+    import re
+
+    from PIL import Image
+
+    from anygpt import cli
+    from anygpt.media import load_audio, load_video
+    from training.toyworld.oracles import audio_attributes, image_attributes, video_attributes
+
+    _shipped()
+    makefile = (Path(__file__).resolve().parents[1] / "Makefile").read_text()
+    prompt = re.search(r"^PROMPT \?= (.+)$", makefile, re.M).group(1).strip()
+    assert prompt == "draw a red circle and play a high beep and show a green square moving left"
+    assert cli.main(["generate", prompt, "--out", str(tmp_path)]) == 0
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["gen-0001_audio0.wav", "gen-0001_image0.png", "gen-0001_video0.mp4"]
+    image = np.asarray(Image.open(tmp_path / "gen-0001_image0.png").convert("RGB"))
+    assert image_attributes(image) == {"colour": "red", "shape": "circle"}
+    assert audio_attributes(load_audio(tmp_path / "gen-0001_audio0.wav"))["pitch"] == "high"
+    assert video_attributes(load_video(tmp_path / "gen-0001_video0.mp4")) == {"colour": "green", "direction": "left"}

@@ -187,6 +187,9 @@ GENERATE = {
         "make a picture of {}",
         "generate a photo of {}",
         "create an image of {}",
+        "make {}",
+        "create {}",
+        "show {}",
     ),
     Modality.AUDIO: (
         "play {}",
@@ -199,6 +202,8 @@ GENERATE = {
         "play me a sound of {}",
         "create a beep like {}",
         "show me a sound of {}",
+        "play me {}",
+        "create {}",
     ),
     Modality.VIDEO: (
         "show me a video of {}",
@@ -211,6 +216,10 @@ GENERATE = {
         "draw a clip of {}",
         "create a clip of {}",
         "show me a clip of {}",
+        "show {}",
+        "make {}",
+        "create {}",
+        "generate {}",
     ),
 }
 JOIN = (" and ", " and then ", ", and ", " and also ")
