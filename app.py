@@ -1,4 +1,4 @@
-"""The anygpt chat demo: a Gradio page over ``anygpt.demo.ChatEngine`` (no model logic here).
+"""The anygpt chat demo: a Gradio page over ``anygpt.apps.chat.ChatEngine`` (no model logic here).
 
     python app.py [--model NAME|DIR] [--host 127.0.0.1] [--port 7860] [--share] [--output-dir DIR]
                   [--max-upload-mb 100] [--queue-size 16]
@@ -29,8 +29,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # before gradio is i
 
 import gradio as gr  # noqa: E402
 
-from anygpt.config import DEFAULT_MODEL  # noqa: E402
-from anygpt.demo import (  # noqa: E402
+from anygpt.apps.chat import (  # noqa: E402
     DEFAULT_MAX_UPLOAD_BYTES,
     ChatEngine,
     ChatSession,
@@ -38,6 +37,7 @@ from anygpt.demo import (  # noqa: E402
     GenerationSettings,
     default_output_dir,
 )
+from anygpt.core.config import DEFAULT_MODEL  # noqa: E402
 
 logger = logging.getLogger("anygpt.app")
 

@@ -4,23 +4,23 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from anygpt.modality import Modality
+from anygpt.base.modality import Modality
 
 __version__ = "0.1.0"
 
 # Heavy modules are imported on first use so that `import anygpt` stays cheap.
 _LAZY = {
-    "AnyGPTPipeline": "anygpt.pipeline",
-    "AnyGPTOutput": "anygpt.pipeline",
-    "Conversation": "anygpt.conversation",
-    "Audio": "anygpt.media",
-    "Video": "anygpt.media",
+    "AnyGPTPipeline": "anygpt.core.pipeline",
+    "AnyGPTOutput": "anygpt.core.pipeline",
+    "Conversation": "anygpt.core.conversation",
+    "Audio": "anygpt.base.media",
+    "Video": "anygpt.base.media",
 }
 
 if TYPE_CHECKING:
-    from anygpt.conversation import Conversation
-    from anygpt.media import Audio, Video
-    from anygpt.pipeline import AnyGPTOutput, AnyGPTPipeline
+    from anygpt.base.media import Audio, Video
+    from anygpt.core.conversation import Conversation
+    from anygpt.core.pipeline import AnyGPTOutput, AnyGPTPipeline
 
 
 def __getattr__(name: str):

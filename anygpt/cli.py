@@ -22,13 +22,10 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from anygpt.config import DEFAULT_MODEL
+from anygpt.base.errors import UsageError
+from anygpt.core.config import DEFAULT_MODEL
 
 logger = logging.getLogger("anygpt.cli")
-
-
-class UsageError(Exception):
-    """Bad input from the user: reported as one line, exit status 2."""
 
 
 @dataclass
@@ -116,7 +113,7 @@ def _next_stem(out: Path) -> str:
 
 def write_outputs(result, out: Path, stem: str) -> dict[str, list[str]]:
     """Write a result's media as PNG / MP4 / WAV files named ``{stem}_{kind}{i}``; all or nothing."""
-    from anygpt.media import save_audio, save_image, save_video
+    from anygpt.base.media import save_audio, save_image, save_video
 
     out.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
@@ -257,14 +254,14 @@ def generate_batch(
 
 
 def load_pipeline(model: str):
-    from anygpt.pipeline import AnyGPTPipeline
+    from anygpt.core.pipeline import AnyGPTPipeline
 
     return AnyGPTPipeline.from_pretrained(model)
 
 
 def info(topic: str = "all") -> dict[str, list[str]]:
     """The registered names: model presets, projectors, decoders, encoders."""
-    from anygpt.config import list_presets
+    from anygpt.core.config import list_presets
     from decoders import list_decoder_presets
     from encoders import list_encoder_presets
     from projectors import list_input_projectors, list_output_projectors
@@ -398,7 +395,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not training:  # loading bars of the libraries (weights, pipeline components) would bury the result
             diffusers.utils.logging.disable_progress_bar()
             transformers.utils.logging.disable_progress_bar()
-    from anygpt.media import MediaError
+    from anygpt.base.media import MediaError
     from training.trainer import TrainingError
 
     try:

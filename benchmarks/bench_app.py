@@ -43,7 +43,7 @@ def _start_app(model: str, output_dir: Path, queue_size: int):
     app = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(app)
     os.environ.update(app.gradio_environment(output_dir))
-    from anygpt.demo import ChatEngine
+    from anygpt.apps.chat import ChatEngine
 
     engine = ChatEngine.from_pretrained(model, output_dir)
     with socket.socket() as sock:

@@ -6,7 +6,7 @@ Two tables:
   16 x 16 patch grid + CLS) into a 4096-d LLM, built on the meta device (no weights, no memory), and the LLM tokens it
   gives per image and per 8-frame video (ImageBind averages a video's 2-frame clips, so a video has an image's token
   grid);
-* toy world: each connector trained through the ordinary stage 1 (``training/configs/toyworld-stage1.yaml``, the same
+* toy world: each connector trained through the ordinary stage 1 (``toyworld/configs/toyworld-stage1.yaml``, the same
   data, steps, seed and starting model for all), then the toy-world evaluator's captioning figures (media -> text) on
   the held-out media, and the median stage-1 step time.
 
@@ -106,7 +106,7 @@ def real_size_table() -> dict[str, dict]:
             "tokens_per_8_frame_video": counts["video"],
             "reads": "token sequence" if proj.uses_tokens else "pooled embedding",
         }
-    from anygpt.fusion import CrossAttentionConfig, count_parameters
+    from anygpt.core.fusion import CrossAttentionConfig, count_parameters
 
     # Flamingo's gated cross-attention blocks before every 4th of 32 layers of a 4096-d LLM (32 heads), counted on
     # the meta device; they read a connector's output (e.g. the perceiver's 64 latents) and add one marker token
@@ -121,9 +121,9 @@ def real_size_table() -> dict[str, dict]:
 
 
 def toy_world_table(start: str, data: Path, cache: Path, work: Path, steps: int, samples: int, only) -> dict:
-    from anygpt.pipeline import AnyGPTPipeline
+    from anygpt.core.pipeline import AnyGPTPipeline
+    from toyworld.evaluate import evaluate
     from training.config import load_config
-    from training.toyworld.evaluate import evaluate
     from training.trainer import StageTrainer
 
     table = {}
@@ -187,7 +187,7 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             data = args.data
             if data is None:
-                from training.toyworld.data import write_world
+                from toyworld.data import write_world
 
                 data = write_world(Path(tmp) / "data")
             cache = args.cache or Path(tmp) / "cache"

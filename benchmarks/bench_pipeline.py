@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from anygpt import AnyGPTPipeline, Conversation
-from anygpt.modality import Modality
+from anygpt.base.modality import Modality
 from decoders import build_decoder
 
 PROMPT = "draw a red circle and play a high beep and show a green square moving left"

@@ -32,9 +32,9 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
 
+    from toyworld.sample_configs import write_sample
     from training.config import load_config
     from training.precompute import precompute
-    from training.sample_configs import write_sample
     from training.trainer import StageTrainer
 
     results = {}

@@ -8,8 +8,8 @@ import numpy as np
 import torch
 from diffusers import AudioLDMPipeline, DiffusionPipeline
 
-from anygpt.media import Audio
-from anygpt.modality import Modality
+from anygpt.base.media import Audio
+from anygpt.base.modality import Modality
 from decoders.base import Decoder, DecoderSpec, register_decoder
 from decoders.tiny import tiny_audioldm_components
 

@@ -3,8 +3,8 @@
 Every decoder wraps one unmodified diffusers pipeline and drives it through ``prompt_embeds`` /
 ``negative_prompt_embeds`` only. What differs between decoders is data on the subclass: the modality, the
 pipeline class, the standard conditioning shape, how captions are encoded (the pipeline's own method), which
-size arguments the pipeline takes and how its output becomes a ``PIL.Image`` / :class:`~anygpt.media.Video` /
-:class:`~anygpt.media.Audio`. The lifecycle (lazy load, device and dtype, caching the empty-prompt embedding,
+size arguments the pipeline takes and how its output becomes a ``PIL.Image`` / :class:`~anygpt.base.media.Video` /
+:class:`~anygpt.base.media.Audio`. The lifecycle (lazy load, device and dtype, caching the empty-prompt embedding,
 shape checks) lives here.
 """
 
@@ -23,8 +23,9 @@ from typing import Any, ClassVar
 import torch
 from diffusers import DiffusionPipeline
 
-from anygpt.modality import Modality
-from anygpt.utils import resolve_dtype
+from anygpt.base.errors import GenerationStopped
+from anygpt.base.modality import Modality
+from anygpt.base.utils import resolve_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -41,10 +42,6 @@ __all__ = [
 ]
 
 TINY_SOURCE = "tiny"
-
-
-class GenerationStopped(Exception):
-    """Raised when a caller's stop request ends a generation early (``Decoder.generate``'s ``should_stop``)."""
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -528,8 +525,8 @@ class Decoder(ABC):
                 checked before it starts only.
 
         Returns:
-            B outputs: ``PIL.Image.Image`` for images; :class:`anygpt.media.Video` (uint8 (T, H, W, 3), the
-            config's fps) for video; :class:`anygpt.media.Audio` (float32 (T,), the vocoder's rate) for audio.
+            B outputs: ``PIL.Image.Image`` for images; :class:`anygpt.base.media.Video` (uint8 (T, H, W, 3), the
+            config's fps) for video; :class:`anygpt.base.media.Audio` (float32 (T,), the vocoder's rate) for audio.
 
         Raises:
             ValueError: when an embedding's shape does not match :attr:`spec`.

@@ -6,7 +6,7 @@ from typing import Any
 
 from diffusers import DiffusionPipeline, StableDiffusionPipeline
 
-from anygpt.modality import Modality
+from anygpt.base.modality import Modality
 from decoders.base import Decoder, register_decoder
 from decoders.tiny import tiny_stable_diffusion_components
 

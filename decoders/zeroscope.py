@@ -7,8 +7,8 @@ from typing import Any
 import numpy as np
 from diffusers import DiffusionPipeline, TextToVideoSDPipeline
 
-from anygpt.media import Video
-from anygpt.modality import Modality
+from anygpt.base.media import Video
+from anygpt.base.modality import Modality
 from decoders.base import Decoder, register_decoder
 from decoders.tiny import tiny_zeroscope_components
 

@@ -5,7 +5,7 @@ Licence: ImageBind's code and weights are CC BY-NC-SA 4.0 (non-commercial).
 
 Example::
 
-    from anygpt.media import load_image
+    from anygpt.base.media import load_image
     from encoders import build_imagebind_encoder
 
     encoder = build_imagebind_encoder("tiny", seed=0)  # random weights, for tests
@@ -30,7 +30,7 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from anygpt.modality import Modality
+from anygpt.base.modality import Modality
 from encoders import transforms
 
 logger = logging.getLogger(__name__)
@@ -411,7 +411,7 @@ class ImageBindEncoder(nn.Module):
 
     @property
     def max_video_frames(self) -> int:
-        """A good ``max_frames`` for :func:`anygpt.media.load_video`: 16 frames per clip window, enough that
+        """A good ``max_frames`` for :func:`anygpt.base.media.load_video`: 16 frames per clip window, enough that
         the frames picked per clip lie close to those picked from the full-rate video."""
         return 16 * self.config.video_clips
 
@@ -436,8 +436,8 @@ class ImageBindEncoder(nn.Module):
 
         Args:
             modality: image, video, audio or text.
-            item: image: ``PIL.Image.Image`` (or uint8 (H, W, 3)); video: :class:`anygpt.media.Video`; audio:
-                :class:`anygpt.media.Audio` (any rate and channel count); text: ``str``.
+            item: image: ``PIL.Image.Image`` (or uint8 (H, W, 3)); video: :class:`anygpt.base.media.Video`; audio:
+                :class:`anygpt.base.media.Audio` (any rate and channel count); text: ``str``.
 
         Returns:
             image (3, 224, 224); video (clips * crops, 3, frames_per_clip, 224, 224); audio (clips, 1,

@@ -1,8 +1,8 @@
 """ImageBind's preprocessing as pure transforms: one media value in, one tensor out, no I/O and no device.
 
 Each transform reproduces the corresponding loader in Meta's ``imagebind/data.py`` (image, audio, video, text)
-on values that are already decoded (``PIL.Image.Image``, :class:`anygpt.media.Audio`,
-:class:`anygpt.media.Video`, ``str``), so tensors match Meta's bit for bit given the same decoded input.
+on values that are already decoded (``PIL.Image.Image``, :class:`anygpt.base.media.Audio`,
+:class:`anygpt.base.media.Video`, ``str``), so tensors match Meta's bit for bit given the same decoded input.
 Differences, on purpose:
 
 - audio: channels are averaged to mono first (Meta's kaldi fbank reads only the first channel of a stereo
@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from anygpt.media import Audio, Video, resample, to_mono
+from anygpt.base.media import Audio, Video, resample, to_mono
 
 logger = logging.getLogger(__name__)
 
@@ -179,7 +179,7 @@ def audio_transform(
         float32 tensor (num_clips, 1, num_mel_bins, target_frames).
     """
     if not isinstance(audio, Audio):
-        raise TypeError(f"audio_transform expects anygpt.media.Audio, got {type(audio).__name__}")
+        raise TypeError(f"audio_transform expects anygpt.base.media.Audio, got {type(audio).__name__}")
     mono = to_mono(audio)
     if mono.waveform.size == 0:
         raise ValueError("audio_transform got an empty waveform (0 samples)")
@@ -248,7 +248,7 @@ def video_transform(
         float32 tensor (num_clips * num_crops, 3, frames_per_clip, size, size), clip-major.
     """
     if not isinstance(video, Video):
-        raise TypeError(f"video_transform expects anygpt.media.Video, got {type(video).__name__}")
+        raise TypeError(f"video_transform expects anygpt.base.media.Video, got {type(video).__name__}")
     frames = np.asarray(video.frames)
     if frames.ndim != 4 or frames.shape[-1] != 3 or frames.shape[0] == 0:
         raise ValueError(f"video_transform expects frames (T, H, W, 3) with T >= 1, got shape {frames.shape}")

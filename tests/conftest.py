@@ -34,7 +34,7 @@ def tiny_pipe():
 @pytest.fixture(scope="session")
 def media_files(tmp_path_factory) -> dict[str, Path]:
     """A small real PNG, WAV and MP4 written by the project's own writers."""
-    from anygpt.media import Audio, Video, save_audio, save_image, save_video
+    from anygpt.base.media import Audio, Video, save_audio, save_image, save_video
 
     folder = tmp_path_factory.mktemp("media")
     rng = np.random.default_rng(0)

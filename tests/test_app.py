@@ -19,9 +19,16 @@ import pytest
 import torch
 from PIL import Image
 
-from anygpt.demo import ChatEngine, GenerationSettings, GenerationStopped, _QueueStreamer, _user_message, check_upload
-from anygpt.media import MediaError, load_audio, load_image, load_video
-from anygpt.modality import Modality
+from anygpt.apps.chat import (
+    ChatEngine,
+    GenerationSettings,
+    GenerationStopped,
+    _QueueStreamer,
+    _user_message,
+    check_upload,
+)
+from anygpt.base.media import MediaError, load_audio, load_image, load_video
+from anygpt.base.modality import Modality
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = dict(max_new_tokens=6, image_steps=2, video_steps=2, audio_steps=2)  # keyword arguments of /chat
@@ -623,7 +630,7 @@ def test_decoders_stop_between_denoising_steps(tiny_pipe):
 
 
 def test_pipeline_returns_the_media_rendered_before_a_stop(tiny_pipe):
-    from anygpt.conversation import Conversation
+    from anygpt.core.conversation import Conversation
 
     common = dict(modalities="image,audio", max_new_tokens=2, num_inference_steps=1, show_progress=False, seed=0)
     conversation = Conversation()

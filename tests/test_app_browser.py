@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from test_app import held_decoder, running_app
 
-from anygpt.modality import Modality
+from anygpt.base.modality import Modality
 
 CHROMIUM = next((p for p in ("/usr/bin/chromium", shutil.which("chromium") or "") if p and os.path.exists(p)), None)
 if CHROMIUM is None:

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from anygpt import cli
-from anygpt.media import load_audio, load_image, load_video
+from anygpt.base.media import load_audio, load_image, load_video
 
 
 @pytest.fixture()

@@ -96,7 +96,7 @@ def test_spatial_pool_averages_2x2_patches_and_keeps_the_cls_token():
 # ---------------------------------------------------------------------------------------------- stage 1
 @pytest.fixture(scope="module")
 def sample(tmp_path_factory) -> Path:
-    from training.sample_configs import write_sample
+    from toyworld.sample_configs import write_sample
 
     return write_sample(tmp_path_factory.mktemp("sample") / "data", size=8)
 
@@ -133,7 +133,7 @@ def test_stage1_trains_only_the_connector_and_the_loss_falls(sample, tmp_path, n
     last = sum(r["loss"] for r in rows[-3:]) / 3
     assert last < first, (first, last)
     # the run's final model is a normal model folder holding this connector
-    from anygpt.pipeline import AnyGPTPipeline
+    from anygpt.core.pipeline import AnyGPTPipeline
 
     loaded = AnyGPTPipeline.from_pretrained(final)
     assert loaded.model.config.input_projector.name == name

@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from anygpt.config import AnyGPTConfig, config_from_preset
-from anygpt.fusion import CrossAttentionConfig, GatedCrossAttentionLayers, count_parameters, media_context
-from anygpt.modality import Modality
-from anygpt.model import AnyGPTModel
+from anygpt.base.modality import Modality
+from anygpt.core.config import AnyGPTConfig, config_from_preset
+from anygpt.core.fusion import CrossAttentionConfig, GatedCrossAttentionLayers, count_parameters, media_context
+from anygpt.core.model import AnyGPTModel
 from training.config import ConfigError, load_config
 from training.trainer import StageTrainer
 
@@ -176,7 +176,7 @@ def test_media_context_layout():
 
 
 def test_not_inline_means_one_placeholder_per_item(specs):
-    from anygpt.conversation import MediaRef
+    from anygpt.core.conversation import MediaRef
 
     model = AnyGPTModel.build(_config(every=2, num_heads=4), specs)
     assert model.num_media_tokens(IMAGE) == model.num_media_tokens(AUDIO) == 1
@@ -219,7 +219,7 @@ def test_config_errors_and_round_trip(specs):
 # ---------------------------------------------------------------------------------------------- training
 @pytest.fixture(scope="module")
 def sample(tmp_path_factory) -> Path:
-    from training.sample_configs import write_sample
+    from toyworld.sample_configs import write_sample
 
     return write_sample(tmp_path_factory.mktemp("sample") / "data", size=8)
 
@@ -270,7 +270,7 @@ def trained(sample, tmp_path_factory) -> Path:
 
 
 def test_stage1_run_loss_falls_and_gates_open(trained):
-    from anygpt.pipeline import AnyGPTPipeline
+    from anygpt.core.pipeline import AnyGPTPipeline
 
     rows = [json.loads(line) for line in (trained.parent / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 12
@@ -285,8 +285,8 @@ def test_stage1_run_loss_falls_and_gates_open(trained):
 
 
 def test_save_load_round_trip_reproduces_logits(trained, tmp_path, specs):
-    from anygpt.model import read_index
-    from anygpt.pipeline import AnyGPTPipeline
+    from anygpt.core.model import read_index
+    from anygpt.core.pipeline import AnyGPTPipeline
 
     pipe = AnyGPTPipeline.from_pretrained(trained)
     with torch.no_grad():  # gates well open, so the blocks weigh in the comparison
@@ -308,7 +308,7 @@ def test_save_load_round_trip_reproduces_logits(trained, tmp_path, specs):
 
 def test_pipeline_replies_with_one_placeholder_per_image(trained, media_files):
     from anygpt import Conversation
-    from anygpt.pipeline import AnyGPTPipeline
+    from anygpt.core.pipeline import AnyGPTPipeline
 
     pipe = AnyGPTPipeline.from_pretrained(trained)
     conversation = Conversation()

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from anygpt.modality import Modality
+from anygpt.base.modality import Modality
 from training.data import (
     DatasetError,
     DatasetSpec,

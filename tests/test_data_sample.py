@@ -8,11 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from anygpt.media import load_media
-from anygpt.modality import Modality
+from anygpt.base.media import load_media
+from anygpt.base.modality import Modality
+from toyworld.sample import COLOURS, MARKER_FILE
 from training.data import DatasetSpec, Pair, Sample, list_formats, read_dataset, write_sample_dataset
 from training.data import sample as sample_module
-from training.data.sample import COLOURS, MARKER_FILE
 
 
 @pytest.fixture(scope="module")

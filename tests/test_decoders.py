@@ -11,9 +11,9 @@ import pytest
 import torch
 from PIL import Image
 
-from anygpt.media import Audio, Video
-from anygpt.modality import Modality
-from anygpt.utils import resolve_dtype
+from anygpt.base.media import Audio, Video
+from anygpt.base.modality import Modality
+from anygpt.base.utils import resolve_dtype
 from decoders import (
     Decoder,
     DecoderConfig,
@@ -290,7 +290,7 @@ def test_to_before_load_applies_at_load() -> None:
     assert decoder.pipeline.unet.dtype == torch.bfloat16 and embeds.dtype == torch.bfloat16
     decoder.to(dtype=torch.float32)
     assert decoder.pipeline.unet.dtype == torch.float32 and decoder.load_count == 1
-    decoder.to(dtype="bfloat16")  # names go through anygpt.utils.resolve_dtype
+    decoder.to(dtype="bfloat16")  # names go through anygpt.base.utils.resolve_dtype
     assert decoder.pipeline.unet.dtype == torch.bfloat16 and decoder.dtype == torch.bfloat16
 
 
@@ -320,7 +320,7 @@ def test_missing_real_model_raises_file_not_found(preset: str, tmp_path, monkeyp
     with pytest.raises(FileNotFoundError) as error:
         decoder.generate(torch.zeros(1, *decoder.spec.cond_shape))
     message = str(error.value)
-    assert str(cache) in message and f"`hf download {model_id}`" in message  # same hint as anygpt.utils
+    assert str(cache) in message and f"`hf download {model_id}`" in message  # same hint as anygpt.base.utils
     assert not decoder.is_loaded
 
 

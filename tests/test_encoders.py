@@ -11,8 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
-from anygpt.media import Audio, Video, load_audio, load_image, load_video, to_mono
-from anygpt.modality import Modality
+from anygpt.base.media import Audio, Video, load_audio, load_image, load_video, to_mono
+from anygpt.base.modality import Modality
 from encoders import (
     EncoderOutput,
     ImageBindConfig,

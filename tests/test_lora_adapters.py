@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from anygpt.llm import LoraSettings
-from anygpt.lora import checkpoint_context_fn, keep_requires_grad, lora_parameters
+from anygpt.core.llm import LoraSettings
+from anygpt.core.lora import checkpoint_context_fn, keep_requires_grad, lora_parameters
 
 ADAPTERS = ["text", "image", "video", "audio"]
 LORA = {"r": 4, "alpha": 8, "dropout": 0.0, "adapters": ADAPTERS}
@@ -18,8 +18,8 @@ PROMPT_IDS = torch.tensor([[1, 50, 60, 70, 80, 90, 100]])
 
 def _multi_pipe():
     """The tiny pipeline with four adapters whose B matrices are random (as if trained): each one changes outputs."""
-    from anygpt.config import config_from_preset
-    from anygpt.pipeline import AnyGPTPipeline
+    from anygpt.core.config import config_from_preset
+    from anygpt.core.pipeline import AnyGPTPipeline
 
     config = config_from_preset("tiny")
     config.llm.lora = LoraSettings(**LORA)
@@ -153,7 +153,7 @@ def test_combination_is_the_weighted_sum_of_the_adapters_updates(multi):
 
 
 def test_combinations_kept_are_bounded(multi):
-    from anygpt.lora import MAX_COMBINED
+    from anygpt.core.lora import MAX_COMBINED
 
     model = multi.model
     for k in range(MAX_COMBINED + 3):
@@ -195,7 +195,7 @@ def test_single_adapter_model_has_one_default_adapter(tiny_pipe):
 
 # ---------------------------------------------------------------------------------------------- files
 def test_save_load_reproduces_every_adapter(multi, tmp_path):
-    from anygpt.pipeline import AnyGPTPipeline
+    from anygpt.core.pipeline import AnyGPTPipeline
 
     model = multi.model
     folder = tmp_path / "multi"
@@ -219,7 +219,7 @@ def test_save_load_reproduces_every_adapter(multi, tmp_path):
 
 
 def test_loading_checks_the_adapter_names(multi, tmp_path):
-    from anygpt.pipeline import AnyGPTPipeline
+    from anygpt.core.pipeline import AnyGPTPipeline
 
     folder = tmp_path / "multi"
     multi.save_pretrained(folder)
@@ -237,7 +237,7 @@ def test_loading_checks_the_adapter_names(multi, tmp_path):
 
 
 def test_old_single_adapter_index_still_loads(tiny_pipe, tmp_path):
-    from anygpt.pipeline import AnyGPTPipeline
+    from anygpt.core.pipeline import AnyGPTPipeline
 
     folder = tmp_path / "single"
     tiny_pipe.save_pretrained(folder)
@@ -254,8 +254,8 @@ def test_old_single_adapter_index_still_loads(tiny_pipe, tmp_path):
 
 
 def test_shipped_model_index_keeps_its_single_adapter():
-    from anygpt.config import packaged_model_dir
-    from anygpt.model import read_index
+    from anygpt.core.config import packaged_model_dir
+    from anygpt.core.model import read_index
 
     config, parts = read_index(packaged_model_dir("toyworld"))
     assert parts["lora"] == "lora" and config.llm.lora is not None and config.llm.lora.adapters is None
@@ -290,7 +290,7 @@ def test_pipeline_selects_adapters_per_call(multi):
 
 
 def test_pipeline_refuses_unknown_adapters_before_changing_anything(multi, tiny_pipe):
-    from anygpt.conversation import Conversation
+    from anygpt.core.conversation import Conversation
 
     conversation = Conversation()
     with pytest.raises(ValueError, match="unknown LoRA adapter 'pictures': this model has text, image, video, audio"):
@@ -304,7 +304,7 @@ def test_pipeline_refuses_unknown_adapters_before_changing_anything(multi, tiny_
 # ---------------------------------------------------------------------------------------------- training
 @pytest.fixture(scope="module")
 def sample(tmp_path_factory) -> Path:
-    from training.sample_configs import write_sample
+    from toyworld.sample_configs import write_sample
 
     return write_sample(tmp_path_factory.mktemp("sample") / "data", size=8)
 
@@ -413,11 +413,11 @@ def test_data_needing_a_missing_adapter_is_refused(sample, tmp_path):
 
 def test_per_adapter_forwards_with_gated_cross_attention():
     """Each adapter's forward reads its own rows' media context, in the forward and in a checkpointed recompute."""
-    from anygpt.config import config_from_preset
-    from anygpt.fusion import CrossAttentionConfig
-    from anygpt.lora import forward_per_adapter
-    from anygpt.modality import Modality
-    from anygpt.pipeline import AnyGPTPipeline
+    from anygpt.base.modality import Modality
+    from anygpt.core.config import config_from_preset
+    from anygpt.core.fusion import CrossAttentionConfig
+    from anygpt.core.lora import forward_per_adapter
+    from anygpt.core.pipeline import AnyGPTPipeline
 
     config = config_from_preset("tiny")
     config.llm.lora = LoraSettings(**LORA)
@@ -483,7 +483,7 @@ def test_stage_3_with_adapters_starts_from_a_stage_2_model_whose_adapter_never_t
     stage2 = run(2, tmp_path / "s2")  # carries the preset's single adapter along, untouched (B = 0)
     lora = json.dumps({**LORA, "adapters": ADAPTERS})
     stage3 = run(3, tmp_path / "s3", start=str(stage2), lora=lora)
-    from anygpt.pipeline import AnyGPTPipeline
+    from anygpt.core.pipeline import AnyGPTPipeline
 
     assert AnyGPTPipeline.from_pretrained(stage3).model.lora_adapters == ADAPTERS
     # a trained adapter is never thrown away silently

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from anygpt import media
-from anygpt.media import (
+from anygpt.base import media
+from anygpt.base.media import (
     Audio,
     MediaError,
     Video,
@@ -24,7 +24,7 @@ from anygpt.media import (
     save_video,
     to_mono,
 )
-from anygpt.modality import Modality
+from anygpt.base.modality import Modality
 
 SAMPLES = Path(__file__).resolve().parents[1] / ".." / "shared" / "nextgpt-samples" / "T_X_pair_data"
 needs_samples = pytest.mark.skipif(

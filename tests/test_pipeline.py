@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from anygpt import AnyGPTPipeline, Conversation
-from anygpt.media import Audio, MediaError, Video
-from anygpt.modality import Modality
+from anygpt.base.media import Audio, MediaError, Video
+from anygpt.base.modality import Modality
 
 GEN = dict(seed=0, max_new_tokens=4, num_inference_steps=2, show_progress=False)
 
@@ -75,7 +75,7 @@ def test_media_encoded_once_across_turns(tiny_pipe, media_files, monkeypatch):
         return original(modality, items)
 
     monkeypatch.setattr(tiny_pipe.model.encoder, "encode", counting)
-    import anygpt.pipeline as pipeline_module
+    import anygpt.core.pipeline as pipeline_module
 
     decoded = []
     real_load = pipeline_module.load_media
@@ -275,7 +275,7 @@ def test_neighbouring_text_pieces_are_tokenised_together(tiny_pipe, monkeypatch)
             return tokenizer(text, **kwargs)
 
     monkeypatch.setattr(tiny_pipe.model, "tokenizer", Spy())
-    from anygpt.conversation import MediaRef
+    from anygpt.core.conversation import MediaRef
 
     ref = MediaRef(Modality.IMAGE, "k")
     tiny_pipe.model.tokenize_pieces(["USER: ", ref, "\n", "what ", "is it", [7], "ASSISTANT:"])
@@ -322,7 +322,7 @@ def test_any_query_count_works_end_to_end():
     """The design card's query lengths: image 77 -> 24, video 77 -> 8, and 8 audio queries pooled to one vector."""
     import dataclasses
 
-    from anygpt.config import config_from_preset
+    from anygpt.core.config import config_from_preset
 
     config = config_from_preset("tiny")
     config.decoders["image"] = dataclasses.replace(config.decoders["image"], cond_len=24)

@@ -244,10 +244,10 @@ def test_captions_are_cut_and_led_by_cls_or_dec():
 def sample_features(tmp_path_factory):
     """The sample dataset's image-caption pairs as tiny-encoder token sequences and LLM caption ids."""
     from anygpt import AnyGPTPipeline
+    from toyworld.sample import write_sample_dataset
     from training.cache import MediaFeatureCache
     from training.data.readers import read_dataset
     from training.data.records import DatasetSpec
-    from training.data.sample import write_sample_dataset
 
     root = tmp_path_factory.mktemp("pairs")
     entry = write_sample_dataset(root, seed=0, size=8)[1][0]
@@ -308,7 +308,7 @@ def test_the_three_losses_train_together(sample_features):
 # ---------------------------------------------------------------------------------------------- stage 0 runs
 @pytest.fixture(scope="module")
 def sample(tmp_path_factory) -> Path:
-    from training.sample_configs import write_sample
+    from toyworld.sample_configs import write_sample
 
     return write_sample(tmp_path_factory.mktemp("sample") / "data", size=8)
 
@@ -336,7 +336,7 @@ def _metrics(out: Path) -> list[dict]:
 
 
 def test_stage0_run_writes_checkpoints_with_heads_and_a_normal_final(stage0_run):
-    from anygpt.pipeline import AnyGPTPipeline
+    from anygpt.core.pipeline import AnyGPTPipeline
 
     rows = _metrics(stage0_run)
     assert [r["step"] for r in rows] == [1, 2, 3]

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from anygpt import AnyGPTPipeline, cli
-from anygpt.config import config_from_preset
-from anygpt.utils import resolve_local_model
+from anygpt.base.utils import resolve_local_model
+from anygpt.core.config import config_from_preset
 
 
 @pytest.fixture()

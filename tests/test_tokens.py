@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from anygpt.llm import build_byte_tokenizer
-from anygpt.modality import Modality
-from anygpt.tokens import (
+from anygpt.base.modality import Modality
+from anygpt.core.llm import build_byte_tokenizer
+from anygpt.core.tokens import (
     SignalTokenConfig,
     SignalTokenProcessor,
     add_modality_tokens,

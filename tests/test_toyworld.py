@@ -14,9 +14,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from anygpt.modality import Modality
-from training.toyworld import world
-from training.toyworld.data import MARKER_FILE, WorldSizes, read_corpus, write_world
+from anygpt.base.modality import Modality
+from toyworld import world
+from toyworld.data import MARKER_FILE, WorldSizes, read_corpus, write_world
 
 
 @pytest.fixture
@@ -79,7 +79,7 @@ def test_dataset_is_read_by_the_stage_configs(world_dir):
     from training.config import load_config
     from training.data import read_dataset
 
-    configs = Path(__file__).resolve().parents[1] / "training" / "configs"
+    configs = Path(__file__).resolve().parents[1] / "toyworld" / "configs"
     for stage in (1, 2, 3):
         config = load_config(configs / f"toyworld-stage{stage}.yaml", overrides=[f"data_root={world_dir}"], stage=stage)
         for spec in config.dataset_specs():
@@ -125,7 +125,7 @@ def test_dataset_is_reproducible_and_refuses_foreign_folders(world_dir, tmp_path
 
 def test_encoder_embed_equals_forward():
     from encoders import ImageBindEncoder
-    from training.toyworld.stage0 import encoder_config
+    from toyworld.components import encoder_config
 
     torch.manual_seed(0)
     encoder = ImageBindEncoder(encoder_config())
@@ -136,7 +136,7 @@ def test_encoder_embed_equals_forward():
 
 def test_restricted_clip_tokenizer_keeps_every_caption():
     from decoders.clip_tokenizer import build_clip_tokenizer, restrict_clip_tokenizer
-    from training.toyworld.stage0 import world_captions
+    from toyworld.components import world_captions
 
     full = build_clip_tokenizer()
     small, old_ids = restrict_clip_tokenizer(full, world_captions() + [""])
@@ -149,8 +149,8 @@ def test_restricted_clip_tokenizer_keeps_every_caption():
 @pytest.mark.parametrize("kind", ["stable-diffusion", "audioldm"])
 def test_restricting_a_text_encoder_keeps_caption_embeddings(kind, one_thread):
     from decoders import DecoderConfig, build_decoder
-    from training.toyworld.package import _encode, restrict_text_encoder
-    from training.toyworld.stage0 import world_captions
+    from toyworld.components import world_captions
+    from toyworld.package import _encode, restrict_text_encoder
 
     preset = {"stable-diffusion": "tiny-stable-diffusion", "audioldm": "tiny-audioldm"}[kind]
     pipe = build_decoder(DecoderConfig.from_preset(preset)).load()
@@ -164,7 +164,7 @@ def test_restricting_a_text_encoder_keeps_caption_embeddings(kind, one_thread):
 
 def test_video_unet_starts_as_the_image_unet_frame_by_frame(one_thread):
     from decoders.tiny import tiny_stable_diffusion_components, tiny_zeroscope_components
-    from training.toyworld.stage0 import video_unet_from_image
+    from toyworld.components import video_unet_from_image
 
     image = tiny_stable_diffusion_components(seed=1, unet_channels=(32, 64, 64))["unet"]
     video = tiny_zeroscope_components(seed=0, unet_channels=(32, 64, 64))["unet"]
@@ -188,7 +188,7 @@ def test_video_unet_starts_as_the_image_unet_frame_by_frame(one_thread):
 @pytest.mark.parametrize("kind", ["stable-diffusion", "audioldm"])
 def test_zero_snr_scheduler_keeps_the_betas_family_and_ends_in_pure_noise(kind):
     from decoders.tiny import _audioldm_scheduler, _sd_scheduler
-    from training.toyworld.stage0 import zero_snr_scheduler
+    from toyworld.components import zero_snr_scheduler
 
     original = {"stable-diffusion": _sd_scheduler, "audioldm": _audioldm_scheduler}[kind]()
     scheduler = zero_snr_scheduler(original)
@@ -202,7 +202,7 @@ def test_zero_snr_scheduler_keeps_the_betas_family_and_ends_in_pure_noise(kind):
 
 
 def test_timestep_shift_moves_training_towards_the_noisy_end():
-    from training.toyworld import stage0
+    from toyworld import components as stage0
 
     uniform = stage0._draw_timesteps(20000, 1000, torch.Generator().manual_seed(0))
     shifted = stage0._draw_timesteps(20000, 1000, torch.Generator().manual_seed(0), shift=3.0)
@@ -216,7 +216,7 @@ def test_timestep_shift_moves_training_towards_the_noisy_end():
 def test_text_tower_alignment_separates_what_the_media_separate(one_thread):
     """LiT: a CLAP text tower tuned against locked media embeddings tells apart captions whose media differ."""
     from decoders.tiny import tiny_audioldm_components
-    from training.toyworld import stage0
+    from toyworld import components as stage0
 
     parts = tiny_audioldm_components(seed=0)
     tower, tokenizer = parts["text_encoder"], parts["tokenizer"]
@@ -251,7 +251,7 @@ def test_text_tower_alignment_separates_what_the_media_separate(one_thread):
 def test_unet_training_leaves_a_frozen_text_tower_as_it_was(train_text, one_thread):
     """The video decoder trains its UNet on an aligned, frozen text tower: exactly the UNet changes then."""
     from decoders.tiny import tiny_stable_diffusion_components
-    from training.toyworld import stage0
+    from toyworld import components as stage0
 
     parts = tiny_stable_diffusion_components(seed=0)
     parts["scheduler"] = stage0.zero_snr_scheduler(parts["scheduler"])
@@ -275,7 +275,7 @@ def test_unet_training_leaves_a_frozen_text_tower_as_it_was(train_text, one_thre
 
 @pytest.fixture(scope="module")
 def quick_recipe(tmp_path_factory):
-    from training.toyworld.recipe import RecipeSettings, run_recipe
+    from toyworld.recipe import RecipeSettings, run_recipe
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -288,8 +288,8 @@ def quick_recipe(tmp_path_factory):
 
 
 def test_quick_recipe_runs_every_part_and_packages_a_loadable_model(quick_recipe):
-    from anygpt.pipeline import AnyGPTPipeline
-    from training.toyworld.recipe import PARTS
+    from anygpt.core.pipeline import AnyGPTPipeline
+    from toyworld.recipe import PARTS
 
     out, results = quick_recipe
     assert list(results) == list(PARTS)
@@ -299,7 +299,7 @@ def test_quick_recipe_runs_every_part_and_packages_a_loadable_model(quick_recipe
     assert not list(out.glob(".*.partial"))
     summary = (out / "summary.md").read_text()
     assert "| stage3 |" in summary and "routing" in summary and "| video.direction |" in summary
-    from training.toyworld.evaluate import DECODER_METRICS
+    from toyworld.evaluate import DECODER_METRICS
 
     alone = results["eval-decoders"]["metrics"]["metrics"]
     assert set(alone) == set(DECODER_METRICS)
@@ -324,7 +324,7 @@ def test_toyworld_eval_command_writes_the_report_and_fails_below_target(quick_re
     """``anygpt toyworld eval``: the few-step model misses the targets (exit 1, table printed, report written);
     ``--decoders`` scores each decoder alone (exit 0)."""
     from anygpt.cli import main
-    from training.toyworld.evaluate import DECODER_METRICS, TARGETS
+    from toyworld.evaluate import DECODER_METRICS, TARGETS
 
     package = str(quick_recipe[0] / "package" / "toyworld")
     with pytest.raises(SystemExit) as stop:
@@ -338,7 +338,7 @@ def test_toyworld_eval_command_writes_the_report_and_fails_below_target(quick_re
 
 
 def test_recipe_skips_finished_parts(quick_recipe):
-    from training.toyworld.recipe import RecipeSettings, run_recipe
+    from toyworld.recipe import RecipeSettings, run_recipe
 
     out, results = quick_recipe
     again = run_recipe(out, RecipeSettings.quick())
@@ -346,7 +346,7 @@ def test_recipe_skips_finished_parts(quick_recipe):
 
 
 def test_recipe_leaves_no_half_part_and_resumes(tmp_path, monkeypatch, one_thread):
-    from training.toyworld import recipe
+    from toyworld import recipe
 
     settings = recipe.RecipeSettings.quick()
     calls = []
@@ -382,7 +382,7 @@ class _FakePart:
         if self.polls < 3:
             return None
         if self.code == 0:
-            from training.toyworld import recipe
+            from toyworld import recipe
 
             (self.out / self.name).mkdir(exist_ok=True)
             inputs = recipe._inputs(self.out, self.name)
@@ -399,7 +399,7 @@ class _FakePart:
 
 
 def test_parallel_recipe_respects_inputs_and_job_count_and_starts_the_longest_chain_first(tmp_path):
-    from training.toyworld.recipe import DEPENDS, PARTS, run_parallel
+    from toyworld.recipe import DEPENDS, PARTS, run_parallel
 
     log, peak = [], [0]
 
@@ -424,7 +424,7 @@ def test_parallel_recipe_respects_inputs_and_job_count_and_starts_the_longest_ch
 
 
 def test_parallel_recipe_gives_a_part_that_starts_alone_all_the_cores(tmp_path):
-    from training.toyworld.recipe import run_parallel
+    from toyworld.recipe import run_parallel
 
     log, threads_of, folder = [], {}, [tmp_path]
 
@@ -444,7 +444,7 @@ def test_parallel_recipe_gives_a_part_that_starts_alone_all_the_cores(tmp_path):
 
 
 def test_parallel_recipe_skips_finished_parts_and_reruns_everything_downstream_of_a_redone_one(tmp_path):
-    from training.toyworld.recipe import PARTS, run_parallel
+    from toyworld.recipe import PARTS, run_parallel
 
     log = []
 
@@ -470,7 +470,7 @@ def test_parallel_recipe_skips_finished_parts_and_reruns_everything_downstream_o
 
 
 def test_parallel_recipe_stops_launching_after_a_failure_and_names_the_part(tmp_path):
-    from training.toyworld.recipe import run_parallel
+    from toyworld.recipe import run_parallel
 
     log = []
 
@@ -489,7 +489,7 @@ def test_parallel_recipe_stops_launching_after_a_failure_and_names_the_part(tmp_
 
 def test_parallel_recipe_runs_parts_in_their_own_processes(tmp_path):
     """``jobs=2``: real child processes read the settings from recipe.json and write each part and its log."""
-    from training.toyworld.recipe import RecipeSettings, run_recipe
+    from toyworld.recipe import RecipeSettings, run_recipe
 
     settings = RecipeSettings.quick()
     assert RecipeSettings.from_dict(json.loads(json.dumps(dataclasses.asdict(settings)))) == settings
@@ -503,7 +503,7 @@ def test_parallel_recipe_runs_parts_in_their_own_processes(tmp_path):
 def test_base_depends_on_every_folder_its_config_names(tmp_path):
     """A from-nothing run starts the stages only once every component folder the system names is written (a stage-2
     run once started before the video decoder's folder existed and failed loading its text encoder)."""
-    from training.toyworld.recipe import DEPENDS, PARTS, toyworld_config
+    from toyworld.recipe import DEPENDS, PARTS, toyworld_config
 
     config = toyworld_config(tmp_path)
     named = {config.llm.source, config.encoder.checkpoint} | {d.source for d in config.decoders.values()}
@@ -512,7 +512,7 @@ def test_base_depends_on_every_folder_its_config_names(tmp_path):
 
 
 def test_recipe_rejects_unknown_parts(tmp_path):
-    from training.toyworld.recipe import run_recipe
+    from toyworld.recipe import run_recipe
 
     with pytest.raises(ValueError, match="unknown part 'stage4'"):
         run_recipe(tmp_path, only=["stage4"])
@@ -525,7 +525,7 @@ def test_recipe_rejects_unknown_parts(tmp_path):
 
 
 def _shipped():
-    from anygpt.config import packaged_model_dir
+    from anygpt.core.config import packaged_model_dir
 
     try:
         return packaged_model_dir("toyworld")
@@ -543,7 +543,7 @@ def _assert_no_local_paths(folder: Path) -> None:
 
 
 def test_toyworld_is_the_default_and_ships_under_40_mb():
-    from anygpt.config import DEFAULT_MODEL, list_presets
+    from anygpt.core.config import DEFAULT_MODEL, list_presets
 
     assert DEFAULT_MODEL == "toyworld" and "toyworld" in list_presets()
     folder = _shipped()
@@ -562,8 +562,8 @@ def test_toyworld_is_the_default_and_ships_under_40_mb():
 @pytest.fixture(scope="module")
 def shipped_report():
     """The evaluator on the shipped model: fixed held-out set, 96 samples per figure (about 3 minutes here)."""
-    from anygpt.pipeline import AnyGPTPipeline
-    from training.toyworld.evaluate import evaluate
+    from anygpt.core.pipeline import AnyGPTPipeline
+    from toyworld.evaluate import evaluate
 
     _shipped()
     return evaluate(AnyGPTPipeline.from_pretrained("toyworld"), samples=96, progress=False)
@@ -575,7 +575,7 @@ KNOWN_MISSES: dict[str, str] = {}
 
 
 def _target_params():
-    from training.toyworld.evaluate import TARGETS
+    from toyworld.evaluate import TARGETS
 
     return [
         pytest.param(m, marks=pytest.mark.xfail(strict=True, reason=KNOWN_MISSES[m])) if m in KNOWN_MISSES else m
@@ -585,7 +585,7 @@ def _target_params():
 
 @pytest.mark.parametrize("metric", _target_params())
 def test_shipped_model_meets_the_quality_target(metric, shipped_report):
-    from training.toyworld.evaluate import TARGETS
+    from toyworld.evaluate import TARGETS
 
     figure = shipped_report["metrics"][metric]
     assert figure["total"] >= 96
@@ -600,8 +600,8 @@ def test_make_run_request_gives_its_three_files(tmp_path):
     from PIL import Image
 
     from anygpt import cli
-    from anygpt.media import load_audio, load_video
-    from training.toyworld.oracles import audio_attributes, image_attributes, video_attributes
+    from anygpt.base.media import load_audio, load_video
+    from toyworld.oracles import audio_attributes, image_attributes, video_attributes
 
     _shipped()
     makefile = (Path(__file__).resolve().parents[1] / "Makefile").read_text()

@@ -11,11 +11,11 @@ import pytest
 import torch
 from PIL import Image, ImageFilter
 
-from anygpt.media import Audio, Video, load_video, save_video
-from anygpt.modality import Modality
-from anygpt.pipeline import AnyGPTOutput
-from training.toyworld import world
-from training.toyworld.evaluate import (
+from anygpt.base.media import Audio, Video, load_video, save_video
+from anygpt.base.modality import Modality
+from anygpt.core.pipeline import AnyGPTOutput
+from toyworld import world
+from toyworld.evaluate import (
     METRICS,
     TARGETS,
     evaluate,
@@ -24,7 +24,7 @@ from training.toyworld.evaluate import (
     heldout_items,
     heldout_requests,
 )
-from training.toyworld.oracles import (
+from toyworld.oracles import (
     audio_attributes,
     caption_attributes,
     image_attributes,

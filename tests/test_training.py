@@ -25,7 +25,7 @@ SHIPPED = [
 
 @pytest.fixture(scope="module")
 def sample(tmp_path_factory) -> Path:
-    from training.sample_configs import write_sample
+    from toyworld.sample_configs import write_sample
 
     return write_sample(tmp_path_factory.mktemp("sample") / "data", size=8)
 
@@ -97,7 +97,7 @@ def test_trainable_overrides(sample, tmp_path):
 
 
 def test_token_rows_train_only_their_rows(sample, tmp_path):
-    from anygpt.pipeline import AnyGPTPipeline
+    from anygpt.core.pipeline import AnyGPTPipeline
 
     final = _run(sample, 2, tmp_path / "out", steps=4)
     before = AnyGPTPipeline.from_pretrained("tiny").model.language_model.get_input_embeddings().weight
@@ -110,7 +110,7 @@ def test_token_rows_train_only_their_rows(sample, tmp_path):
 # ---------------------------------------------------------------------------------------------- runs
 @pytest.mark.parametrize("stage", [1, 2, 3])
 def test_stage_run_writes_files_loss_falls_and_final_changes_output(sample, tmp_path, stage, media_files):
-    from anygpt.pipeline import AnyGPTPipeline
+    from anygpt.core.pipeline import AnyGPTPipeline
 
     out = tmp_path / "out"
     steps = 16
@@ -291,7 +291,7 @@ def test_stage_2_without_any_output_loss_is_refused(sample, tmp_path):
 
 
 def test_lora_initialisation_does_not_depend_on_the_global_rng():
-    from anygpt.pipeline import AnyGPTPipeline
+    from anygpt.core.pipeline import AnyGPTPipeline
 
     torch.manual_seed(1)
     a = AnyGPTPipeline.from_pretrained("tiny").model.language_model
@@ -348,7 +348,7 @@ def test_warm_cache_calls_the_encoder_zero_times(sample, tmp_path, monkeypatch):
 
 
 def test_cache_invalidation(sample, tmp_path):
-    from anygpt.modality import Modality
+    from anygpt.base.modality import Modality
     from encoders import build_imagebind_encoder
     from training.cache import MediaFeatureCache
     from training.data.records import MediaFile
@@ -519,8 +519,8 @@ def test_caption_embedding_of_another_decoder_is_refused_before_training(sample,
 
 
 def test_model_without_the_modality_is_refused(sample, tmp_path):
-    from anygpt.config import config_from_preset
-    from anygpt.pipeline import AnyGPTPipeline
+    from anygpt.core.config import config_from_preset
+    from anygpt.core.pipeline import AnyGPTPipeline
 
     config = config_from_preset("tiny")
     config.input_modalities = ["image"]

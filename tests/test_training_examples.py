@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from anygpt.conversation import Conversation, MediaRef
-from anygpt.modality import Modality
+from anygpt.base.modality import Modality
+from anygpt.core.conversation import Conversation, MediaRef
 from training.data.records import MediaFile, OutputMedia, Pair, Sample, Turn
 from training.examples import IGNORE_INDEX, ExampleBuilder, collate, pair_to_sample
 from training.sampling import BatchPlan

@@ -40,7 +40,7 @@ from transformers.models.blip_2.modeling_blip_2 import (
     Blip2TextEmbeddings,
 )
 
-from anygpt.modality import Modality
+from anygpt.base.modality import Modality
 from projectors.qformer import QFormerInputProjector
 from training.config import Blip2LossConfig, ConfigError, TrainConfig
 from training.data.records import Pair

@@ -32,7 +32,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from anygpt.modality import Modality
+from anygpt.base.modality import Modality
 from training.data.records import MediaFile
 
 logger = logging.getLogger(__name__)
@@ -159,7 +159,7 @@ class MediaFeatureCache:
     Args:
         root: the cache folder (None: no cache; every use encodes again).
         encoder: the frozen ``ImageBindEncoder``.
-        load: ``(modality, path) -> decoded media`` (defaults to ``anygpt.media.load_media`` with the encoder's
+        load: ``(modality, path) -> decoded media`` (defaults to ``anygpt.base.media.load_media`` with the encoder's
             frame budget for video).
         batch_size: how many missing items to encode in one call.
     """
@@ -173,14 +173,14 @@ class MediaFeatureCache:
         batch_size: int = 16,
         flush_every: int = 256,
     ):
-        import anygpt.media
+        import anygpt.base.media
         import encoders.transforms
 
         self.encoder = encoder
         self.fingerprint = None  # without a cache folder nothing is stored: no need to hash the encoder's weights
         folder = None
         if root is not None:
-            preprocessing = code_fingerprint(encoders.transforms, anygpt.media)
+            preprocessing = code_fingerprint(encoders.transforms, anygpt.base.media)
             config = {**encoder.config.to_dict(), "preprocessing": preprocessing}
             self.fingerprint = module_fingerprint(config, encoder)
             folder = Path(root) / f"encoder-{self.fingerprint}"
@@ -192,7 +192,7 @@ class MediaFeatureCache:
         self._checked: dict[str, bool] = {}  # media ids whose file was checked against its entry this run
 
     def _default_load(self, modality: Modality, path: Path):
-        from anygpt.media import load_media
+        from anygpt.base.media import load_media
 
         max_frames = self.encoder.max_video_frames if modality is Modality.VIDEO else None
         return load_media(modality, path, max_frames=max_frames)
@@ -273,7 +273,7 @@ class CaptionEmbeddingCache:
         # text encoder's and tokenizer's files (names, sizes, mtimes) are part of the key too
         local = None
         if not decoder.config.is_tiny:
-            from anygpt.utils import resolve_local_model
+            from anygpt.base.utils import resolve_local_model
 
             try:
                 local = Path(resolve_local_model(decoder.config.source, what="decoder"))

@@ -82,18 +82,18 @@ def run(args: argparse.Namespace) -> None:
 
 def _toyworld(args: argparse.Namespace) -> None:
     if args.toyworld_command == "data":
-        from training.toyworld.data import WorldSizes, write_world
+        from toyworld.data import WorldSizes, write_world
 
         info = write_world(args.dir, seed=args.seed, sizes=WorldSizes.quick() if args.quick else None)
         print(json.dumps(info["counts"]))
     elif args.toyworld_command == "eval":
-        from training.toyworld import evaluate as toy_eval
+        from toyworld import evaluate as toy_eval
 
         status = toy_eval.run(args.model, samples=args.samples, output=args.output, decoders=args.decoders)
         if status:
             raise SystemExit(status)
     else:
-        from training.toyworld.recipe import RecipeSettings, install_package, run_recipe
+        from toyworld.recipe import RecipeSettings, install_package, run_recipe
 
         settings = RecipeSettings.quick(args.seed) if args.quick else RecipeSettings(seed=args.seed)
         only = [p.strip() for p in args.only.split(",")] if args.only else None
@@ -117,7 +117,7 @@ def _train(args: argparse.Namespace) -> None:
 
 
 def _sample(args: argparse.Namespace) -> None:
-    from training.sample_configs import write_sample
+    from toyworld.sample_configs import write_sample
 
     root = write_sample(args.dir, seed=args.seed, size=args.size)
     print(f"sample dataset: {root}")

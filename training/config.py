@@ -17,14 +17,11 @@ from typing import Any
 
 import yaml
 
-from anygpt.modality import MEDIA_MODALITIES, Modality
+from anygpt.base.errors import ConfigError
+from anygpt.base.modality import MEDIA_MODALITIES, Modality
 from training.data.records import DatasetSpec
 
 STAGES = (0, 1, 2, 3)
-
-
-class ConfigError(ValueError):
-    """A training config that cannot be used; the message names the file and the key."""
 
 
 @dataclass
@@ -179,7 +176,7 @@ class TrainConfig:
         lora: LoRA settings to use when the starting model has no trained adapter yet (stage 3), e.g. ``{r: 32}``.
         input_projector, output_projector: build fresh connectors of this kind instead of the starting model's
             (the stage must train that side; see ``ConnectorChoice``).
-        cross_attention: gated cross-attention blocks (``anygpt.fusion.CrossAttentionConfig`` options, e.g.
+        cross_attention: gated cross-attention blocks (``anygpt.core.fusion.CrossAttentionConfig`` options, e.g.
             ``--set cross_attention.every=2``) built fresh in the starting model (the stage must train them).
     """
 
@@ -239,7 +236,7 @@ class TrainConfig:
             if choice is not None and choice.name.lower() not in names:
                 fail(f"{key}.name", f"unknown connector {choice.name!r}; registered: {', '.join(names)}")
         if self.cross_attention is not None:
-            from anygpt.fusion import CrossAttentionConfig
+            from anygpt.core.fusion import CrossAttentionConfig
 
             try:
                 CrossAttentionConfig.from_dict(self.cross_attention)
@@ -393,7 +390,7 @@ def _apply_override(data: dict, item: str, source: str) -> None:
 
 
 def _resolve_paths(config: TrainConfig, base: Path) -> None:
-    from anygpt.config import list_presets
+    from anygpt.core.config import list_presets
 
     def resolve(value: str | None) -> str | None:
         if value is None:

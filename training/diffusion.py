@@ -16,8 +16,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from anygpt.media import load_media
-from anygpt.modality import Modality
+from anygpt.base.media import load_media
+from anygpt.base.modality import Modality
 from training.losses import min_snr_weights
 
 
@@ -84,7 +84,7 @@ class DiffusionLoss:
     def _log_mel(pipe, audio, seconds: float) -> torch.Tensor:
         import torchaudio
 
-        from anygpt.media import resample, to_mono
+        from anygpt.base.media import resample, to_mono
 
         rate = int(pipe.vocoder.config.sampling_rate)
         n_mels = int(pipe.vocoder.config.model_in_dim)

@@ -1,6 +1,6 @@
 """Records -> token sequences with labels: the chat template of the model, applied as at inference.
 
-The layout is the one ``anygpt.conversation.Conversation.prompt_pieces`` gives at inference (system, ``USER:``,
+The layout is the one ``anygpt.core.conversation.Conversation.prompt_pieces`` gives at inference (system, ``USER:``,
 the turn's media, a newline, its text, ``ASSISTANT:``, reply, end of turn), so what the model is trained on is what
 it reads when it chats: a user turn's media go first whatever their place in the dataset's text (as LLaVA does).
 Text that belongs together is tokenised as one string (as at inference); which of its tokens are supervised comes
@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from anygpt.conversation import get_template
-from anygpt.modality import Modality
+from anygpt.base.modality import Modality
+from anygpt.core.conversation import get_template
 from training.data.records import PLACEHOLDERS, MediaFile, OutputMedia, Pair, Record, Sample, Turn, split_placeholders
 
 IGNORE_INDEX = -100

@@ -36,7 +36,7 @@ class Trainable:
     output_projectors: bool
     lora: bool
     token_rows: str  # none | signal | all
-    # the gated cross-attention blocks (anygpt.fusion): True (the model must have them), False, or None (train them
+    # the gated cross-attention blocks (anygpt.core.fusion): True (the model must have them), False, or None (train them
     # when the model has them)
     cross_attention: bool | None = False
 

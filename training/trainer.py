@@ -23,8 +23,9 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from anygpt.lora import checkpoint_context_fn, forward_per_adapter
-from anygpt.modality import Modality
+from anygpt.base.errors import TrainingError
+from anygpt.base.modality import Modality
+from anygpt.core.lora import checkpoint_context_fn, forward_per_adapter
 from training.blip2 import Blip2StageModule, blip2_terms, check_stage0
 from training.cache import CaptionEmbeddingCache, MediaFeatureCache
 from training.checkpoint import clean_partial, list_checkpoints, read_checkpoint, restore_checkpoint, save_checkpoint
@@ -39,10 +40,6 @@ logger = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
 FINAL_DIR = "final"
-
-
-class TrainingError(RuntimeError):
-    """Training cannot go on (e.g. a non-finite loss); the message names the step."""
 
 
 # ---------------------------------------------------------------------------------------------- the module
@@ -190,10 +187,10 @@ class StageTrainer:
 
     def load_pipeline(self):
         """The starting pipeline, with the config's LoRA settings when the model has no trained adapter yet."""
-        from anygpt.config import list_presets
-        from anygpt.llm import LoraSettings
-        from anygpt.model import INDEX_FILE, resolve_part
-        from anygpt.pipeline import AnyGPTPipeline, UnknownModelError, find_model
+        from anygpt.core.config import list_presets
+        from anygpt.core.llm import LoraSettings
+        from anygpt.core.model import INDEX_FILE, resolve_part
+        from anygpt.core.pipeline import AnyGPTPipeline, UnknownModelError, find_model
 
         try:
             source, model_config, parts = find_model(self.start)
@@ -230,7 +227,7 @@ class StageTrainer:
             the parts (``input_projectors``, ``output_projectors``, ``cross_attention``) that are built fresh instead
             of loaded.
         """
-        from anygpt.config import ProjectorConfig
+        from anygpt.core.config import ProjectorConfig
 
         fresh = set()
         for key, trains in (
@@ -260,7 +257,7 @@ class StageTrainer:
 
     def _choose_cross_attention(self, model_config, parts: dict | None) -> set[str]:
         """Apply the config's ``cross_attention`` (fresh gated cross-attention blocks) to ``model_config``."""
-        from anygpt.fusion import CrossAttentionConfig
+        from anygpt.core.fusion import CrossAttentionConfig
 
         source = self.config.source
         if self.config.cross_attention is not None:
@@ -848,7 +845,7 @@ class StageTrainer:
                 writer.add_scalar(f"train/{key}", value, step)
 
     def _save_final(self) -> Path:
-        from anygpt.pipeline import AnyGPTPipeline
+        from anygpt.core.pipeline import AnyGPTPipeline
 
         acc = self.accelerator
         acc.wait_for_everyone()
@@ -883,7 +880,7 @@ def _adapters_trained(folder: Path, entry: str | dict) -> bool:
     adapter that stages 1 and 2 carry along untouched is a no-op and may be replaced by other LoRA settings)."""
     from safetensors import safe_open
 
-    from anygpt.model import resolve_part
+    from anygpt.core.model import resolve_part
 
     for rel in [entry] if isinstance(entry, str) else list(entry.values()):
         with safe_open(resolve_part(folder, rel, "lora") / "adapter_model.safetensors", framework="pt") as f:

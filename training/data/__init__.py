@@ -1,8 +1,8 @@
 """Dataset readers for NExT-GPT's on-disk formats, the records they produce, and a small synthetic sample dataset."""
 
+from toyworld.sample import write_sample_dataset
 from training.data.readers import DatasetError, detect_format, list_formats, read_dataset
 from training.data.records import PLACEHOLDERS, DatasetSpec, MediaFile, OutputMedia, Pair, Record, Sample, Turn
-from training.data.sample import write_sample_dataset
 
 __all__ = [
     "PLACEHOLDERS",

@@ -73,7 +73,8 @@ from collections.abc import Callable
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
-from anygpt.modality import MEDIA_MODALITIES, Modality
+from anygpt.base.errors import DatasetError
+from anygpt.base.modality import MEDIA_MODALITIES, Modality
 from training.data.records import (
     MODALITY_OF_PLACEHOLDER,
     PLACEHOLDER_PATTERN,
@@ -94,10 +95,6 @@ __all__ = ["DatasetError", "detect_format", "list_formats", "read_dataset"]
 _ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
 # MosIT media tags, e.g. " <Image>mosit_i_0000000_00.jpg</Image>" (leading blanks kept in group 1).
 _MOSIT_TAG_RE = re.compile(r"([ \t]*)<(image|video|audio)>(.*?)</\2>", re.IGNORECASE | re.DOTALL)
-
-
-class DatasetError(ValueError):
-    """A dataset that cannot be read; the message names the file, the record, the key, what was expected and found."""
 
 
 # ------------------------------------------------------------------------------------------------------------

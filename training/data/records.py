@@ -19,7 +19,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from anygpt.modality import Modality
+from anygpt.base.modality import Modality
 
 PLACEHOLDERS = {Modality.IMAGE: "<image>", Modality.VIDEO: "<video>", Modality.AUDIO: "<audio>"}
 MODALITY_OF_PLACEHOLDER = {tag: modality for modality, tag in PLACEHOLDERS.items()}

@@ -23,7 +23,7 @@ oracle                     how
 
 Example:
     >>> import numpy as np
-    >>> from training.toyworld import world
+    >>> from toyworld import world
     >>> item = world.sample_image(np.random.default_rng(0))
     >>> image_attributes(item.render()) == item.attributes()
     True
@@ -36,9 +36,9 @@ from typing import Any
 
 import numpy as np
 
-from anygpt.media import Audio, Video
-from anygpt.modality import Modality
-from training.data.sample import COLOURS, DIRECTIONS, SHAPES
+from anygpt.base.media import Audio, Video
+from anygpt.base.modality import Modality
+from toyworld.sample import COLOURS, DIRECTIONS, SHAPES
 
 __all__ = [
     "CAPTION_WORDS",
@@ -269,7 +269,7 @@ def _as_mono(audio: Any, sample_rate: int | None) -> tuple[np.ndarray, int]:
     if rate is None or int(rate) <= 0:
         raise ValueError("audio_attributes: give an Audio object or samples and a positive sample_rate")
     samples = np.asarray(samples, dtype=np.float64)
-    if samples.ndim == 2:  # (C, T) as anygpt.media.Audio, or (T, C): the longer axis is time
+    if samples.ndim == 2:  # (C, T) as anygpt.base.media.Audio, or (T, C): the longer axis is time
         samples = samples.mean(axis=0 if samples.shape[0] < samples.shape[1] else 1)
     if samples.ndim != 1:
         raise ValueError(f"expected audio samples (T,) or (C, T), found shape {samples.shape}")
@@ -280,7 +280,7 @@ def audio_attributes(audio: Any, sample_rate: int | None = None) -> dict[str, st
     """The pitch and style of a tone.
 
     Args:
-        audio: an ``anygpt.media.Audio`` (mono (T,) or multi-channel), or a 1-D array of samples.
+        audio: an ``anygpt.base.media.Audio`` (mono (T,) or multi-channel), or a 1-D array of samples.
         sample_rate: the samples' rate when ``audio`` is an array.
 
     Returns:
@@ -350,7 +350,7 @@ def video_attributes(video: Any) -> dict[str, str | None]:
     """The colour and direction of a video's moving square.
 
     Args:
-        video: an ``anygpt.media.Video`` or frames (T, H, W, 3), uint8 or float in [0, 1].
+        video: an ``anygpt.base.media.Video`` or frames (T, H, W, 3), uint8 or float in [0, 1].
 
     Returns:
         ``{"colour": ... | None, "direction": "left" | "right" | "up" | "down" | None}``: both None when the
@@ -433,7 +433,7 @@ def reply_modalities(output: Any) -> set[Modality]:
     """The media a reply produced.
 
     Args:
-        output: an ``anygpt.pipeline.AnyGPTOutput`` (or anything with ``images``, ``videos`` and ``audios`` lists).
+        output: an ``anygpt.core.pipeline.AnyGPTOutput`` (or anything with ``images``, ``videos`` and ``audios`` lists).
 
     Returns:
         The set of media modalities with at least one item.

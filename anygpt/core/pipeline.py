@@ -22,14 +22,15 @@ import numpy as np
 import torch
 from PIL import Image
 
-from anygpt.config import PACKAGED_MODELS, AnyGPTConfig, config_from_preset, list_presets, packaged_model_dir
-from anygpt.conversation import Conversation, MediaRef
-from anygpt.lora import check_selection
-from anygpt.media import Audio, MediaError, Video, load_media
-from anygpt.modality import MEDIA_MODALITIES, Modality
-from anygpt.model import INDEX_FILE, AnyGPTModel, read_index, resolve_part, write_index
-from anygpt.tokens import SignalTokenProcessor, repair_signal_groups
-from anygpt.utils import atomic_directory
+from anygpt.base.errors import UnknownModelError
+from anygpt.base.media import Audio, MediaError, Video, load_media
+from anygpt.base.modality import MEDIA_MODALITIES, Modality
+from anygpt.base.utils import atomic_directory
+from anygpt.core.config import PACKAGED_MODELS, AnyGPTConfig, config_from_preset, list_presets, packaged_model_dir
+from anygpt.core.conversation import Conversation, MediaRef
+from anygpt.core.lora import check_selection
+from anygpt.core.model import INDEX_FILE, AnyGPTModel, read_index, resolve_part, write_index
+from anygpt.core.tokens import SignalTokenProcessor, repair_signal_groups
 
 logger = logging.getLogger(__name__)
 
@@ -69,10 +70,6 @@ class AnyGPTOutput:
     token_ids: list[int] = field(default_factory=list)
     conditioning: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
     stopped: bool = False
-
-
-class UnknownModelError(ValueError):
-    """A model name that is neither a folder written by ``save_pretrained``, a packaged model nor a preset."""
 
 
 def find_model(name_or_dir: str | os.PathLike) -> tuple[Path | None, AnyGPTConfig, dict | None]:

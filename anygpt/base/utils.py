@@ -1,4 +1,4 @@
-"""Small shared helpers: dtype names, locating real checkpoints offline, atomic folder writes."""
+"""Small shared helpers: dtype names, locating real checkpoints offline, atomic file and folder writes."""
 
 from __future__ import annotations
 
@@ -74,3 +74,33 @@ def atomic_directory(target: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+@contextlib.contextmanager
+def atomic_file(target: str | os.PathLike, *, suffix: str = "") -> Iterator[Path]:
+    """Yield a temporary path beside ``target``; on success it replaces ``target`` in one rename.
+
+    ``suffix`` keeps the extension a writer looks at (e.g. ".png"). On failure the temporary file is removed and
+    ``target`` is left as it was, so a reader never sees a half-written file.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=f".tmp{suffix}", dir=target.parent)
+    os.close(fd)
+    tmp = Path(name)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; the result should follow the user's umask
+    try:
+        yield tmp
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_text_atomic(target: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` to ``target`` atomically (see :func:`atomic_file`); returns ``target``."""
+    with atomic_file(target) as tmp:
+        tmp.write_text(text)
+    return Path(target)

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import torch
 
-from anygpt.modality import Modality
-from anygpt.utils import resolve_dtype, resolve_local_model
+from anygpt.base.modality import Modality
+from anygpt.base.utils import resolve_dtype, resolve_local_model
 
 logger = logging.getLogger(__name__)
 
@@ -30,7 +30,7 @@ class LoraSettings:
         adapters: None for one adapter (named ``"default"``), or per-modality adapters named after the output
             modality each serves, e.g. ``["text", "image", "video", "audio"]``: all share these settings; stage 3
             trains each on the examples that output its modality, and the pipeline selects or combines them at run
-            time (see ``anygpt.lora``).
+            time (see ``anygpt.core.lora``).
     """
 
     r: int = 32
@@ -84,7 +84,7 @@ class LanguageModelConfig:
         torch_dtype: weights dtype when loading a real model.
         seed: initialisation seed of the tiny model.
         hidden_size, num_layers, num_heads, intermediate_size, max_position_embeddings: tiny model sizes.
-        template: chat template name (see ``anygpt.conversation.TEMPLATES``).
+        template: chat template name (see ``anygpt.core.conversation.TEMPLATES``).
         lora: LoRA settings, or None for no adapter.
     """
 
@@ -103,7 +103,7 @@ class LanguageModelConfig:
         if isinstance(self.lora, dict):
             self.lora = LoraSettings(**self.lora)
         resolve_dtype(self.torch_dtype)
-        from anygpt.conversation import get_template
+        from anygpt.core.conversation import get_template
 
         get_template(self.template)
         if self.source == TINY and self.hidden_size % self.num_heads:

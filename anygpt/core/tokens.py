@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from transformers import LogitsProcessor
 
-from anygpt.modality import MEDIA_MODALITIES, Modality
+from anygpt.base.modality import MEDIA_MODALITIES, Modality
 
 DEFAULT_SIGNAL_COUNTS = {"image": 4, "video": 24, "audio": 8}
 SIGNAL_PREFIX = {Modality.IMAGE: "IMG", Modality.VIDEO: "VID", Modality.AUDIO: "AUD"}

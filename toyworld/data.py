@@ -31,11 +31,11 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from anygpt.conversation import get_template
-from anygpt.media import save_audio, save_image, save_video
-from anygpt.modality import Modality
-from anygpt.utils import atomic_directory
-from training.toyworld import world
+from anygpt.base.media import save_audio, save_image, save_video
+from anygpt.base.modality import Modality
+from anygpt.base.utils import atomic_directory
+from anygpt.core.conversation import get_template
+from toyworld import world
 
 logger = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from anygpt.modality import Modality
+from anygpt.base.modality import Modality
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from anygpt.modality import Modality
+from anygpt.base.errors import MediaError
+from anygpt.base.modality import Modality
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -47,10 +48,6 @@ __all__ = [
     "save_video",
     "to_mono",
 ]
-
-
-class MediaError(ValueError):
-    """A media file or value that cannot be used; the message names the file, what was expected and found."""
 
 
 @dataclass

@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
-from anygpt.llm import LoraSettings
+from anygpt.core.llm import LoraSettings
 
 logger = logging.getLogger(__name__)
 
@@ -112,7 +112,7 @@ def checkpoint_context_fn(llm: nn.Module, cross_attention: nn.Module | None = No
     """A ``context_fn`` for non-reentrant activation checkpointing: a layer's recomputation (in the backward pass)
     runs with the adapters that were active when the layer ran forward, as several forwards with different adapters
     may run before one backward (``forward_per_adapter``), and with the gated cross-attention media context of the
-    rows it ran on (``anygpt.fusion.GatedCrossAttentionLayers``, if the model has it)."""
+    rows it ran on (``anygpt.core.fusion.GatedCrossAttentionLayers``, if the model has it)."""
 
     def context_fn() -> tuple:
         media = cross_attention.context if cross_attention is not None else None

@@ -15,11 +15,12 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
-from anygpt.config import AnyGPTConfig
-from anygpt.conversation import MediaRef, Piece
-from anygpt.fusion import GatedCrossAttentionLayers, find_decoder_layers, media_context
-from anygpt.llm import build_language_model, tokenizer_dir_of
-from anygpt.lora import (
+from anygpt.base.modality import Modality
+from anygpt.core.config import AnyGPTConfig
+from anygpt.core.conversation import MediaRef, Piece
+from anygpt.core.fusion import GatedCrossAttentionLayers, find_decoder_layers, media_context
+from anygpt.core.llm import build_language_model, tokenizer_dir_of
+from anygpt.core.lora import (
     activate_adapters,
     active_adapters,
     adapter_names,
@@ -30,8 +31,7 @@ from anygpt.lora import (
     load_adapters,
     save_adapters,
 )
-from anygpt.modality import Modality
-from anygpt.tokens import (
+from anygpt.core.tokens import (
     ModalityTokens,
     add_modality_tokens,
     gather_signal_hidden_states,
@@ -196,7 +196,7 @@ class AnyGPTModel(nn.Module):
         One name (weight None or 1) activates that adapter. Several names (or one with another weight) run with one
         adapter whose update is the weighted sum of theirs, ``sum_i weights[i] * delta_W(names[i])`` (weights None:
         equal weights summing to 1, their mean), which peft's ``add_weighted_adapter(combination_type="cat")``
-        builds exactly on first use and the model keeps for the next (see ``anygpt.lora``). Switching back to an
+        builds exactly on first use and the model keeps for the next (see ``anygpt.core.lora``). Switching back to an
         adapter gives exactly its outputs again. ``requires_grad`` flags are left as they are.
 
         Args:

@@ -3,7 +3,7 @@
 =================  ==========================================================================================
 part               writes
 =================  ==========================================================================================
-data               the world as a dataset in NExT-GPT's formats (:mod:`training.toyworld.data`)
+data               the world as a dataset in NExT-GPT's formats (:mod:`toyworld.data`)
 encoder            an ImageBind-architecture encoder trained contrastively (stage 0)
 llm                a BPE tokenizer and a Llama LM trained on the world's conversations (stage 0)
 image-decoder      Stable Diffusion trained on the world's images (stage 0)
@@ -12,7 +12,7 @@ video-decoder      ZeroScope, its spatial layers from the image decoder (stage 0
 video-decoder-...  its UNet trained further on noisier timesteps, the text encoder kept (``-refine``)
 audio-decoder      AudioLDM with its CLAP text encoder and HiFi-GAN vocoder (stage 0)
 base               the untrained any-to-any system over those components (``save_pretrained``)
-stage1..stage3     ``anygpt train`` with ``training/configs/toyworld-stage{1,2,3}.yaml`` (resumable)
+stage1..stage3     ``anygpt train`` with ``toyworld/configs/toyworld-stage{1,2,3}.yaml`` (resumable)
 eval-stage1, -2    the evaluator on held-out prompts and media after stages 1 and 2
 eval-package       the evaluator on the package: the figures after stage 3 (its weights in fp16)
 eval-decoders      each packaged decoder alone, from its own caption embeddings (the text -> media ceiling)
@@ -43,15 +43,15 @@ from typing import Any
 
 import torch
 
-from training.toyworld import stage0
-from training.toyworld.data import WorldSizes, read_corpus, write_world
+from toyworld import components as stage0
+from toyworld.data import WorldSizes, read_corpus, write_world
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["PARTS", "RecipeSettings", "run_recipe"]
 
 PART_FILE = "part.json"
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 PARTS = (
     "data", "encoder", "llm", "image-decoder", "video-decoder", "audio-decoder", "image-decoder-refine",
     "video-decoder-refine", "audio-vocoder", "base", "stage1", "stage2", "stage3", "package", "eval-package",
@@ -204,10 +204,10 @@ def _check_settings(out: Path, settings: RecipeSettings) -> None:
 
 def toyworld_config(out: Path):
     """The any-to-any system over the stage-0 components in ``out`` (absolute paths)."""
-    from anygpt.config import AnyGPTConfig, ProjectorConfig
-    from anygpt.fusion import CrossAttentionConfig
-    from anygpt.llm import LanguageModelConfig, LoraSettings
-    from anygpt.tokens import SignalTokenConfig
+    from anygpt.core.config import AnyGPTConfig, ProjectorConfig
+    from anygpt.core.fusion import CrossAttentionConfig
+    from anygpt.core.llm import LanguageModelConfig, LoraSettings
+    from anygpt.core.tokens import SignalTokenConfig
     from decoders import DecoderConfig
 
     decoders = {
@@ -295,8 +295,8 @@ def _evaluate(
     ``report.json`` and ``report.md``."""
 
     def run(tmp: Path) -> dict[str, Any]:
-        from anygpt.pipeline import AnyGPTPipeline
-        from training.toyworld import evaluate as toy_eval
+        from anygpt.core.pipeline import AnyGPTPipeline
+        from toyworld import evaluate as toy_eval
 
         pipe = AnyGPTPipeline.from_pretrained(model_dir)
         report, table = toy_eval.evaluate_with_table(
@@ -363,12 +363,12 @@ def run_recipe(
 
 def _part_steps(out: Path, settings: RecipeSettings) -> dict[str, Callable[[Path], dict[str, Any]]]:
     """What each part runs, given the folder it writes into."""
-    from training.toyworld.package import package_model
+    from toyworld.package import package_model
 
     s0 = settings.stage0
 
     def base(tmp: Path) -> dict[str, Any]:
-        from anygpt.pipeline import AnyGPTPipeline
+        from anygpt.core.pipeline import AnyGPTPipeline
 
         pipe = AnyGPTPipeline.from_config(toyworld_config(out))
         pipe.save_pretrained(tmp / "model")
@@ -400,13 +400,13 @@ def _part_steps(out: Path, settings: RecipeSettings) -> dict[str, Callable[[Path
 
 
 def _start_child(out: Path, name: str, threads: int) -> subprocess.Popen:
-    """One part in its own process (``python -m training.toyworld.recipe OUT PART``), its output in a log file."""
+    """One part in its own process (``python -m toyworld.recipe OUT PART``), its output in a log file."""
     log = out / "logs" / f"{name}.log"
     log.parent.mkdir(exist_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"}
     with open(log, "w") as f:
         return subprocess.Popen(
-            [sys.executable, "-m", "training.toyworld.recipe", str(out), name, "--threads", str(threads)],
+            [sys.executable, "-m", "toyworld.recipe", str(out), name, "--threads", str(threads)],
             stdout=f, stderr=subprocess.STDOUT, env=env,
         )  # fmt: skip
 
@@ -513,7 +513,7 @@ def _child_main(argv: list[str] | None = None) -> None:
     """Run one part with the settings recorded in ``OUT/recipe.json`` (how :func:`run_recipe` starts each job)."""
     import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m training.toyworld.recipe")
+    parser = argparse.ArgumentParser(prog="python -m toyworld.recipe")
     parser.add_argument("out")
     parser.add_argument("part", choices=PARTS)
     parser.add_argument("--threads", type=int, default=None)
@@ -540,7 +540,7 @@ def _parameter_counts(pipe) -> dict[str, int]:
 
 def _write_summary(out: Path) -> None:
     """``OUT/summary.json`` and ``summary.md``: every finished part's time, and the evaluation after each stage."""
-    from training.toyworld.evaluate import TARGETS
+    from toyworld.evaluate import TARGETS
 
     parts = {name: _part_done(out, name) for name in PARTS}
     done = {k: v for k, v in parts.items() if v is not None}
@@ -563,7 +563,7 @@ def _write_summary(out: Path) -> None:
             row = ["-" if v is None else f"{100 * v:.1f}" for v in values]
             lines.append(f"| {metric} | {100 * target:.0f} | " + " | ".join(row) + " |")
     if "eval-decoders" in done:
-        from training.toyworld.evaluate import format_decoder_report
+        from toyworld.evaluate import format_decoder_report
 
         lines += ["", format_decoder_report(done["eval-decoders"]["metrics"])]
     for name, text in (("summary.md", "\n".join(lines) + "\n"), ("summary.json", json.dumps(done, indent=2) + "\n")):
@@ -574,8 +574,8 @@ def _write_summary(out: Path) -> None:
 
 def install_package(out: str | os.PathLike) -> Path:
     """Copy the recipe's packaged model into the anygpt package (``anygpt/models/toyworld``), replacing it."""
-    from anygpt.config import PACKAGED_MODELS
-    from anygpt.utils import atomic_directory
+    from anygpt.base.utils import atomic_directory
+    from anygpt.core.config import PACKAGED_MODELS
 
     src = Path(out) / "package" / "toyworld"
     if _part_done(Path(out), "package") is None:

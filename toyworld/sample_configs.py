@@ -10,7 +10,7 @@ from pathlib import Path
 
 import yaml
 
-from training.data.sample import write_sample_dataset
+from toyworld.sample import write_sample_dataset
 
 HEADER = """\
 # Stage {stage} on the anygpt sample dataset ({what}).

@@ -17,7 +17,7 @@ The three decoders are trained and sampled with the zero-terminal-SNR, v-predict
 
 Every function writes a folder that the pipeline loads as it loads real weights (a diffusers folder with
 ``model_index.json``, a transformers folder, an ImageBind safetensors checkpoint). The decoders and their text
-encoders see freshly rendered media every step (:mod:`training.toyworld.world`); the encoder draws from a pool of
+encoders see freshly rendered media every step (:mod:`toyworld.world`); the encoder draws from a pool of
 preprocessed media (``encoder_pool`` per modality, kept in fp16 to bound memory). Sizes and step counts come from
 :class:`Stage0Settings`; :meth:`Stage0Settings.quick` is a few-step version for tests.
 """
@@ -38,8 +38,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from anygpt.modality import Modality
-from training.toyworld import world
+from anygpt.base.modality import Modality
+from toyworld import world
 
 logger = logging.getLogger(__name__)
 

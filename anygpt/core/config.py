@@ -7,10 +7,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from anygpt.fusion import CrossAttentionConfig
-from anygpt.llm import LanguageModelConfig, llm_config_from_preset
-from anygpt.modality import MEDIA_MODALITIES, Modality
-from anygpt.tokens import SignalTokenConfig
+from anygpt.base.modality import MEDIA_MODALITIES, Modality
+from anygpt.core.fusion import CrossAttentionConfig
+from anygpt.core.llm import LanguageModelConfig, llm_config_from_preset
+from anygpt.core.tokens import SignalTokenConfig
 
 
 @dataclass
@@ -41,7 +41,7 @@ class AnyGPTConfig:
         input_modalities: the media modalities the system reads.
         seed: initialisation seed of the projectors and new token rows.
         cross_attention: gated cross-attention blocks (Flamingo) in the LLM, or None (media are only spliced in
-            as tokens); see ``anygpt.fusion``.
+            as tokens); see ``anygpt.core.fusion``.
     """
 
     encoder: Any
@@ -176,8 +176,8 @@ def packaged_model_dir(name: str) -> Path:
     """
     if name not in PACKAGED_MODELS:
         raise ValueError(f"unknown packaged model {name!r}: expected one of {', '.join(sorted(PACKAGED_MODELS))}")
-    folder = Path(__file__).resolve().parent / PACKAGED_MODELS[name]
-    if not (folder / "anygpt_index.json").is_file():  # anygpt.model.INDEX_FILE (not imported: a cycle)
+    folder = Path(__file__).resolve().parent.parent / PACKAGED_MODELS[name]
+    if not (folder / "anygpt_index.json").is_file():  # anygpt.core.model.INDEX_FILE (not imported: a cycle)
         raise FileNotFoundError(
             f"the packaged model {name!r} is missing from {folder}; build it with "
             f"`anygpt toyworld recipe OUT --install` (about 2 hours on 2 CPU cores)"
@@ -187,7 +187,7 @@ def packaged_model_dir(name: str) -> Path:
 
 def config_from_preset(name: str) -> AnyGPTConfig:
     if name in PACKAGED_MODELS:
-        from anygpt.model import read_index
+        from anygpt.core.model import read_index
 
         return read_index(packaged_model_dir(name))[0]
     if name not in PRESETS:

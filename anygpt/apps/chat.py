@@ -32,8 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from anygpt.conversation import Conversation, Turn
-from anygpt.media import (
+from anygpt.base.media import (
     AUDIO_EXTENSIONS,
     IMAGE_EXTENSIONS,
     VIDEO_EXTENSIONS,
@@ -43,7 +42,8 @@ from anygpt.media import (
     save_image,
     save_video,
 )
-from anygpt.modality import MEDIA_MODALITIES, Modality
+from anygpt.base.modality import MEDIA_MODALITIES, Modality
+from anygpt.core.conversation import Conversation, Turn
 from decoders.base import GenerationStopped  # raised by the decoders and by this module's streamer
 
 logger = logging.getLogger(__name__)
@@ -322,7 +322,7 @@ class ChatSession:
 def check_upload(path: str | os.PathLike, max_bytes: int = DEFAULT_MAX_UPLOAD_BYTES) -> Modality:
     """The modality of an uploaded file, from its extension, after checking that it exists and is not too large.
 
-    Its content is checked when the pipeline reads it (``anygpt.media`` loaders raise ``MediaError``).
+    Its content is checked when the pipeline reads it (``anygpt.base.media`` loaders raise ``MediaError``).
 
     Raises:
         MediaError: an unknown extension, a missing file or one larger than ``max_bytes``; the message names the
@@ -437,7 +437,7 @@ class ChatEngine:
     @classmethod
     def from_pretrained(cls, name_or_dir: str | os.PathLike, output_dir: str | os.PathLike, **kwargs) -> ChatEngine:
         """Load ``AnyGPTPipeline.from_pretrained(name_or_dir)`` and wrap it."""
-        from anygpt.pipeline import AnyGPTPipeline
+        from anygpt.core.pipeline import AnyGPTPipeline
 
         return cls(AnyGPTPipeline.from_pretrained(name_or_dir), output_dir, **kwargs)
 

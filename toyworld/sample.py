@@ -1,7 +1,7 @@
 """A small synthetic dataset in every format :mod:`training.data.readers` reads, made by the project itself.
 
 :func:`write_sample_dataset` draws simple media (a coloured shape on white, a sine tone, a square moving across the
-frame), writes them with :mod:`anygpt.media`'s writers (PNG, WAV, H.264 MP4), and writes JSON files laid out like
+frame), writes them with :mod:`anygpt.base.media`'s writers (PNG, WAV, H.264 MP4), and writes JSON files laid out like
 NExT-GPT's ``data/`` folder:
 
 .. code-block:: text
@@ -43,7 +43,7 @@ from typing import Any
 
 import numpy as np
 
-from anygpt.media import Audio, Video, save_audio, save_image, save_video
+from anygpt.base.media import Audio, Video, save_audio, save_image, save_video
 
 logger = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 
 :func:`evaluate` asks a pipeline for held-out requests (``"draw a red circle and play a high beep"``) and held-out
 media captions, the way a user would (``modalities="auto"``, greedy decoding), and scores the answers with
-:mod:`training.toyworld.oracles`:
+:mod:`toyworld.oracles`:
 
 =========================  ==============================================================================
 metric                     right when
@@ -46,9 +46,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from anygpt.modality import MEDIA_MODALITIES, Modality
-from training.toyworld import world
-from training.toyworld.oracles import audio_attributes, caption_attributes, image_attributes, video_attributes
+from anygpt.base.modality import MEDIA_MODALITIES, Modality
+from toyworld import world
+from toyworld.oracles import audio_attributes, caption_attributes, image_attributes, video_attributes
 
 logger = logging.getLogger(__name__)
 
@@ -577,7 +577,7 @@ def run(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m training.toyworld.evaluate MODEL [--samples N] [--output report.json] [--decoders]``: see
+    """``python -m toyworld.evaluate MODEL [--samples N] [--output report.json] [--decoders]``: see
     :func:`run`."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("model", help="a folder written by save_pretrained, or a preset name")

@@ -23,9 +23,9 @@ from typing import Any
 
 import numpy as np
 
-from anygpt.media import Audio, Video
-from anygpt.modality import Modality
-from training.data.sample import COLOURS, DIRECTIONS, SHAPES, render_motion, render_shape, render_tone
+from anygpt.base.media import Audio, Video
+from anygpt.base.modality import Modality
+from toyworld.sample import COLOURS, DIRECTIONS, SHAPES, render_motion, render_shape, render_tone
 
 __all__ = [
     "COLOURS",

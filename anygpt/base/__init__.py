@@ -1,0 +1,1 @@
+"""The foundation: modalities, media I/O, errors and small utilities. Imports nothing else of the project."""
