@@ -19,8 +19,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import sys
-import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +30,7 @@ from torch.overrides import TorchFunctionMode
 
 from anygpt.base.modality import Modality
 from encoders import transforms
+from encoders.meta import import_imagebind
 
 logger = logging.getLogger(__name__)
 
@@ -65,29 +64,6 @@ _MODALITY_KEY = {
     Modality.AUDIO: "audio",
     Modality.TEXT: "text",
 }
-
-
-def import_imagebind():
-    """Import Meta's ``imagebind.models.imagebind_model`` and return it.
-
-    pytorchvideo 0.1.5 (imported by ``imagebind``) needs ``torchvision.transforms.functional_tensor``, which
-    torchvision renamed to ``_functional_tensor``; the old name is aliased in ``sys.modules`` first (once).
-    """
-    name = "torchvision.transforms.functional_tensor"
-    if name not in sys.modules:
-        try:
-            import torchvision.transforms.functional_tensor  # noqa: F401
-        except ImportError:
-            import torchvision.transforms._functional_tensor as functional_tensor
-
-            sys.modules[name] = functional_tensor
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*pkg_resources.*", category=UserWarning)
-        warnings.filterwarnings("ignore", category=DeprecationWarning)
-        warnings.filterwarnings("ignore", message=".*torch.jit.*", category=FutureWarning)
-        from imagebind.models import imagebind_model
-
-    return imagebind_model
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from anygpt.base.media import Audio, Video, resample, to_mono
+from encoders.meta import import_imagebind
 
 logger = logging.getLogger(__name__)
 
@@ -279,8 +280,6 @@ def video_transform(
 
 @functools.cache
 def _text_tokenizer():
-    from encoders.imagebind import import_imagebind
-
     import_imagebind()
     from importlib.resources import files
 

@@ -285,7 +285,7 @@ def test_stage1_run_loss_falls_and_gates_open(trained):
 
 
 def test_save_load_round_trip_reproduces_logits(trained, tmp_path, specs):
-    from anygpt.core.model import read_index
+    from anygpt.core.index import read_index
     from anygpt.core.pipeline import AnyGPTPipeline
 
     pipe = AnyGPTPipeline.from_pretrained(trained)

@@ -525,7 +525,7 @@ def test_recipe_rejects_unknown_parts(tmp_path):
 
 
 def _shipped():
-    from anygpt.core.config import packaged_model_dir
+    from anygpt.core.index import packaged_model_dir
 
     try:
         return packaged_model_dir("toyworld")

@@ -3,7 +3,7 @@
 A ``save_pretrained`` folder holds the trained parts and refers to its frozen components (encoder checkpoint, LLM,
 decoders) by path. :func:`package_model` copies those components into the folder (``encoder/``, ``llm/``,
 ``decoders/<modality>/``) with every floating-point tensor stored as fp16, and writes the index with paths relative to
-the folder, which :func:`anygpt.core.model.read_index` resolves against the folder wherever it is. The components keep
+the folder, which :func:`anygpt.core.index.read_index` resolves against the folder wherever it is. The components keep
 their own formats (an ImageBind safetensors checkpoint, a transformers folder, diffusers folders) and load in float32
 as the config says.
 """
@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from anygpt.base.utils import atomic_directory
-from anygpt.core.model import INDEX_FILE, read_index, write_index
+from anygpt.core.index import INDEX_FILE, read_index, write_index
 
 logger = logging.getLogger(__name__)
 

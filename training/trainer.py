@@ -189,7 +189,7 @@ class StageTrainer:
         """The starting pipeline, with the config's LoRA settings when the model has no trained adapter yet."""
         from anygpt.core.config import list_presets
         from anygpt.core.llm import LoraSettings
-        from anygpt.core.model import INDEX_FILE, resolve_part
+        from anygpt.core.index import INDEX_FILE, resolve_part
         from anygpt.core.pipeline import AnyGPTPipeline, UnknownModelError, find_model
 
         try:
@@ -880,7 +880,7 @@ def _adapters_trained(folder: Path, entry: str | dict) -> bool:
     adapter that stages 1 and 2 carry along untouched is a no-op and may be replaced by other LoRA settings)."""
     from safetensors import safe_open
 
-    from anygpt.core.model import resolve_part
+    from anygpt.core.index import resolve_part
 
     for rel in [entry] if isinstance(entry, str) else list(entry.values()):
         with safe_open(resolve_part(folder, rel, "lora") / "adapter_model.safetensors", framework="pt") as f:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from anygpt.base.modality import MEDIA_MODALITIES, Modality
@@ -168,28 +167,7 @@ def list_presets() -> list[str]:
     return sorted([*PRESETS, *PACKAGED_MODELS])
 
 
-def packaged_model_dir(name: str) -> Path:
-    """The folder of a model shipped in the package.
-
-    Raises:
-        FileNotFoundError: the package was installed without it (saying how to build it).
-    """
-    if name not in PACKAGED_MODELS:
-        raise ValueError(f"unknown packaged model {name!r}: expected one of {', '.join(sorted(PACKAGED_MODELS))}")
-    folder = Path(__file__).resolve().parent.parent / PACKAGED_MODELS[name]
-    if not (folder / "anygpt_index.json").is_file():  # anygpt.core.model.INDEX_FILE (not imported: a cycle)
-        raise FileNotFoundError(
-            f"the packaged model {name!r} is missing from {folder}; build it with "
-            f"`anygpt toyworld recipe OUT --install` (about 2 hours on 2 CPU cores)"
-        )
-    return folder
-
-
 def config_from_preset(name: str) -> AnyGPTConfig:
-    if name in PACKAGED_MODELS:
-        from anygpt.core.model import read_index
-
-        return read_index(packaged_model_dir(name))[0]
     if name not in PRESETS:
         raise ValueError(f"unknown model preset {name!r}: expected one of {', '.join(list_presets())} or a folder")
     return PRESETS[name]()

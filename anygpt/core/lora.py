@@ -28,6 +28,7 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
+from anygpt.core.index import resolve_part
 from anygpt.core.llm import LoraSettings
 
 logger = logging.getLogger(__name__)
@@ -270,13 +271,8 @@ def save_adapters(llm: nn.Module, settings: LoraSettings, folder: str | os.PathL
     return entry[DEFAULT_ADAPTER] if settings.adapters is None else entry
 
 
-def load_adapters(
-    llm: nn.Module, settings: LoraSettings, folder: str | os.PathLike, entry: str | dict, resolve: Callable
-) -> None:
+def load_adapters(llm: nn.Module, settings: LoraSettings, folder: str | os.PathLike, entry: str | dict) -> None:
     """Load what ``save_adapters`` wrote (a single-adapter entry ``"lora"`` or ``{name: path}``).
-
-    Args:
-        resolve: ``resolve(folder, rel, what) -> Path``, the index's path check.
 
     Raises:
         ValueError: the saved adapters are not the config's, or a file's tensors do not fit the model.
@@ -292,7 +288,7 @@ def load_adapters(
         )
     for name, rel in saved.items():
         what = "lora" if isinstance(entry, str) else f"lora.{name}"
-        state = load_file(resolve(folder, rel, what) / ADAPTER_WEIGHTS_FILE)
+        state = load_file(resolve_part(folder, rel, what) / ADAPTER_WEIGHTS_FILE)
         result = set_peft_model_state_dict(llm, state, adapter_name=name)
         unexpected = getattr(result, "unexpected_keys", [])
         if unexpected:

@@ -19,6 +19,7 @@ from anygpt.base.modality import Modality
 from anygpt.core.config import AnyGPTConfig
 from anygpt.core.conversation import MediaRef, Piece
 from anygpt.core.fusion import GatedCrossAttentionLayers, find_decoder_layers, media_context
+from anygpt.core.index import resolve_part
 from anygpt.core.llm import build_language_model, tokenizer_dir_of
 from anygpt.core.lora import (
     activate_adapters,
@@ -43,8 +44,6 @@ logger = logging.getLogger(__name__)
 
 TOKEN_ROWS_FILE = "token_embeddings.safetensors"
 CROSS_ATTENTION_FILE = "cross_attention.safetensors"
-INDEX_FILE = "anygpt_index.json"
-FORMAT_VERSION = 1
 
 
 class AnyGPTModel(nn.Module):
@@ -400,7 +399,7 @@ class AnyGPTModel(nn.Module):
                 raise ValueError(f"{where}: does not fit the config's cross_attention ({err})") from None
         if parts.get("lora"):
             self._drop_combined_adapters()  # combinations of the old weights
-            load_adapters(self.language_model, self.config.llm.lora, folder, parts["lora"], resolve_part)
+            load_adapters(self.language_model, self.config.llm.lora, folder, parts["lora"])
         rows = load_file(resolve_part(folder, parts["token_embeddings"], "token_embeddings"))
         ids = rows["token_ids"].tolist()
         if ids != self.tokens.all_added_ids:
@@ -413,72 +412,3 @@ class AnyGPTModel(nn.Module):
         out = self.language_model.get_output_embeddings()
         if out is not None and "output_embeddings" in rows:
             out.weight[ids] = rows["output_embeddings"].to(out.weight)
-
-
-def resolve_part(folder: str | os.PathLike, rel: str, what: str) -> Path:
-    """``folder / rel`` for a path named in an index, refusing absolute paths and paths that leave ``folder``."""
-    folder = Path(folder).resolve()
-    path = (folder / str(rel)).resolve()
-    if Path(str(rel)).is_absolute() or not path.is_relative_to(folder):
-        raise ValueError(f"{folder / INDEX_FILE}: {what} path {rel!r} points outside the model folder")
-    if not path.exists():
-        raise ValueError(f"{folder / INDEX_FILE}: {what} {rel!r} is missing from the folder")
-    return path
-
-
-def write_index(folder: str | os.PathLike, config: AnyGPTConfig, parts: dict) -> None:
-    from anygpt import __version__
-
-    index = {
-        "format": "anygpt",
-        "format_version": FORMAT_VERSION,
-        "anygpt_version": __version__,
-        "config": config.to_dict(),
-        "parts": parts,
-    }
-    (Path(folder) / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
-
-
-def read_index(folder: str | os.PathLike) -> tuple[AnyGPTConfig, dict]:
-    """Read and validate ``anygpt_index.json``: (config, parts). Clear ValueErrors name the file and the problem."""
-    path = Path(folder) / INDEX_FILE
-    try:
-        index = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: not valid JSON ({err})") from None
-    if not isinstance(index, dict):
-        raise ValueError(f"{path}: expected a JSON object")
-    if index.get("format_version") != FORMAT_VERSION:
-        raise ValueError(
-            f"{path}: format_version {index.get('format_version')!r}, this anygpt reads version {FORMAT_VERSION}"
-        )
-    missing = [k for k in ("config", "parts") if not isinstance(index.get(k), dict)]
-    if missing:
-        raise ValueError(f"{path}: missing or invalid key(s) {missing}")
-    parts = index["parts"]
-    for key in ("token_embeddings", "tokenizer"):
-        if key not in parts:
-            raise ValueError(f"{path}: parts has no {key!r}")
-    try:
-        config = AnyGPTConfig.from_dict(index["config"])
-    except (KeyError, TypeError) as err:
-        raise ValueError(f"{path}: invalid config ({err})") from None
-    _resolve_inside(folder, config)
-    return config, parts
-
-
-def _resolve_inside(folder: str | os.PathLike, config: AnyGPTConfig) -> None:
-    """Make component paths written ``./...`` absolute against ``folder``: a self-contained model folder holds its
-    encoder, LLM and decoders and names them relative to itself, so it works wherever it is. Such a path must stay
-    inside the folder and exist (never looked up in the working directory or the hub)."""
-    folder = Path(folder).resolve()
-
-    def inside(value: str | None, what: str) -> str | None:
-        if value and value.startswith("./"):
-            return str(resolve_part(folder, value, what))
-        return value
-
-    config.encoder.checkpoint = inside(config.encoder.checkpoint, "encoder.checkpoint")
-    config.llm.source = inside(config.llm.source, "llm.source")
-    for name, decoder in config.decoders.items():
-        decoder.source = inside(decoder.source, f"decoders.{name}.source")

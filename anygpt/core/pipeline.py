@@ -26,10 +26,11 @@ from anygpt.base.errors import UnknownModelError
 from anygpt.base.media import Audio, MediaError, Video, load_media
 from anygpt.base.modality import MEDIA_MODALITIES, Modality
 from anygpt.base.utils import atomic_directory
-from anygpt.core.config import PACKAGED_MODELS, AnyGPTConfig, config_from_preset, list_presets, packaged_model_dir
+from anygpt.core.config import PACKAGED_MODELS, AnyGPTConfig, config_from_preset, list_presets
 from anygpt.core.conversation import Conversation, MediaRef
+from anygpt.core.index import INDEX_FILE, packaged_model_dir, read_index, resolve_part, write_index
 from anygpt.core.lora import check_selection
-from anygpt.core.model import INDEX_FILE, AnyGPTModel, read_index, resolve_part, write_index
+from anygpt.core.model import AnyGPTModel
 from anygpt.core.tokens import SignalTokenProcessor, repair_signal_groups
 
 logger = logging.getLogger(__name__)
