@@ -10,6 +10,8 @@ from anygpt.base.modality import MEDIA_MODALITIES, Modality
 from anygpt.core.fusion import CrossAttentionConfig
 from anygpt.core.llm import LanguageModelConfig, llm_config_from_preset
 from anygpt.core.tokens import SignalTokenConfig
+from decoders import DecoderConfig
+from encoders import ImageBindConfig
 
 
 @dataclass
@@ -98,9 +100,6 @@ class AnyGPTConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> AnyGPTConfig:
-        from decoders import DecoderConfig
-        from encoders import ImageBindConfig
-
         data = copy.deepcopy(data)
         known = {
             "encoder", "llm", "decoders", "signal_tokens", "input_projector", "output_projector",
@@ -124,9 +123,6 @@ class AnyGPTConfig:
 
 
 def _tiny() -> AnyGPTConfig:
-    from decoders import DecoderConfig
-    from encoders import ImageBindConfig
-
     return AnyGPTConfig(
         encoder=ImageBindConfig.from_preset("tiny"),
         llm=llm_config_from_preset("tiny-llama"),
@@ -143,9 +139,6 @@ def _tiny() -> AnyGPTConfig:
 
 
 def _nextgpt_7b() -> AnyGPTConfig:
-    from decoders import DecoderConfig
-    from encoders import ImageBindConfig
-
     return AnyGPTConfig(
         encoder=ImageBindConfig.from_preset("imagebind-huge"),
         llm=llm_config_from_preset("vicuna-7b-v1.5"),

@@ -16,6 +16,7 @@ import torch
 
 from anygpt.base.modality import Modality
 from anygpt.base.utils import resolve_dtype, resolve_local_model
+from anygpt.core.conversation import get_template
 
 logger = logging.getLogger(__name__)
 
@@ -103,8 +104,6 @@ class LanguageModelConfig:
         if isinstance(self.lora, dict):
             self.lora = LoraSettings(**self.lora)
         resolve_dtype(self.torch_dtype)
-        from anygpt.core.conversation import get_template
-
         get_template(self.template)
         if self.source == TINY and self.hidden_size % self.num_heads:
             raise ValueError(f"llm.hidden_size {self.hidden_size} is not divisible by llm.num_heads {self.num_heads}")
