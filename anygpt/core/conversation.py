@@ -14,7 +14,11 @@ from anygpt.base.modality import Modality
 
 @dataclass(frozen=True)
 class ChatTemplate:
-    """How turns are laid out as text. ``{system} USER: ... ASSISTANT: ...</s>USER: ...`` for Vicuna v1."""
+    """How turns are laid out as text. ``{system} USER: ... ASSISTANT: ...</s>USER: ...`` for Vicuna v1.
+
+    A user turn is ``{user} `` then, for each media item, ``{media_open}<item>{media_close}``, then ``{media_end}``
+    (after the last item), then ``{text}{sep}``.
+    """
 
     name: str
     system: str
@@ -23,6 +27,10 @@ class ChatTemplate:
     sep: str
     assistant_end: str  # text appended after every finished assistant turn
     end_with_eos: bool  # whether the tokenizer's EOS token also closes an assistant turn (Vicuna's "</s>")
+    media_open: str = ""  # text before each media item of a user turn
+    media_close: str = ""  # text after each media item
+    media_end: str = "\n"  # text between a user turn's media and its text
+    stop: tuple[str, ...] = ()  # text that ends an assistant turn besides EOS (generation should stop there)
 
 
 TEMPLATES: dict[str, ChatTemplate] = {
@@ -38,6 +46,9 @@ TEMPLATES: dict[str, ChatTemplate] = {
         assistant_end="",
         end_with_eos=True,
     ),
+    # NExT-GPT's released model (legacy code, Vicuna v0): ``### Human: <Img>{media}</Img> {text}\n### Assistant:``,
+    # every media item wrapped as in its training (``<Img>`` is plain text there; see anygpt.apps.convert); a reply
+    # ends with ``###`` (its stop token, id 835).
     "nextgpt_v0": ChatTemplate(
         name="nextgpt_v0",
         system="",
@@ -46,6 +57,10 @@ TEMPLATES: dict[str, ChatTemplate] = {
         sep="\n",
         assistant_end="\n",
         end_with_eos=False,
+        media_open="<Img>",
+        media_close="</Img>",
+        media_end=" ",
+        stop=("###",),
     ),
     "plain": ChatTemplate(name="plain", system="", user="", assistant="", sep="", assistant_end="", end_with_eos=True),
 }
@@ -133,9 +148,9 @@ class Conversation:
             if turn.role == "user":
                 pieces.append(f"{tpl.user} " if tpl.user else "")
                 for ref in turn.media:
-                    pieces.append(ref)
+                    pieces.extend([tpl.media_open, ref, tpl.media_close])
                 if turn.media:
-                    pieces.append("\n")
+                    pieces.append(tpl.media_end)
                 pieces.append(turn.text + tpl.sep)
             else:
                 pieces.append(tpl.assistant)
