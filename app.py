@@ -1,7 +1,7 @@
 """The anygpt chat demo: a Gradio page over ``anygpt.apps.chat.ChatEngine`` (no model logic here).
 
     python app.py [--model NAME|DIR] [--host 127.0.0.1] [--port 7860] [--share] [--output-dir DIR]
-                  [--max-upload-mb 100] [--queue-size 16]
+                  [--max-upload-mb 100] [--queue-size 16] [--device cuda --dtype bfloat16 --offload model ...]
 
 Each browser session has its own ``ChatSession`` (a gr.State, ended and its files removed when the tab closes or it
 expires); generated files go to ``OUTPUT_DIR/sessions/<id>/``. The output folder is Gradio's own cache folder, so the
@@ -23,7 +23,7 @@ import re
 import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # before gradio is imported
 
@@ -34,9 +34,11 @@ from anygpt.apps.chat import (  # noqa: E402
     ChatEngine,
     ChatSession,
     Exchange,
-    GenerationSettings,
     default_output_dir,
+    request_fields,
 )
+from anygpt.apps.runtime_args import add_runtime_arguments, runtime_options  # noqa: E402
+from anygpt.base.errors import UsageError  # noqa: E402
 from anygpt.core.config import DEFAULT_MODEL  # noqa: E402
 
 logger = logging.getLogger("anygpt.app")
@@ -93,10 +95,101 @@ def build_app(
         session_ttl: seconds after its last update that a session ends (``ChatSession.close``: files removed).
         delete_cache: Gradio's ``(every, older than)`` seconds sweep of the files it served (uploads, outputs).
     """
-    defaults = engine.decoder_defaults()
-    available = engine.output_modalities
+    with gr.Blocks(title=title, analytics_enabled=False, fill_height=True, delete_cache=delete_cache) as demo:
+        # one session per browser session, created by its first event; closed when the tab goes or it expires
+        session = gr.State(None, time_to_live=session_ttl, delete_callback=_end_session)
+        page = _layout(title, note, engine.output_modalities, engine.decoder_defaults())
+        _wire_events(ChatHandlers(engine), page, session)
+    return demo
+
+
+class Page(NamedTuple):
+    """The page's components that events read or write; ``controls`` in the order of ``ChatHandlers.chat``'s
+    parameters after ``message``."""
+
+    chatbot: gr.Chatbot
+    status: gr.Markdown
+    message: gr.MultimodalTextbox
+    send: gr.Button
+    stop: gr.Button
+    retry: gr.Button
+    clear: gr.Button
+    controls: list[gr.components.Component]
+
+
+def _layout(title: str, note: str, available: list[str], defaults: dict[str, dict[str, Any]]) -> Page:
+    """The components, laid out: the chat, status, message box and buttons on the left, the settings on the right."""
+    gr.Markdown(f"## {title}\nText, images, audio and video in; text, images, video and audio out. {note}")
+    with gr.Row(equal_height=False):
+        with gr.Column(scale=3):
+            chatbot = gr.Chatbot(
+                elem_id="chat",
+                label="Chat",
+                height="68vh",
+                min_height=420,
+                placeholder="Ask something; attach images, audio or video with the paper clip.",
+                feedback_options=None,
+                buttons=["copy_all"],
+                group_consecutive_messages=False,
+            )
+            status = gr.Markdown("", label="Status", elem_id="status", container=True, min_height=56)
+            message = gr.MultimodalTextbox(
+                label="Message",
+                show_label=False,
+                elem_id="msg",
+                placeholder="Type a message; attach images, audio or video…",
+                file_count="multiple",  # any file: the engine checks kind and size, and answers in the chat
+                sources=["upload"],
+                submit_btn=False,
+                autofocus=True,
+            )
+            with gr.Row():
+                send = gr.Button("Send", variant="primary", elem_id="send")
+                stop = gr.Button("Stop", variant="stop", elem_id="stop")
+                retry = gr.Button("Retry last turn", elem_id="retry")
+                clear = gr.Button("Clear", elem_id="clear")
+        with gr.Column(scale=1, min_width=280):
+            controls = _controls(available, defaults)
+    return Page(chatbot, status, message, send, stop, retry, clear, controls)
+
+
+def _wire_events(handlers: ChatHandlers, page: Page, session: gr.State) -> None:
+    """Connect the buttons and the message box to the handlers (the API routes ``/chat``, ``/retry``, ``/stop``,
+    ``/clear``)."""
+    inputs = [*page.controls, session]
+    progress = dict(concurrency_id=MODEL_EVENTS, show_progress="full", show_progress_on=[page.status])
+    chat_outputs = [page.chatbot, page.message, page.status, session]
+    chat_args = dict(fn=handlers.chat, inputs=[page.message, *inputs], outputs=chat_outputs, **progress)
+    retry_args = dict(fn=handlers.retry, inputs=inputs, outputs=[page.chatbot, page.status, session], **progress)
+    model_events = [
+        page.message.submit(**chat_args, api_name="chat"),
+        page.send.click(**chat_args, api_visibility="private"),
+        page.retry.click(**retry_args, api_name="retry"),
+    ]
+    # Stop and Clear are instant and do not call the model: no concurrency limit (they never wait behind the
+    # model nor behind each other), exempt from the queue's size limit (limit_model_events), and open to the REST
+    # route too (queue=False). In the browser they also cancel this session's model events, queued or running
+    # (cancels=); over the API, job.cancel() does that for a job.
+    instant = dict(queue=False, concurrency_limit=None, outputs=[page.chatbot, page.status, session])
+    stop_args = dict(fn=handlers.stop, inputs=[session], **instant)
+    page.stop.click(**stop_args, api_name="stop", cancels=model_events)
+    clear_args = dict(fn=handlers.clear, inputs=[session], **instant)
+    page.clear.click(**clear_args, api_name="clear", cancels=model_events)
+    page.chatbot.clear(**clear_args, api_visibility="private", cancels=model_events)  # the chat's own trash can
+
+
+class ChatHandlers:
+    """The page's event handlers over one engine. Their parameter names are the API's argument names."""
+
+    def __init__(self, engine: ChatEngine):
+        self.engine = engine
+        self.available = engine.output_modalities
+
+    def _session(self, session: ChatSession | None) -> ChatSession:
+        return session if session is not None else self.engine.new_session()
 
     def settings(
+        self,
         outputs: list[str],
         temperature: float,
         top_p: float,
@@ -110,22 +203,24 @@ def build_app(
         audio_guidance: float,
         audio_seconds: float,
         seed: int,
-    ) -> GenerationSettings:
+    ) -> dict[str, Any]:
+        """The request's fields from the controls (those of decoders the model lacks are left out)."""
         steps = {"image": image_steps, "video": video_steps, "audio": audio_steps}
         guidance = {"image": image_guidance, "video": video_guidance, "audio": audio_guidance}
-        return GenerationSettings.from_controls(
+        return request_fields(
             outputs,
             temperature,
             top_p,
             max_new_tokens,
-            steps={k: v for k, v in steps.items() if k in available},
-            guidance={k: v for k, v in guidance.items() if k in available},
-            num_frames=video_frames if "video" in available else None,
-            audio_seconds=audio_seconds if "audio" in available else None,
+            steps={k: v for k, v in steps.items() if k in self.available},
+            guidance={k: v for k, v in guidance.items() if k in self.available},
+            num_frames=video_frames if "video" in self.available else None,
+            audio_seconds=audio_seconds if "audio" in self.available else None,
             seed=seed,
         )
 
     def chat(
+        self,
         message: dict | str | None,
         outputs: list[str],
         temperature: float,
@@ -145,12 +240,12 @@ def build_app(
     ):
         """Send a message (text and uploaded files) and stream the reply."""
         submitted = _enqueued_at()
-        session = session if session is not None else engine.new_session()
+        session = self._session(session)
         if isinstance(message, str):
             message = {"text": message, "files": []}
         text = (message or {}).get("text") or ""
         files = [_file_path(f) for f in (message or {}).get("files") or []]
-        request = settings(
+        settings = self.settings(
             outputs,
             temperature,
             top_p,
@@ -166,10 +261,11 @@ def build_app(
             seed,
         )
         yield to_messages(session.exchanges), gr.MultimodalTextbox(value=None), "", session
-        for exchange in engine.respond(session, text, files, request, submitted_at=submitted):
+        for exchange in self.engine.respond(session, text, files, settings, submitted_at=submitted):
             yield to_messages(session.exchanges), gr.skip(), exchange.reply.status, session
 
     def retry(
+        self,
         outputs: list[str],
         temperature: float,
         top_p: float,
@@ -188,8 +284,8 @@ def build_app(
     ):
         """Ask the last message again; its previous answer is removed from the conversation first."""
         submitted = _enqueued_at()
-        session = session if session is not None else engine.new_session()
-        request = settings(
+        session = self._session(session)
+        settings = self.settings(
             outputs,
             temperature,
             top_p,
@@ -205,81 +301,26 @@ def build_app(
             seed,
         )
         yield to_messages(session.exchanges), "", session
-        for exchange in engine.retry(session, request, submitted_at=submitted):
+        for exchange in self.engine.retry(session, settings, submitted_at=submitted):
             yield to_messages(session.exchanges), exchange.reply.status, session
 
-    def stop(session: ChatSession | None):
+    def stop(self, session: ChatSession | None):
         """Stop this session's answers, running or queued: the text at its next token, a decoder after its step.
 
         A session that has none yet (its first message still queued) is created here, stopped: the queued message
         reads it when it starts, and ends as stopped.
         """
-        session = session if session is not None else engine.new_session()
-        ended = engine.stop(session, wait=STOP_WAIT_S)
+        session = self._session(session)
+        ended = self.engine.stop(session, wait=STOP_WAIT_S)
         last = session.exchanges[-1].reply if session.exchanges else None
         status = "stopping" if not ended else (last.status if last is not None else "")
         return to_messages(session.exchanges), status, session
 
-    def clear(session: ChatSession | None):
+    def clear(self, session: ChatSession | None):
         """Forget the conversation and remove the session's files."""
-        session = session if session is not None else engine.new_session()
+        session = self._session(session)
         session.clear()
         return [], "", session
-
-    with gr.Blocks(title=title, analytics_enabled=False, fill_height=True, delete_cache=delete_cache) as demo:
-        # one session per browser session, created by its first event; closed when the tab goes or it expires
-        session = gr.State(None, time_to_live=session_ttl, delete_callback=_end_session)
-        gr.Markdown(f"## {title}\nText, images, audio and video in; text, images, video and audio out. {note}")
-        with gr.Row(equal_height=False):
-            with gr.Column(scale=3):
-                chatbot = gr.Chatbot(
-                    elem_id="chat",
-                    label="Chat",
-                    height="68vh",
-                    min_height=420,
-                    placeholder="Ask something; attach images, audio or video with the paper clip.",
-                    feedback_options=None,
-                    buttons=["copy_all"],
-                    group_consecutive_messages=False,
-                )
-                status = gr.Markdown("", label="Status", elem_id="status", container=True, min_height=56)
-                message = gr.MultimodalTextbox(
-                    label="Message",
-                    show_label=False,
-                    elem_id="msg",
-                    placeholder="Type a message; attach images, audio or video…",
-                    file_count="multiple",  # any file: the engine checks kind and size, and answers in the chat
-                    sources=["upload"],
-                    submit_btn=False,
-                    autofocus=True,
-                )
-                with gr.Row():
-                    send_btn = gr.Button("Send", variant="primary", elem_id="send")
-                    stop_btn = gr.Button("Stop", variant="stop", elem_id="stop")
-                    retry_btn = gr.Button("Retry last turn", elem_id="retry")
-                    clear_btn = gr.Button("Clear", elem_id="clear")
-            with gr.Column(scale=1, min_width=280):
-                controls = _controls(available, defaults)
-
-        inputs = [*controls, session]
-        progress = dict(concurrency_id=MODEL_EVENTS, show_progress="full", show_progress_on=[status])
-        chat_args = dict(fn=chat, inputs=[message, *inputs], outputs=[chatbot, message, status, session], **progress)
-        model_events = [
-            message.submit(**chat_args, api_name="chat"),
-            send_btn.click(**chat_args, api_visibility="private"),
-            retry_btn.click(retry, inputs=inputs, outputs=[chatbot, status, session], api_name="retry", **progress),
-        ]
-        # Stop and Clear are instant and do not call the model: no concurrency limit (they never wait behind the
-        # model nor behind each other), exempt from the queue's size limit (limit_model_events), and open to the REST
-        # route too (queue=False). In the browser they also cancel this session's model events, queued or running
-        # (cancels=); over the API, job.cancel() does that for a job.
-        instant = dict(queue=False, concurrency_limit=None)
-        stop_args = dict(fn=stop, inputs=[session], outputs=[chatbot, status, session], **instant)
-        stop_btn.click(**stop_args, api_name="stop", cancels=model_events)
-        clear_args = dict(fn=clear, inputs=[session], outputs=[chatbot, status, session], **instant)
-        clear_btn.click(**clear_args, api_name="clear", cancels=model_events)
-        chatbot.clear(**clear_args, api_visibility="private", cancels=model_events)  # the chat's own trash can
-    return demo
 
 
 def _controls(available: list[str], defaults: dict[str, dict[str, Any]]) -> list[gr.components.Component]:
@@ -483,6 +524,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="model requests (chat, retry) that may wait; Stop and Clear are never refused",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    add_runtime_arguments(parser)
     args = parser.parse_args(argv)
     if args.max_upload_mb <= 0:
         parser.error("--max-upload-mb must be positive")
@@ -495,11 +537,13 @@ def main(argv: list[str] | None = None) -> None:
         level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )
     try:
+        runtime = runtime_options(args)
         output_dir = output_folder(args.output_dir)
-    except ValueError as error:
+    except (UsageError, ValueError) as error:
         raise SystemExit(f"app.py: error: {error}") from None
     os.environ.update(gradio_environment(output_dir))
-    engine = ChatEngine.from_pretrained(args.model, output_dir, max_upload_bytes=int(args.max_upload_mb * 2**20))
+    upload_limit = int(args.max_upload_mb * 2**20)
+    engine = ChatEngine.from_pretrained(args.model, output_dir, runtime=runtime, max_upload_bytes=upload_limit)
     logger.warning("writing generated files to %s", engine.output_dir)
     serve(
         engine,

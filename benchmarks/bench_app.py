@@ -1,6 +1,7 @@
 """Load check of the chat demo: N ``gradio_client`` users send one message each at the same moment, on loopback.
 
     python benchmarks/bench_app.py [--clients 8] [--modalities image] [--max-new-tokens 16] [--url http://127.0.0.1:PORT/]
+                                   [--device cuda --dtype bfloat16]
 
 Without ``--url`` the demo is started in this process on a free loopback port (tiny model, a temporary output
 folder). Every client is its own session; the queue runs one model call at a time, so the requests complete one
@@ -23,6 +24,9 @@ import time
 from pathlib import Path
 from urllib.parse import urlparse
 
+from anygpt.apps.runtime_args import add_runtime_arguments, runtime_options
+from anygpt.base.errors import UsageError
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -36,7 +40,7 @@ def _loopback(url: str) -> bool:
         return False
 
 
-def _start_app(model: str, output_dir: Path, queue_size: int):
+def _start_app(model: str, output_dir: Path, queue_size: int, runtime=None):
     import os
 
     spec = importlib.util.spec_from_file_location("anygpt_app", REPO / "app.py")
@@ -45,7 +49,7 @@ def _start_app(model: str, output_dir: Path, queue_size: int):
     os.environ.update(app.gradio_environment(output_dir))
     from anygpt.apps.chat import ChatEngine
 
-    engine = ChatEngine.from_pretrained(model, output_dir)
+    engine = ChatEngine.from_pretrained(model, output_dir, runtime=runtime)
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
@@ -86,13 +90,19 @@ def main() -> None:
     parser.add_argument("--queue-size", type=int, default=16, help="queue size of the demo started here")
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds one request may take")
     parser.add_argument("--json", action="store_true")
+    add_runtime_arguments(parser)  # --device --dtype ... of the demo started here
     args = parser.parse_args()
     if args.url is not None and not _loopback(args.url):
         sys.exit("bench_app: --url must be a loopback address (127.0.0.0/8, ::1 or localhost)")
+    try:
+        runtime = runtime_options(args)
+    except UsageError as error:
+        sys.exit(f"bench_app: {error}")
 
     with tempfile.TemporaryDirectory(prefix="anygpt-bench-app-") as tmp:
         args.download_dir = str(Path(tmp) / "downloads")
-        demo, url = (None, args.url) if args.url else _start_app(args.model, Path(tmp) / "out", args.queue_size)
+        start_here = (args.model, Path(tmp) / "out", args.queue_size, runtime)
+        demo, url = (None, args.url) if args.url else _start_app(*start_here)
         results: list = [None] * args.clients
         threads = [threading.Thread(target=_one_user, args=(url, i, args, results)) for i in range(args.clients)]
         start = time.perf_counter()

@@ -13,6 +13,7 @@ from __future__ import annotations
 import inspect
 import logging
 import re
+import tempfile
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
@@ -25,7 +26,7 @@ from diffusers import DiffusionPipeline
 
 from anygpt.base.errors import GenerationStopped
 from anygpt.base.modality import Modality
-from anygpt.base.utils import resolve_dtype
+from anygpt.base.utils import resolve_dtype, torchao_weight_config
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +43,7 @@ __all__ = [
 ]
 
 TINY_SOURCE = "tiny"
+_OFFLOAD_PLANS = ("none", "model", "sequential", "group")  # anygpt.core.runtime.OFFLOAD_PLANS
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -274,7 +276,7 @@ _TINY = {"source": TINY_SOURCE, "num_inference_steps": 3, "cond_dim": 32}
 _PRESETS: dict[str, dict[str, Any]] = {
     "stable-diffusion-v1-5": {
         "kind": "stable-diffusion",
-        "source": "runwayml/stable-diffusion-v1-5",
+        "source": "stable-diffusion-v1-5/stable-diffusion-v1-5",  # the maintained copy; runwayml/ is gone
         "num_inference_steps": 50,
         "guidance_scale": 7.5,
         "height": 512,
@@ -355,6 +357,13 @@ class Decoder(ABC):
         self._device: torch.device | None = None
         self._dtype: torch.dtype = resolve_dtype(config.torch_dtype)
         self._negative: torch.Tensor | None = None
+        self._offload = "none"  # one of OFFLOAD_PLANS (see enable_offload)
+        self._before_use: Callable[[], None] | None = None
+        self._quantize: str | None = None  # "8bit" / "4bit" denoiser weights (see set_quantization)
+        self._quantization_backend = "torchao"
+        self._compile = False
+        self._quantized = False  # whether the loaded pipeline's denoiser holds quantized weights
+        self._built: DiffusionPipeline | None = None  # a pipeline handed to adopt(), used by the next load
 
     # ---- description
 
@@ -411,13 +420,21 @@ class Decoder(ABC):
         start = time.perf_counter()
         if self.pipeline_options:
             logger.info("%s decoder pipeline options: %s", self.kind, self.pipeline_options)
-        if self.config.is_tiny:
+        quantization = None if self._built is not None else self._quantization_config()
+        if self._built is not None:
+            pipe, self._built = self._built, None
+        elif self.config.is_tiny:
             components = self.tiny_components(seed=self.config.seed, cond_dim=self.spec.cond_dim)
             pipe = self.pipeline_class(**{**components, **self.pipeline_options})
+            if quantization is not None:
+                pipe = self._reload_quantized(pipe, quantization)
         else:
-            pipe = self._from_pretrained()
+            pipe = self._from_pretrained(quantization)
+        self._quantized = quantization is not None
         self._check_loaded_spec(pipe)
         self._place(pipe)
+        if self._compile:
+            pipe.unet.compile()  # in place: the module keeps its type, hooks and attributes
         pipe.set_progress_bar_config(disable=True)
         self._pipeline = pipe
         self.load_count += 1
@@ -432,9 +449,143 @@ class Decoder(ABC):
         return pipe
 
     def unload(self) -> None:
-        """Drop the pipeline and cached embeddings; the next use loads it again."""
+        """Drop the pipeline and cached embeddings (freeing their memory); the next use loads it again."""
+        if self._pipeline is not None and self._offload in ("model", "sequential"):
+            self._pipeline.remove_all_hooks()
         self._pipeline = None
         self._negative = None
+
+    def adopt(self, pipe: DiffusionPipeline) -> Decoder:
+        """Use ``pipe``, already built (e.g. a released architecture with random weights, for benchmarks), instead
+        of loading one: it is checked against :attr:`spec` and placed like a loaded pipeline.
+
+        Raises:
+            ValueError: ``pipe`` is not a ``pipeline_class`` or its conditioning differs from :attr:`spec`.
+        """
+        if not isinstance(pipe, self.pipeline_class):
+            raise ValueError(f"{self.kind} decoder needs a {self.pipeline_class.__name__}, got {type(pipe).__name__}")
+        self.unload()
+        self._built = pipe
+        self.load()
+        return self
+
+    # ---- placement: offload, quantization, compilation (anygpt.core.runtime.RuntimeOptions sets them)
+
+    @property
+    def offload_plan(self) -> str:
+        """How the pipeline is placed: ``"none"`` (on :attr:`device`), ``"model"``, ``"sequential"``, ``"group"``."""
+        return self._offload
+
+    def enable_offload(
+        self, plan: str, device: str | torch.device, *, before_use: Callable[[], None] | None = None
+    ) -> Decoder:
+        """Keep the pipeline's weights in CPU memory and run it on ``device`` (now if loaded, otherwise on load).
+
+        Plans (diffusers' own, unchanged): ``"model"`` (``enable_model_cpu_offload``: one component at a time on
+        ``device``, and after every :meth:`generate` / :meth:`encode_captions` none: a decoder loaded lazily stays
+        loaded but leaves the accelerator between uses), ``"sequential"`` (``enable_sequential_cpu_offload``: layer by
+        layer, least memory), ``"group"`` (``enable_group_offload``: one block at a time, streams on CUDA), or
+        ``"none"`` (the whole pipeline on ``device``).
+
+        Args:
+            plan: one of the plans above.
+            device: the execution device (an accelerator; ``"cpu"`` works too and attaches the same hooks).
+            before_use: called before each use, e.g. to move another model off the accelerator first.
+
+        Raises:
+            ValueError: an unknown plan, or leaving ``"group"`` on a loaded pipeline (diffusers cannot undo it:
+                :meth:`unload` first).
+        """
+        if plan not in _OFFLOAD_PLANS:
+            raise ValueError(f"offload plan: expected one of {', '.join(_OFFLOAD_PLANS)}, got {plan!r}")
+        if self._pipeline is not None and self._offload == "group" and plan != "group":
+            raise ValueError(
+                f"{self.kind} decoder: group offload cannot be undone on a loaded pipeline; unload() first"
+            )
+        self._device = torch.device(device)
+        self._before_use = before_use
+        previous, self._offload = self._offload, plan
+        if self._pipeline is not None and (plan != previous or plan == "none"):
+            if previous in ("model", "sequential"):
+                self._pipeline.remove_all_hooks()
+            self._place(self._pipeline)
+        return self
+
+    def offload(self) -> None:
+        """Move a loaded pipeline's weights to the CPU, keeping it loaded; the next use moves them back.
+
+        Under the ``"model"`` plan this happens after every use by itself; under ``"sequential"`` / ``"group"`` the
+        weights live on the CPU already.
+        """
+        if self._pipeline is None:
+            return
+        if self._offload == "model":
+            self._pipeline.maybe_free_model_hooks()
+        elif self._offload == "none" and self._pipeline.device.type != "cpu":
+            self._pipeline.to(device="cpu")
+
+    def set_quantization(self, quantize: str | None, backend: str = "torchao") -> Decoder:
+        """Load the denoiser's (UNet's) linear layers with 8- or 4-bit weights, through diffusers'
+        ``PipelineQuantizationConfig`` (takes effect at the next load).
+
+        Args:
+            quantize: ``None``, ``"8bit"`` or ``"4bit"``.
+            backend: ``"bitsandbytes"`` (diffusers supports it on CUDA only: elsewhere the weights stay unquantized,
+                with a log line) or ``"torchao"``.
+        """
+        if quantize not in (None, "8bit", "4bit"):
+            raise ValueError(f"quantize: expected None, '8bit' or '4bit', got {quantize!r}")
+        if backend not in ("bitsandbytes", "torchao"):
+            raise ValueError(f"quantization backend: expected 'bitsandbytes' or 'torchao', got {backend!r}")
+        if self._pipeline is not None and (quantize, backend) != (self._quantize, self._quantization_backend):
+            logger.info("%s decoder: the new quantization applies from its next load", self.kind)
+        self._quantize, self._quantization_backend = quantize, backend
+        return self
+
+    def set_compile(self, compile: bool = True) -> Decoder:
+        """``torch.compile`` the denoiser (in place, at the next load or now); the first steps compile it."""
+        self._compile = bool(compile)
+        if compile and self._pipeline is not None:
+            self._pipeline.unet.compile()
+        return self
+
+    def _quantization_config(self) -> Any:
+        """diffusers' ``PipelineQuantizationConfig`` for the denoiser, or None (none wanted, or not possible here)."""
+        if self._quantize is None:
+            return None
+        from diffusers import PipelineQuantizationConfig
+
+        if self._quantization_backend == "bitsandbytes":
+            if self.device.type != "cuda":
+                logger.info(
+                    "%s decoder: diffusers quantizes with bitsandbytes on CUDA only; its weights stay %s on %s",
+                    self.kind,
+                    self._dtype,
+                    self.device,
+                )
+                return None
+            kwargs = (
+                {"load_in_8bit": True}
+                if self._quantize == "8bit"
+                else {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_compute_dtype": self._dtype}
+            )
+            return PipelineQuantizationConfig(
+                quant_backend=f"bitsandbytes_{self._quantize}", quant_kwargs=kwargs, components_to_quantize=["unet"]
+            )
+        from diffusers import TorchAoConfig
+
+        bits = 8 if self._quantize == "8bit" else 4
+        config = TorchAoConfig(torchao_weight_config(bits, self.device))
+        return PipelineQuantizationConfig(quant_mapping={"unet": config})
+
+    def _reload_quantized(self, pipe: DiffusionPipeline, quantization: Any) -> DiffusionPipeline:
+        """A pipeline built in memory (tiny), saved and loaded back with its quantization config: the same
+        ``from_pretrained`` path a real model takes."""
+        with tempfile.TemporaryDirectory(prefix="anygpt-decoder-") as folder:
+            pipe.save_pretrained(folder)
+            return self.pipeline_class.from_pretrained(
+                folder, dtype=self._dtype, quantization_config=quantization, **self.pipeline_options
+            )
 
     def to(self, device: str | torch.device | None = None, dtype: torch.dtype | str | None = None) -> Decoder:
         """Move the pipeline now if it is loaded, otherwise when it loads.
@@ -479,8 +630,10 @@ class Decoder(ABC):
         """
         if isinstance(captions, str) or not captions:
             raise ValueError("captions must be a non-empty list of strings")
-        pipe = self.load()
+        pipe = self._prepare()
         embeds = self._encode_with_pipeline(pipe, list(captions), pipe._execution_device)
+        if self._offload == "model":
+            pipe.maybe_free_model_hooks()  # the text encoder leaves the accelerator
         if not self.pooled and embeds.dim() == 3 and embeds.shape[1] > self.spec.cond_len:
             embeds = embeds[:, : self.spec.cond_len].contiguous()
         self._check_shape(embeds, "encoded captions")
@@ -501,6 +654,7 @@ class Decoder(ABC):
         audio_seconds: float | None = None,
         show_progress: bool = True,
         should_stop: Callable[[], bool] | None = None,
+        callback_on_step_end: Callable[[Any, int, Any, dict[str, Any]], dict[str, Any]] | None = None,
     ) -> list[Any]:
         """Generate one output per row of ``prompt_embeds``.
 
@@ -523,6 +677,10 @@ class Decoder(ABC):
                 the pipeline's ``callback_on_step_end`` (Stable Diffusion) or its older ``callback`` with
                 ``callback_steps=1`` (ZeroScope's ``TextToVideoSDPipeline``, AudioLDM); a pipeline with neither is
                 checked before it starts only.
+            callback_on_step_end: diffusers' ``callback(pipe, step, timestep, callback_kwargs) -> dict`` after every
+                denoising step, ``pipe`` being this decoder's diffusers pipeline. A pipeline with only the older
+                ``callback`` gets ``callback_kwargs={"latents": latents}``, and ``"latents"`` in the returned dict
+                replace them in place.
 
         Returns:
             B outputs: ``PIL.Image.Image`` for images; :class:`anygpt.base.media.Video` (uint8 (T, H, W, 3), the
@@ -536,7 +694,7 @@ class Decoder(ABC):
         batch = prompt_embeds.shape[0]
         if negative_prompt_embeds is not None:
             self._check_shape(negative_prompt_embeds, "negative_prompt_embeds", batch=(1, batch))
-        pipe = self.load()
+        pipe = self._prepare()
         target = {"device": pipe._execution_device, "dtype": pipe.unet.dtype}
         if negative_prompt_embeds is None:
             negative_prompt_embeds = self.empty_caption_embedding()
@@ -544,11 +702,9 @@ class Decoder(ABC):
         negative = negative.expand(batch, *negative.shape[1:]) if negative.shape[0] == 1 else negative
         pipe.set_progress_bar_config(disable=not show_progress)
         cfg = self.config
-        stop_kwargs = {}
-        if should_stop is not None:
-            if should_stop():
-                raise GenerationStopped(f"{self.kind} decoder stopped before its first step")
-            stop_kwargs = self._stop_callback(pipe, should_stop)
+        if should_stop is not None and should_stop():
+            raise GenerationStopped(f"{self.kind} decoder stopped before its first step")
+        stop_kwargs = self._step_callback(pipe, should_stop, callback_on_step_end)
         output = pipe(
             prompt_embeds=prompt_embeds.to(**target),
             negative_prompt_embeds=negative,
@@ -564,27 +720,42 @@ class Decoder(ABC):
             ),
             **stop_kwargs,
         )
+        if self._offload == "model":
+            pipe.maybe_free_model_hooks()  # not every pipeline does it at its end (AudioLDM's vocoder)
         return self._outputs(pipe, output)
 
-    def _stop_callback(self, pipe: DiffusionPipeline, should_stop: Callable[[], bool]) -> dict[str, Any]:
-        """The pipeline arguments that call ``should_stop`` after every denoising step and raise when it is True."""
+    def _step_callback(
+        self,
+        pipe: DiffusionPipeline,
+        should_stop: Callable[[], bool] | None,
+        user_callback: Callable[[Any, int, Any, dict[str, Any]], dict[str, Any]] | None,
+    ) -> dict[str, Any]:
+        """The pipeline arguments that run ``user_callback`` after every denoising step, then raise
+        ``GenerationStopped`` when ``should_stop`` returns True."""
+        if should_stop is None and user_callback is None:
+            return {}
         parameters = inspect.signature(pipe.__call__).parameters
 
-        def check(step: int) -> None:
-            if should_stop():
+        def after_step(step: int, timestep: Any, callback_kwargs: dict[str, Any]) -> dict[str, Any]:
+            if user_callback is not None:
+                callback_kwargs = user_callback(pipe, step, timestep, callback_kwargs)
+            if should_stop is not None and should_stop():
                 raise GenerationStopped(f"{self.kind} decoder stopped after denoising step {step + 1}")
+            return callback_kwargs
 
         if "callback_on_step_end" in parameters:
-
-            def on_step_end(_pipe: Any, step: int, _timestep: Any, callback_kwargs: dict[str, Any]) -> dict[str, Any]:
-                check(step)
-                return callback_kwargs
-
-            return {"callback_on_step_end": on_step_end}
+            return {"callback_on_step_end": lambda _pipe, step, timestep, kwargs: after_step(step, timestep, kwargs)}
         if "callback" in parameters:
+
+            def legacy(step: int, timestep: Any, latents: torch.Tensor) -> None:
+                returned = after_step(step, timestep, {"latents": latents})
+                new = returned.get("latents") if isinstance(returned, dict) else None
+                if new is not None and new is not latents:
+                    latents.copy_(new)
+
             extra = {"callback_steps": 1} if "callback_steps" in parameters else {}
-            return {"callback": lambda step, _timestep, _latents: check(step), **extra}
-        logger.debug("%s pipeline takes no step callback: should_stop is checked before it starts only", self.kind)
+            return {"callback": legacy, **extra}
+        logger.debug("%s pipeline takes no step callback: it runs without should_stop / callback", self.kind)
         return {}
 
     def empty_caption_embedding(self) -> torch.Tensor:
@@ -621,12 +792,37 @@ class Decoder(ABC):
 
     # ---- helpers
 
-    def _place(self, pipe: DiffusionPipeline) -> None:
-        """Move ``pipe`` to :attr:`device` and cast it to :attr:`dtype` (only where they differ)."""
-        if pipe.device != self.device:
+    def _prepare(self) -> DiffusionPipeline:
+        """The loaded pipeline, ready to run: ``before_use`` called, weights back on :attr:`device` after
+        :meth:`offload`."""
+        pipe = self.load()
+        if self._before_use is not None:
+            self._before_use()
+        if self._offload == "none" and pipe.device != self.device:
             pipe.to(device=self.device)
-        if pipe.dtype != self._dtype:
+        return pipe
+
+    def _place(self, pipe: DiffusionPipeline) -> None:
+        """Cast ``pipe`` to :attr:`dtype` (quantized weights excepted) and place it by the offload plan: on
+        :attr:`device`, or in CPU memory behind diffusers' offload hooks that run it on :attr:`device`."""
+        if pipe.dtype != self._dtype and not self._quantized:
             pipe.to(dtype=self._dtype)
+        if self._offload == "none":
+            if pipe.device != self.device:
+                pipe.to(device=self.device)
+        elif self._offload == "model":
+            pipe.enable_model_cpu_offload(device=self.device)
+        elif self._offload == "sequential":
+            pipe.enable_sequential_cpu_offload(device=self.device)
+        elif not getattr(pipe, "_anygpt_group_offload", False):
+            pipe.enable_group_offload(
+                onload_device=self.device,
+                offload_device=torch.device("cpu"),
+                offload_type="block_level",
+                num_blocks_per_group=1,
+                use_stream=self.device.type == "cuda",
+            )
+            pipe._anygpt_group_offload = True
 
     def _check_shape(self, embeds: torch.Tensor, name: str, batch: tuple[int, ...] | None = None) -> None:
         expected = self.spec.cond_shape
@@ -654,8 +850,9 @@ class Decoder(ABC):
                 f"model_max_length={loaded.cond_len}: set cond_len to at most {loaded.cond_len} in its DecoderConfig"
             )
 
-    def _from_pretrained(self) -> DiffusionPipeline:
-        """Load the pipeline from a local folder or the Hugging Face cache, never from the network."""
+    def _from_pretrained(self, quantization: Any = None) -> DiffusionPipeline:
+        """Load the pipeline from a local folder or the Hugging Face cache, never from the network (with
+        ``quantization``, diffusers' ``PipelineQuantizationConfig``, if given)."""
         from huggingface_hub import constants, try_to_load_from_cache
 
         source = self.config.source
@@ -675,6 +872,7 @@ class Decoder(ABC):
                 dtype=self._dtype,  # diffusers >= 0.36 name of the deprecated torch_dtype
                 local_files_only=True,
                 cache_dir=cache,
+                **({"quantization_config": quantization} if quantization is not None else {}),
                 **self.pipeline_options,
             )
         except OSError as error:  # a partial download: some component files are missing

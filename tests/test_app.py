@@ -21,11 +21,12 @@ from PIL import Image
 
 from anygpt.apps.chat import (
     ChatEngine,
-    GenerationSettings,
+    GenerationRequest,
     GenerationStopped,
     _QueueStreamer,
     _user_message,
     check_upload,
+    request_fields,
 )
 from anygpt.base.media import MediaError, load_audio, load_image, load_video
 from anygpt.base.modality import Modality
@@ -366,6 +367,21 @@ def test_launch_options_bind_loopback_and_allow_only_the_output_folder(tmp_path,
     assert app.build_app(engine).delete_cache == app.CACHE_SWEEP  # Gradio sweeps the files it served
 
 
+def test_the_demo_takes_device_and_precision(tmp_path):
+    from anygpt.apps.runtime_args import runtime_options
+    from anygpt.core.runtime import RuntimeOptions
+
+    app = load_app_module()
+    assert runtime_options(app.parse_args([])) is None
+    args = app.parse_args(["--device", "cpu", "--dtype", "bfloat16"])
+    assert runtime_options(args) == RuntimeOptions(device="cpu", dtype="bfloat16")
+    with pytest.raises(SystemExit, match="^app.py: error: dtype: expected one of float32, float16, bfloat16"):
+        app.main(["--dtype", "float8", "--output-dir", str(tmp_path / "never")])
+    assert not (tmp_path / "never").exists()
+    engine = ChatEngine.from_pretrained("tiny", tmp_path / "out", runtime=runtime_options(args))
+    assert {p.dtype for p in engine.pipe.model.language_model.parameters()} == {torch.bfloat16}
+
+
 # ---------------------------------------------------------------------------------------------------- a full queue
 @pytest.fixture(scope="module")
 def small(tiny_pipe, tmp_path_factory):
@@ -419,7 +435,7 @@ def test_stop_ends_the_text_at_once_and_keeps_the_session_usable(tiny_pipe, tmp_
     engine = ChatEngine(tiny_pipe, tmp_path)
     session = engine.new_session()
     updates = 0
-    for exchange in engine.respond(session, "talk a lot", [], GenerationSettings(max_new_tokens=512)):
+    for exchange in engine.respond(session, "talk a lot", [], GenerationRequest(max_new_tokens=512)):
         updates += 1
         if exchange.reply.text:
             session.stop()
@@ -428,7 +444,7 @@ def test_stop_ends_the_text_at_once_and_keeps_the_session_usable(tiny_pipe, tmp_
     assert len(reply.text) < 400  # far fewer than 512 tokens' worth: it stopped early
     assert session.conversation.turns == [] and not session.exchanges[-1].kept  # the model will not see it
 
-    for _ in engine.retry(session, GenerationSettings(max_new_tokens=4)):
+    for _ in engine.retry(session, GenerationRequest(max_new_tokens=4)):
         pass
     assert session.exchanges[-1].reply.status.startswith("done") and len(session.conversation.turns) == 2
     session.clear()
@@ -440,16 +456,16 @@ def test_a_stop_sent_before_a_request_starts_is_not_lost(tiny_pipe, tmp_path):
     session = engine.new_session()
     sent = time.monotonic()  # the request is sent (and waits in a queue) ...
     session.stop()  # ... the user presses Stop ...
-    for _ in engine.respond(session, "hi", [], GenerationSettings(max_new_tokens=4), submitted_at=sent):
+    for _ in engine.respond(session, "hi", [], GenerationRequest(max_new_tokens=4), submitted_at=sent):
         pass  # ... then it starts: it ends as stopped, without running the model
     assert session.exchanges[-1].reply.stopped and session.exchanges[-1].reply.text == ""
     assert session.conversation.turns == [] and not session.busy
-    for _ in engine.respond(session, "again", [], GenerationSettings(max_new_tokens=4)):  # sent after the stop
+    for _ in engine.respond(session, "again", [], GenerationRequest(max_new_tokens=4)):  # sent after the stop
         pass
     assert session.exchanges[-1].reply.status.startswith("done") and len(session.conversation.turns) == 2
     sent = time.monotonic()
     session.clear()  # a request sent before a clear is dropped
-    assert list(engine.respond(session, "old", [], GenerationSettings(max_new_tokens=4), submitted_at=sent)) == []
+    assert list(engine.respond(session, "old", [], GenerationRequest(max_new_tokens=4), submitted_at=sent)) == []
     assert session.exchanges == []
 
 
@@ -457,7 +473,7 @@ def test_stop_between_decoders_keeps_the_media_rendered_before(tiny_pipe, tmp_pa
     app = load_app_module()
     engine = ChatEngine(tiny_pipe, tmp_path)
     session = engine.new_session()
-    settings = GenerationSettings(modalities=["image", "audio"], max_new_tokens=4, steps={"image": 1, "audio": 1})
+    settings = GenerationRequest(modalities=["image", "audio"], max_new_tokens=4, num_inference_steps=1)
     with held_decoder(tiny_pipe, Modality.AUDIO):
         for exchange in engine.respond(session, "draw and sing", [], settings):
             if exchange.reply.status.startswith("rendering audio"):
@@ -476,7 +492,7 @@ def test_a_stuck_decoder_does_not_hold_the_reply(tiny_pipe, tmp_path):
     engine = ChatEngine(tiny_pipe, tmp_path)
     engine.stop_grace_s = 0.3
     session = engine.new_session()
-    settings = GenerationSettings(modalities=["image"], max_new_tokens=4, steps={"image": 1})
+    settings = GenerationRequest(modalities=["image"], max_new_tokens=4, num_inference_steps=1)
     with held_decoder(tiny_pipe, Modality.IMAGE, honour_stop=False) as release:
         started = None
         for exchange in engine.respond(session, "x", [], settings):
@@ -507,7 +523,7 @@ def test_error_messages_show_no_server_paths(tiny_pipe, tmp_path, monkeypatch):
         raise OSError(f"No space left on device: {folder / stem}.png")
 
     monkeypatch.setattr(engine, "save_outputs", fail)
-    settings = GenerationSettings(modalities=["image"], max_new_tokens=4, steps={"image": 1})
+    settings = GenerationRequest(modalities=["image"], max_new_tokens=4, num_inference_steps=1)
     for _ in engine.respond(session, "x", [], settings):
         pass
     reply = session.exchanges[-1].reply
@@ -530,7 +546,7 @@ def test_a_reply_reports_each_decoder_and_saves_its_files(tiny_pipe, tmp_path):
     engine = ChatEngine(tiny_pipe, tmp_path)
     session = engine.new_session()
     statuses = []
-    settings = GenerationSettings(modalities=["image", "audio"], max_new_tokens=12, steps={"image": 1, "audio": 1})
+    settings = GenerationRequest(modalities=["image", "audio"], max_new_tokens=12, num_inference_steps=1)
     for exchange in engine.respond(session, "hi", [], settings):
         statuses.append(exchange.reply.status)
     assert statuses[-1].startswith("done") and session.exchanges[-1].kept
@@ -542,17 +558,35 @@ def test_a_reply_reports_each_decoder_and_saves_its_files(tiny_pipe, tmp_path):
     assert all(p.is_relative_to(engine.output_dir) for p in reply.files)
 
 
-def test_settings_from_controls():
-    auto = GenerationSettings.from_controls(["auto", "image"], 0.0, 1.0, 16.0, {"image": 5.0}, {"image": 3.5})
-    assert auto.modalities == "auto" and auto.max_new_tokens == 16 and isinstance(auto.steps["image"], int)
-    kwargs = auto.pipeline_kwargs()
-    assert kwargs["decoder_overrides"] == {"image": {"num_inference_steps": 5, "guidance_scale": 3.5}}
-    assert GenerationSettings.from_controls(["video", "audio"], 0, 1, 8, {}, {}).modalities == ["video", "audio"]
-    assert GenerationSettings.from_controls([], 0, 1, 8, {}, {}).modalities == []  # text only
-    assert GenerationSettings.from_controls("auto", 0, 1, 8, {}, {}, seed=-1).seed is None
-    assert isinstance(GenerationSettings(seed=None).pipeline_kwargs()["seed"], int)  # a fresh random seed
-    with pytest.raises(ValueError, match="max new tokens must be a whole number"):
-        GenerationSettings(max_new_tokens=2.5).pipeline_kwargs()
+def test_request_fields_from_controls():
+    auto = request_fields(["auto", "image"], 0.0, 1.0, 16.0, {"image": 5.0, "audio": None}, {"image": 3.5})
+    assert auto["modalities"] == "auto" and auto["max_new_tokens"] == 16 and isinstance(auto["seed"], int)
+    assert auto["decoder_overrides"] == {"image": {"num_inference_steps": 5, "guidance_scale": 3.5}}
+    request = GenerationRequest.from_dict({**auto, "prompt": "hi"})
+    assert request.decoder_settings("image")["num_inference_steps"] == 5 and request.num_inference_steps is None
+    assert request_fields(["video", "audio"], 0, 1, 8, {}, {})["modalities"] == ["video", "audio"]
+    assert request_fields([], 0, 1, 8, {}, {})["modalities"] == []  # text only
+    assert request_fields("auto", 0, 1, 8, {}, {}, seed=-1)["seed"] is None  # a fresh seed per request
+    assert request_fields("auto", 0, 1, 8, {}, {}, num_frames=8.0)["num_frames"] == 8
+
+
+def test_a_bad_setting_is_answered_in_the_chat(tiny_pipe, tmp_path):
+    engine = ChatEngine(tiny_pipe, tmp_path)
+    session = engine.new_session()
+    fields = request_fields("auto", 0.0, 1.0, 2.5, {}, {})
+    for _ in engine.respond(session, "hi", [], fields):
+        pass
+    reply = session.exchanges[-1].reply
+    assert reply.status == "error" and reply.error == "max_new_tokens must be a positive integer, got 2.5"
+    seeds = []
+    real_run = tiny_pipe.run
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(tiny_pipe, "run", lambda request, **kw: seeds.append(request.seed) or real_run(request, **kw))
+        for settings in (GenerationRequest(max_new_tokens=2), GenerationRequest(max_new_tokens=2), {"seed": 5}):
+            for _ in engine.respond(session, "again", [], settings):
+                pass
+    assert seeds[2] == 5 and seeds[0] != seeds[1]  # no seed: a fresh one for every request
+    assert session.exchanges[-1].reply.status.startswith("done")
 
 
 def test_check_upload(tmp_path):

@@ -1,20 +1,31 @@
-"""The command line: files written are valid media, bad input exits 2 with one line and leaves nothing behind."""
+"""The command line: files written are valid media, bad input exits 2 with one line and leaves nothing behind; the
+dispatcher imports only the chosen command's module."""
 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+import textwrap
 
 import pytest
+import torch
 
 from anygpt import cli
+from anygpt.apps import generate as generate_command
 from anygpt.base.media import load_audio, load_image, load_video
+from anygpt.core.runtime import OFFLOAD_PLANS, RuntimeOptions
 
 
 @pytest.fixture()
 def use_tiny(monkeypatch, tiny_pipe):
     """Reuse the session's tiny pipeline instead of building one per CLI call."""
-    real = cli.load_pipeline
-    monkeypatch.setattr(cli, "load_pipeline", lambda model: tiny_pipe if model == "tiny" else real(model))
+    real = generate_command.load_pipeline
+
+    def load(model, runtime=None):
+        return tiny_pipe if model == "tiny" and runtime is None else real(model, runtime)
+
+    monkeypatch.setattr(generate_command, "load_pipeline", load)
 
 
 def test_generate_writes_valid_png_mp4_wav(tmp_path, capsys, use_tiny, media_files):
@@ -71,16 +82,30 @@ def test_batch(tmp_path, capsys, use_tiny, media_files):
             "--image {tmp}/missing.png: expected a readable file, found nothing",
         ),
         (["generate", "x", "--image", "{wav}"], "in.wav"),
-        (["generate", "x", "--modalities", "image,smell"], "unknown or unavailable output modality 'smell'"),
+        (["generate", "x", "--modalities", "image,smell"], "modalities: unknown output modality 'smell'"),
         (["generate", "x", "--out", "{wav}"], "--out {wav}: expected a folder, found a file"),
-        (["generate", "--batch", "{tmp}/dup.jsonl"], "dup.jsonl:2: 'id' 'a' is used by an earlier line too"),
-        (["generate", "--batch", "{tmp}/types.jsonl"], "types.jsonl:1: 'steps' must be an integer >= 1, got 'many'"),
-        (["generate", "--batch", "{tmp}/mods.jsonl"], "mods.jsonl:1: modalities: unknown or unavailable output"),
+        (["generate", "--batch", "{tmp}/dup.jsonl"], "dup.jsonl:2: id 'a' is used by an earlier line too"),
+        (
+            ["generate", "--batch", "{tmp}/types.jsonl"],
+            "types.jsonl:1: num_inference_steps must be a positive integer, got 'many'",
+        ),
+        (["generate", "--batch", "{tmp}/mods.jsonl"], "mods.jsonl:1: modalities: unknown output modality 'smell'"),
+        (["generate", "--batch", "{tmp}/both.jsonl"], "both.jsonl:1: 'steps' and 'num_inference_steps' name the same"),
+        (["generate", "--batch", "{tmp}/field.jsonl"], "field.jsonl:1: unknown fields ['colour']; allowed: ["),
+        (["generate", "--batch", "{tmp}/range.jsonl"], "range.jsonl:2: top_p must be a finite number in (0, 1], got 2"),
+        (["generate", "--batch", "{tmp}/media.jsonl"], "media.jsonl:1: images[0]: expected a file path or an Image"),
+        (["generate", "--batch", "{tmp}/gone.jsonl"], "gone.jsonl:1: --image {tmp}/nope.png: expected a readable file"),
         (["generate", "x", "--model", "no-such-model"], "unknown model 'no-such-model'"),
         (["generate", "--batch", "{tmp}/bad.jsonl"], "bad.jsonl:2: not valid JSON"),
         (["generate"], "a PROMPT or --batch FILE is required"),
         (["generate", "x", "--adapters", "image"], "unknown LoRA adapter 'image': this model has default"),
-        (["generate", "--batch", "{tmp}/adapters.jsonl"], "adapters.jsonl:1: 'adapters' must be a comma-separated"),
+        (["generate", "--batch", "{tmp}/adapters.jsonl"], "adapters.jsonl:1: adapters must be a name, a comma-sep"),
+        (["generate", "x", "--height", "60"], "height must be a multiple of 8 (the VAE's downsampling), got 60"),
+        (["generate", "x", "--temperature", "-1"], "temperature must be a finite number >= 0 (0 = greedy), got -1.0"),
+        (["generate", "x", "--dtype", "float8"], "dtype: expected one of float32, float16, bfloat16, got 'float8'"),
+        (["generate", "x", "--offload", "model"], "offload 'model' moves components to an accelerator"),
+        (["generate", "x", "--offload", "all"], f"offload: expected one of {', '.join(OFFLOAD_PLANS)}, got 'all'"),
+        (["generate", "x", "--quantize", "3bit"], "quantize: expected one of 8bit, 4bit or none, got '3bit'"),
         (["info", "nonsense"], "unknown topic 'nonsense'"),
     ],
 )
@@ -90,6 +115,11 @@ def test_bad_input_exits_2_with_one_line(tmp_path, capsys, use_tiny, media_files
     (tmp_path / "types.jsonl").write_text('{"prompt": "one", "steps": "many"}\n')
     (tmp_path / "mods.jsonl").write_text('{"prompt": "one", "modalities": "smell"}\n')
     (tmp_path / "adapters.jsonl").write_text('{"prompt": "one", "adapters": 3}\n')
+    (tmp_path / "both.jsonl").write_text('{"prompt": "one", "steps": 2, "num_inference_steps": 3}\n')
+    (tmp_path / "field.jsonl").write_text('{"prompt": "one", "colour": "red"}\n')
+    (tmp_path / "range.jsonl").write_text('{"prompt": "one"}\n{"prompt": "two", "top_p": 2}\n')
+    (tmp_path / "media.jsonl").write_text('{"prompt": "one", "images": [3]}\n')
+    (tmp_path / "gone.jsonl").write_text('{"prompt": "one", "images": "nope.png"}\n')
     out = tmp_path / "out"
     fill = {"tmp": str(tmp_path), "wav": str(media_files["audio"])}
     argv = [a.format(**fill) for a in args]
@@ -121,3 +151,152 @@ def test_info_projectors_describes_every_registered_connector(capsys):
         line = next(line for line in text.splitlines() if line.strip().startswith(name + " "))
         assert len(line.split(None, 1)[1]) > 20, line  # a description, not just the name
     assert "--set input_projector=NAME" in text and "--set output_projector=NAME" in text
+
+
+def test_batch_lines_are_generation_requests(tmp_path, use_tiny, tiny_pipe):
+    """A batch line is ``GenerationRequest.to_dict()`` (the old short names still read), media relative to the file;
+    each line gives what the pipeline gives for the same request."""
+    from anygpt.core.request import GenerationRequest
+
+    (tmp_path / "in.png").write_bytes(b"")  # only its presence is checked before the run; not used below
+    request = GenerationRequest("draw", modalities=["image"], seed=3, num_inference_steps=2, max_new_tokens=3, id="a")
+    legacy = {"prompt": "draw", "modalities": "image", "seed": 3, "steps": 2, "max_new_tokens": 3, "id": "b"}
+    batch = tmp_path / "b.jsonl"
+    batch.write_text(json.dumps(request.to_dict()) + "\n" + json.dumps(legacy) + "\n")
+    read = generate_command.read_batch(batch)
+    assert read[0] == request and read[1] == GenerationRequest(**{**request.to_dict(), "id": "b"})
+    assert read[0].origin == f"{batch}:1: "
+    default_seed = tmp_path / "c.jsonl"
+    default_seed.write_text('{"prompt": "x", "images": "in.png"}\n')
+    (only,) = generate_command.read_batch(default_seed)
+    assert only.seed == 0 and only.images == [str(tmp_path / "in.png")]  # the command line's seed; resolved path
+    records = generate_command.generate_batch(read, model="tiny", out=tmp_path / "out")
+    expected = tiny_pipe("draw", modalities="image", seed=3, num_inference_steps=2, max_new_tokens=3)
+    assert [r["text"] for r in records] == [expected.text] * 2
+    assert load_image(records[0]["images"][0]).tobytes() == load_image(records[1]["images"][0]).tobytes()
+
+
+def test_runtime_flags_parse_into_runtime_options():
+    parser, module = cli.build_parser(["generate"])
+    args = parser.parse_args(["generate", "x"])
+    assert generate_command.runtime_options(args) is None  # nothing asked: from_pretrained's defaults
+    flags = ["--device", "cuda:1", "--dtype", "float16", "--offload", "model", "--quantize", "4bit", "--compile"]
+    args = parser.parse_args(["generate", "x", *flags, "--quantization-backend", "bitsandbytes"])
+    assert generate_command.runtime_options(args) == RuntimeOptions(
+        device="cuda:1", dtype="float16", offload="model", quantize="4bit", quantization_backend="bitsandbytes",
+        compile=True,
+    )  # fmt: skip
+    assert generate_command.runtime_options(parser.parse_args(["generate", "x", "--quantize", "none"])) is None
+
+
+def test_device_and_dtype_reach_the_loaded_pipeline(tmp_path, capsys, monkeypatch):
+    """``--device cpu --dtype bfloat16`` loads the tiny preset in bfloat16 and generates with it."""
+    loaded = []
+    real = generate_command.load_pipeline
+    monkeypatch.setattr(generate_command, "load_pipeline", lambda m, r=None: loaded.append(real(m, r)) or loaded[-1])
+    argv = ["generate", "hi", "--model", "tiny", "--device", "cpu", "--dtype", "bfloat16", "--modalities", "image",
+            "--steps", "1", "--max-new-tokens", "2", "--out", str(tmp_path), "--json"]  # fmt: skip
+    assert cli.main(argv) == 0
+    (pipe,) = loaded
+    llm_dtypes = {p.dtype for p in pipe.model.language_model.parameters()}
+    assert llm_dtypes == {torch.bfloat16} and pipe.device.type == "cpu"
+    assert pipe.decoders[next(iter(pipe.decoders))].dtype == torch.bfloat16
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert load_image(result["images"][0]).size == (64, 64)
+
+
+# ---------------------------------------------------------------------------------------------------- the dispatcher
+def test_help_lists_every_command_without_importing_them():
+    code = textwrap.dedent(
+        """
+        import contextlib, io, sys
+        from anygpt.cli import main
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            try:
+                main(["--help"])
+            except SystemExit as stop:
+                assert stop.code == 0
+        print(out.getvalue())
+        heavy = ("training", "toyworld", "anygpt.apps", "anygpt.core", "torch", "diffusers")
+        print("IMPORTED", sorted(m for m in sys.modules if m.startswith(heavy)))
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    for name, command in cli.available_commands().items():
+        assert f"{name}  " in out and command.help.split()[0] in out
+    assert out.strip().splitlines()[-1] == "IMPORTED []"
+
+
+def test_generate_imports_nothing_of_training_or_the_toy_world(tmp_path):
+    code = textwrap.dedent(
+        f"""
+        import sys
+        from anygpt.cli import main
+        status = main(["generate", "hi", "--model", "tiny", "--modalities", "", "--max-new-tokens", "2",
+                       "--out", {str(tmp_path)!r}])
+        print("STATUS", status)
+        print("IMPORTED", sorted(m for m in sys.modules if m.split(".")[0] in ("training", "toyworld")))
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.splitlines()[-2:] == ["STATUS 0", "IMPORTED []"], result.stderr[-2000:]
+
+
+def test_table_helps_match_the_command_modules():
+    import importlib
+
+    for name, command in cli.available_commands().items():
+        module = importlib.import_module(command.module)
+        assert module.COMMANDS[name] == command.help, name
+        assert callable(module.add_arguments) and callable(module.run)
+
+
+@pytest.fixture()
+def fake_command(tmp_path, monkeypatch):
+    """A command module ``fakecmd`` on the path, whose ``run`` raises what ``--raise`` names."""
+    (tmp_path / "fakecmd.py").write_text(
+        textwrap.dedent(
+            """
+            from anygpt.base.errors import CheckpointError, TrainingError
+            COMMANDS = {"fake": "a command for the tests"}
+            def add_arguments(command, parser):
+                parser.add_argument("--raise", dest="error", default=None)
+            def run(args):
+                errors = {"checkpoint": CheckpointError("w.safetensors: key x: expected (2, 3)\\nfound (3, 2)"),
+                          "training": TrainingError("loss is nan at step 3"), "interrupt": KeyboardInterrupt(),
+                          "os": OSError("disk full")}
+                if args.error:
+                    raise errors[args.error]
+                return 3
+            """
+        )
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    commands = {**cli.COMMANDS, "fake": cli.Command("fakecmd", "a command for the tests"),
+                "ghost": cli.Command("anygpt.apps.no_such_module", "not installed")}  # fmt: skip
+    monkeypatch.setattr(cli, "COMMANDS", commands)
+
+
+@pytest.mark.parametrize(
+    ("argv", "code", "message"),
+    [
+        (["fake"], 3, ""),
+        (["fake", "--raise", "checkpoint"], 2, "anygpt: error: w.safetensors: key x: expected (2, 3)\n"),
+        (["fake", "--raise", "os"], 2, "anygpt: error: disk full\n"),
+        (["fake", "--raise", "training"], 1, "anygpt: training stopped: loss is nan at step 3\n"),
+        (["fake", "--raise", "interrupt"], 130, "anygpt: interrupted\n"),
+        (["ghost"], 2, "anygpt: error: command 'ghost' is not available: its module anygpt.apps.no_such_module is"),
+    ],
+)
+def test_dispatcher_runs_the_chosen_module_and_reports_errors(fake_command, capsys, argv, code, message):
+    assert cli.main(argv) == code
+    err = capsys.readouterr().err
+    assert err.startswith(message) and err.count("\n") == (1 if message else 0)
+
+
+def test_a_missing_command_module_is_left_out_of_the_help(fake_command, capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["--help"])
+    out = capsys.readouterr().out
+    assert "fake " in out and "a command for the tests" in out and "ghost" not in out

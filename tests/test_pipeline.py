@@ -8,10 +8,12 @@ import os
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
-from anygpt import AnyGPTPipeline, Conversation
+from anygpt import AnyGPTPipeline, Conversation, GenerationRequest
+from anygpt.base.errors import UsageError
 from anygpt.base.media import Audio, MediaError, Video
-from anygpt.base.modality import Modality
+from anygpt.base.modality import MEDIA_MODALITIES, Modality
 
 GEN = dict(seed=0, max_new_tokens=4, num_inference_steps=2, show_progress=False)
 
@@ -207,10 +209,12 @@ def test_from_pretrained_errors(tmp_path):
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        (dict(modalities="image,smell"), "modalities: unknown or unavailable output modality 'smell'"),
-        (dict(temperature=-1.0), "temperature must be >= 0"),
-        (dict(top_p=0.0), r"top_p must be in \(0, 1\]"),
-        (dict(max_new_tokens=0), "max_new_tokens must be >= 1"),
+        (dict(modalities="image,smell"), "modalities: unknown output modality 'smell'"),
+        (dict(temperature=-1.0), "temperature must be a finite number >= 0"),
+        (dict(top_p=0.0), r"top_p must be a finite number in \(0, 1\]"),
+        (dict(max_new_tokens=0), "max_new_tokens must be a positive integer, got 0"),
+        (dict(seed=-1), "seed must be an integer >= 0"),
+        (dict(adapters=3), "adapters must be a name, a comma-separated string or list of names"),
         (dict(num_inference_steps=0), "num_inference_steps must be a positive integer, got 0"),
         (dict(num_frames=-1), "num_frames must be a positive integer, got -1"),
         (dict(guidance_scale=float("nan")), "guidance_scale must be a finite number >= 0, got nan"),
@@ -219,12 +223,13 @@ def test_from_pretrained_errors(tmp_path):
     ],
 )
 def test_bad_arguments_raise_clear_errors(tiny_pipe, kwargs, message):
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(UsageError, match=message) as raised:
         tiny_pipe("x", **kwargs)
+    assert isinstance(raised.value, ValueError)  # as a diffusers pipeline's bad argument
 
 
 def test_wrong_object_type_is_a_media_error(tiny_pipe):
-    with pytest.raises(MediaError, match="expected a file path or a Audio object, got ndarray"):
+    with pytest.raises(MediaError, match=r"audios\[0\]: expected a file path or an Audio object, got ndarray"):
         tiny_pipe("x", audios=[np.zeros(10)])
 
 
@@ -355,3 +360,135 @@ def test_half_precision_with_real_sample_media(samples_dir):
     assert all(c.dtype == torch.bfloat16 for c in out.conditioning.values())
     assert out.images[0].size == (64, 64) and out.videos[0].frames.dtype == np.uint8
     assert out.audios[0].waveform.dtype == np.float32 and np.isfinite(out.audios[0].waveform).all()
+
+
+# ---------------------------------------------------------------------------------------------------- the request
+def _same(a, b) -> bool:
+    return (
+        a.text == b.text
+        and a.token_ids == b.token_ids
+        and [np.asarray(i).tobytes() for i in a.images] == [np.asarray(i).tobytes() for i in b.images]
+        and [v.frames.tobytes() for v in a.videos] == [v.frames.tobytes() for v in b.videos]
+        and [x.waveform.tobytes() for x in a.audios] == [x.waveform.tobytes() for x in b.audios]
+    )
+
+
+def test_keywords_and_run_take_one_path(tiny_pipe, media_files):
+    """``pipe(...)`` builds the ``GenerationRequest`` that ``pipe.run`` answers: the same output, bit for bit."""
+    kwargs = dict(
+        images=[media_files["image"]],
+        modalities="image,audio",
+        seed=4,
+        max_new_tokens=4,
+        num_inference_steps=2,
+        guidance_scale=3.0,
+        decoder_overrides={"audio": {"num_inference_steps": 1}},
+    )
+    by_keywords = tiny_pipe("look", show_progress=False, **kwargs)
+    request = GenerationRequest("look", **kwargs)
+    assert request.modalities == ["image", "audio"] and request.images == [media_files["image"]]
+    assert request.decoder_settings(Modality.AUDIO)["num_inference_steps"] == 1
+    assert request.decoder_settings(Modality.IMAGE)["num_inference_steps"] == 2
+    assert _same(tiny_pipe.run(request, show_progress=False), by_keywords)
+    assert len(by_keywords.images) == len(by_keywords.audios) == 1
+
+
+def test_request_json_form_round_trips_and_names_its_fields():
+    request = GenerationRequest(
+        "draw <it>",
+        images="cat.png",
+        modalities="Image, audio",
+        adapters={"image": 0.5, "audio": 1},
+        seed=7,
+        num_frames=8,
+        height=64,
+        decoder_overrides={Modality.IMAGE: {"guidance_scale": 2.5, "num_inference_steps": None}},
+        id="x-1",
+    )
+    data = request.to_dict()
+    assert data["images"] == ["cat.png"] and data["modalities"] == ["image", "audio"]
+    assert data["decoder_overrides"] == {"image": {"guidance_scale": 2.5}}
+    assert set(data) == {f for f in GenerationRequest.__dataclass_fields__} - {"origin"}
+    assert GenerationRequest.from_dict(json.loads(json.dumps(data))) == request
+    legacy = {"prompt": "draw <it>", "steps": 3, "guidance": 1.5, "frames": 4}
+    assert GenerationRequest.from_dict(legacy) == GenerationRequest(
+        "draw <it>", num_inference_steps=3, guidance_scale=1.5, num_frames=4
+    )
+    with pytest.raises(UsageError, match=r"^in.jsonl:2: guidance_scale must be a finite number >= 0, got -1$"):
+        GenerationRequest.from_dict({"prompt": "x", "guidance": -1}, origin="in.jsonl:2: ")
+    with pytest.raises(UsageError, match=r"unknown fields \['colour'\]; allowed: \['adapters', 'audio_seconds'"):
+        GenerationRequest.from_dict({"prompt": "x", "colour": "red"})
+    with pytest.raises(UsageError, match="expected an object with a string 'prompt'"):
+        GenerationRequest.from_dict({"images": []})
+    with pytest.raises(ValueError, match="images: Image objects have no JSON form"):
+        GenerationRequest("x", images=[Image.new("RGB", (8, 8))]).to_dict()
+    assert [m.plural for m in MEDIA_MODALITIES] == ["images", "videos", "audios"]
+
+
+def test_a_request_is_checked_against_the_model(tiny_pipe):
+    request = GenerationRequest("x", decoder_overrides={"video": {"num_frames": 2}}, origin="f:3: ")
+    tiny_pipe.check_inputs(request)  # valid for a model with a video decoder
+    request.decoder_overrides["video"]["num_frames"] = 0  # changed after it was built: checked again
+    with pytest.raises(UsageError, match=r"^f:3: decoder_overrides\['video'\].num_frames must be a positive integer"):
+        tiny_pipe.check_inputs(request)
+    with pytest.raises(UsageError, match="^f:3: unknown LoRA adapter 'nope'"):
+        tiny_pipe.check_inputs(GenerationRequest("x", adapters="nope", origin="f:3: "))
+    with pytest.raises(UsageError, match="give seed or generator, not both"):
+        tiny_pipe("x", seed=1, generator=torch.Generator().manual_seed(1), max_new_tokens=1)
+
+
+def test_generator_seeds_the_call_as_in_diffusers(tiny_pipe):
+    kwargs = dict(modalities="image", temperature=1.0, max_new_tokens=6, num_inference_steps=2, show_progress=False)
+    a = tiny_pipe("hi", generator=torch.Generator().manual_seed(5), **kwargs)
+    b = tiny_pipe("hi", generator=torch.Generator().manual_seed(5), **kwargs)
+    assert _same(a, b)  # a freshly seeded generator reproduces the call
+    reused = torch.Generator().manual_seed(5)
+    first, second = (tiny_pipe("hi", generator=reused, **kwargs) for _ in range(2))
+    assert _same(first, a) and not _same(second, first)  # a reused one moves on, like diffusers' noise
+    drawn = int(torch.randint(0, 2**32, (1,), generator=torch.Generator().manual_seed(5)).item())
+    assert _same(tiny_pipe("hi", seed=drawn, **kwargs), a)  # the generator stands where the seed would
+
+
+def test_a_list_of_prompts_gives_one_output_per_prompt(tiny_pipe):
+    kwargs = dict(modalities="image", max_new_tokens=3, num_inference_steps=1, show_progress=False)
+    outputs = tiny_pipe(["one", "two"], seed=2, **kwargs)
+    assert isinstance(outputs, list) and len(outputs) == 2 and all(len(o.images) == 1 for o in outputs)
+    assert _same(outputs[0], tiny_pipe("one", seed=2, **kwargs)) and _same(
+        outputs[1], tiny_pipe("two", seed=2, **kwargs)
+    )
+    generators = [torch.Generator().manual_seed(i) for i in (8, 9)]
+    by_list = tiny_pipe(["one", "one"], generator=generators, **kwargs)
+    assert _same(by_list[1], tiny_pipe("one", generator=torch.Generator().manual_seed(9), **kwargs))
+    with pytest.raises(UsageError, match="a list of 1 generators for 2 prompts"):
+        tiny_pipe(["one", "two"], generator=[torch.Generator()], **kwargs)
+    with pytest.raises(UsageError, match="not with a list of prompts"):
+        tiny_pipe(["one"], conversation=Conversation(), **kwargs)
+    with pytest.raises(UsageError, match="prompt must be a string, got 3"):
+        tiny_pipe(["one", 3], **kwargs)
+
+
+def test_callback_on_step_end_sees_every_denoising_step(tiny_pipe):
+    """diffusers' ``callback(pipe, step, timestep, callback_kwargs)``, for every decoder (Stable Diffusion's own
+    hook, and ZeroScope / AudioLDM's older ``callback``); what it returns replaces the latents."""
+    seen = []
+
+    def record(pipe, step, timestep, callback_kwargs):
+        seen.append((type(pipe).__name__, step, callback_kwargs["latents"].shape[0]))
+        return callback_kwargs
+
+    kwargs = dict(modalities="image,video,audio", seed=0, max_new_tokens=2, num_inference_steps=2, show_progress=False)
+    plain = tiny_pipe("x", **kwargs)
+    watched = tiny_pipe("x", callback_on_step_end=record, **kwargs)
+    assert _same(watched, plain)  # looking changes nothing
+    names = list(dict.fromkeys(name for name, _, _ in seen))
+    assert names == ["StableDiffusionPipeline", "TextToVideoSDPipeline", "AudioLDMPipeline"]
+    for name in names:  # every step of each, in order (SD's PNDM scheduler runs one more than asked)
+        steps = [step for n, step, _ in seen if n == name]
+        assert steps == list(range(len(steps))) and len(steps) >= 2, name
+
+    def zero_latents(pipe, step, timestep, callback_kwargs):
+        return {**callback_kwargs, "latents": torch.zeros_like(callback_kwargs["latents"])}
+
+    changed = tiny_pipe("x", callback_on_step_end=zero_latents, **kwargs)
+    assert np.asarray(changed.images[0]).tobytes() != np.asarray(plain.images[0]).tobytes()
+    assert changed.audios[0].waveform.tobytes() != plain.audios[0].waveform.tobytes()

@@ -6,7 +6,7 @@ tested) without a browser.
 Example:
     >>> engine = ChatEngine.from_pretrained("tiny", output_dir="/tmp/anygpt-demo")
     >>> session = engine.new_session()
-    >>> for exchange in engine.respond(session, "draw a cat", [], GenerationSettings(modalities=["image"])):
+    >>> for exchange in engine.respond(session, "draw a cat", [], GenerationRequest(modalities=["image"], seed=0)):
     ...     print(exchange.reply.text, exchange.reply.status)
     >>> session.exchanges[-1].reply.images  # [Path(".../turn-0001_image0.png")]
 
@@ -17,6 +17,7 @@ queue does.
 from __future__ import annotations
 
 import contextvars
+import dataclasses
 import logging
 import math
 import os
@@ -27,24 +28,19 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from anygpt.base.media import (
-    AUDIO_EXTENSIONS,
-    IMAGE_EXTENSIONS,
-    VIDEO_EXTENSIONS,
-    MediaError,
-    guess_modality,
-    save_audio,
-    save_image,
-    save_video,
-)
+from anygpt.apps.outputs import save_outputs
+from anygpt.base.errors import GenerationStopped, MediaError, UsageError  # GenerationStopped: decoders, the streamer
+from anygpt.base.media import AUDIO_EXTENSIONS, IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, guess_modality
 from anygpt.base.modality import MEDIA_MODALITIES, Modality
 from anygpt.core.conversation import Conversation, Turn
-from decoders.base import GenerationStopped  # raised by the decoders and by this module's streamer
+from anygpt.core.pipeline import AnyGPTPipeline
+from anygpt.core.request import GenerationRequest
+from anygpt.core.runtime import RuntimeOptions
 
 logger = logging.getLogger(__name__)
 
@@ -52,11 +48,12 @@ __all__ = [
     "ChatEngine",
     "ChatSession",
     "Exchange",
-    "GenerationSettings",
+    "GenerationRequest",
     "GenerationStopped",
     "Reply",
     "check_upload",
     "default_output_dir",
+    "request_fields",
 ]
 
 DEFAULT_MAX_UPLOAD_BYTES = 100 * 2**20
@@ -64,109 +61,52 @@ _EXTENSIONS = {"image": IMAGE_EXTENSIONS, "audio": AUDIO_EXTENSIONS, "video": VI
 
 
 # ---------------------------------------------------------------------------------------------------- settings
-@dataclass
-class GenerationSettings:
-    """What one request asks of the pipeline (the demo's controls).
+def request_fields(
+    outputs: Sequence[str] | str | None,
+    temperature: float,
+    top_p: float,
+    max_new_tokens: float,
+    steps: Mapping[str, float | None],
+    guidance: Mapping[str, float | None],
+    num_frames: float | None = None,
+    audio_seconds: float | None = None,
+    seed: float | None = 0,
+) -> dict[str, Any]:
+    """``GenerationRequest`` fields from the demo's controls, whose numbers may come as floats (sliders).
 
-    Attributes:
-        modalities: ``"auto"`` (the model decides), or a list of output modalities to force (``[]``: text only).
-        temperature: 0 = greedy decoding.
-        top_p: nucleus sampling mass in (0, 1].
-        max_new_tokens: longest reply.
-        steps: inference steps per output modality (``{"image": 25}``); a missing or None entry takes the decoder's
-            default.
-        guidance: guidance scale per output modality, likewise.
-        num_frames: video frames (None: the video decoder's default).
-        audio_seconds: audio length (None: the audio decoder's default).
-        seed: makes sampling and the decoders deterministic; None draws a fresh one every call.
+    ``outputs`` holding ``"auto"`` (or being the string ``"auto"``) means auto; otherwise the named modalities are
+    forced (none: text only). ``steps`` and ``guidance`` are per output modality (``{"image": 25}``; a missing or
+    None entry takes the decoder's default) and become ``decoder_overrides``. A negative or missing seed means a
+    fresh random seed for every request (``seed`` None). Nothing is validated here: the engine builds the request
+    when it starts, and a bad value is answered in the chat.
     """
-
-    modalities: str | list[str] = "auto"
-    temperature: float = 0.0
-    top_p: float = 1.0
-    max_new_tokens: int = 128
-    steps: dict[str, int | None] = field(default_factory=dict)
-    guidance: dict[str, float | None] = field(default_factory=dict)
-    num_frames: int | None = None
-    audio_seconds: float | None = None
-    seed: int | None = 0
-
-    @classmethod
-    def from_controls(
-        cls,
-        outputs: Sequence[str] | str | None,
-        temperature: float,
-        top_p: float,
-        max_new_tokens: float,
-        steps: dict[str, float | None],
-        guidance: dict[str, float | None],
-        num_frames: float | None = None,
-        audio_seconds: float | None = None,
-        seed: float | None = 0,
-    ) -> GenerationSettings:
-        """Settings from UI values: numbers may come as floats, ``outputs`` holds ``"auto"`` and/or modality names.
-
-        ``outputs`` containing ``"auto"`` (or given as the string ``"auto"``) means auto; otherwise the named
-        modalities are forced (none: text only). A negative or missing seed means a fresh random seed. Nothing is
-        validated here: ``pipeline_kwargs`` and the pipeline raise ``ValueError`` for bad values.
-        """
-        if outputs is None or isinstance(outputs, str):
-            outputs = [m for m in (outputs or "auto").split(",") if m.strip()]
-        names = [str(m).strip().lower() for m in outputs]
-        random_seed = seed is None or (isinstance(seed, int | float) and (math.isnan(seed) or seed < 0))
-        return cls(
-            modalities="auto" if "auto" in names else names,
-            temperature=temperature,
-            top_p=top_p,
-            max_new_tokens=_whole(max_new_tokens),
-            steps={k: _whole(v) for k, v in steps.items() if v is not None},
-            guidance={k: v for k, v in guidance.items() if v is not None},
-            num_frames=_whole(num_frames),
-            audio_seconds=audio_seconds,
-            seed=None if random_seed else _whole(seed),
-        )
-
-    def pipeline_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments of ``AnyGPTPipeline.__call__``.
-
-        Raises:
-            ValueError: a count that is not a whole number, or a value that is not a number.
-        """
-        overrides: dict[str, dict[str, Any]] = {}
-        for modality, value in self.steps.items():
-            overrides.setdefault(modality, {})["num_inference_steps"] = _as_int(value, f"{modality} inference steps")
-        for modality, value in self.guidance.items():
-            overrides.setdefault(modality, {})["guidance_scale"] = _as_float(value, f"{modality} guidance scale")
-        seed = self.seed if self.seed is not None else int.from_bytes(os.urandom(4), "little")
-        return dict(
-            modalities=self.modalities,
-            temperature=_as_float(self.temperature, "temperature"),
-            top_p=_as_float(self.top_p, "top p"),
-            max_new_tokens=_as_int(self.max_new_tokens, "max new tokens"),
-            num_frames=None if self.num_frames is None else _as_int(self.num_frames, "video frames"),
-            audio_seconds=None if self.audio_seconds is None else _as_float(self.audio_seconds, "audio seconds"),
-            seed=_as_int(seed, "seed"),
-            decoder_overrides=overrides,
-        )
+    if outputs is None or isinstance(outputs, str):
+        outputs = [m for m in (outputs or "auto").split(",") if m.strip()]
+    names = [str(m).strip().lower() for m in outputs]
+    overrides: dict[str, dict[str, Any]] = {}
+    for modality, value in steps.items():
+        if value is not None:
+            overrides.setdefault(modality, {})["num_inference_steps"] = _whole(value)
+    for modality, value in guidance.items():
+        if value is not None:
+            overrides.setdefault(modality, {})["guidance_scale"] = value
+    random_seed = seed is None or (isinstance(seed, int | float) and (math.isnan(seed) or seed < 0))
+    return dict(
+        modalities="auto" if "auto" in names else names,
+        temperature=temperature,
+        top_p=top_p,
+        max_new_tokens=_whole(max_new_tokens),
+        num_frames=_whole(num_frames),
+        audio_seconds=audio_seconds,
+        seed=None if random_seed else _whole(seed),
+        decoder_overrides=overrides,
+    )
 
 
 def _whole(value: Any) -> Any:
     """A float that holds a whole number (UI sliders send floats) as an int; anything else unchanged."""
     if isinstance(value, float) and math.isfinite(value) and value == int(value):
         return int(value)
-    return value
-
-
-def _as_float(value: Any, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number, got {value!r}")
-    return float(value)
-
-
-def _as_int(value: Any, name: str) -> int:
-    value = _whole(value)
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"{name} must be a whole number, got {value!r}")
     return value
 
 
@@ -435,11 +375,16 @@ class ChatEngine:
         self._lock = threading.Lock()
 
     @classmethod
-    def from_pretrained(cls, name_or_dir: str | os.PathLike, output_dir: str | os.PathLike, **kwargs) -> ChatEngine:
-        """Load ``AnyGPTPipeline.from_pretrained(name_or_dir)`` and wrap it."""
-        from anygpt.core.pipeline import AnyGPTPipeline
-
-        return cls(AnyGPTPipeline.from_pretrained(name_or_dir), output_dir, **kwargs)
+    def from_pretrained(
+        cls,
+        name_or_dir: str | os.PathLike,
+        output_dir: str | os.PathLike,
+        *,
+        runtime: RuntimeOptions | None = None,
+        **kwargs: Any,
+    ) -> ChatEngine:
+        """Load ``AnyGPTPipeline.from_pretrained(name_or_dir, runtime=runtime)`` and wrap it."""
+        return cls(AnyGPTPipeline.from_pretrained(name_or_dir, runtime=runtime), output_dir, **kwargs)
 
     @property
     def sessions_dir(self) -> Path:
@@ -473,7 +418,7 @@ class ChatEngine:
         session: ChatSession,
         text: str,
         files: Sequence[str | os.PathLike],
-        settings: GenerationSettings,
+        settings: GenerationRequest | Mapping[str, Any],
         *,
         submitted_at: float | None = None,
     ) -> Iterator[Exchange]:
@@ -484,6 +429,9 @@ class ChatEngine:
         to ``session.exchanges`` at once.
 
         Args:
+            settings: how to answer: a ``GenerationRequest`` whose prompt and media the message replaces, or its
+                other fields as a mapping (``request_fields``); checked when the request starts. A seed of None
+                draws a fresh one for this request.
             submitted_at: when the user sent it (``time.monotonic()``; default: now). A ``session.stop()`` after
                 that time stops it even if it had not started yet (it waited in a queue).
         """
@@ -500,7 +448,11 @@ class ChatEngine:
         yield from self._run(session, exchange, settings, submitted)
 
     def retry(
-        self, session: ChatSession, settings: GenerationSettings, *, submitted_at: float | None = None
+        self,
+        session: ChatSession,
+        settings: GenerationRequest | Mapping[str, Any],
+        *,
+        submitted_at: float | None = None,
     ) -> Iterator[Exchange]:
         """Ask the last question shown again: its exchange leaves the chat, and the conversation if it was kept.
 
@@ -523,7 +475,11 @@ class ChatEngine:
         return session.wait(wait)
 
     def _run(
-        self, session: ChatSession, exchange: Exchange, settings: GenerationSettings, submitted: float
+        self,
+        session: ChatSession,
+        exchange: Exchange,
+        settings: GenerationRequest | Mapping[str, Any],
+        submitted: float,
     ) -> Iterator[Exchange]:
         reply, epoch = exchange.reply, session.epoch
         start = time.perf_counter()
@@ -531,11 +487,8 @@ class ChatEngine:
         worker_started = False
         try:
             try:
-                media: dict[Modality, list[Path]] = {m: [] for m in MEDIA_MODALITIES}
-                for path in exchange.files:
-                    media[check_upload(path, self.max_upload_bytes)].append(path)
-                kwargs = settings.pipeline_kwargs()
-            except (MediaError, ValueError) as error:
+                request = self.build_request(settings, exchange)
+            except (UsageError, MediaError, ValueError, TypeError) as error:
                 logger.warning("demo request refused: %s", error)
                 with session.lock:
                     reply.error, reply.status = _user_message(error, exchange.files, self.output_dir), "error"
@@ -546,7 +499,7 @@ class ChatEngine:
             events: queue.Queue = queue.Queue()
             worker = threading.Thread(
                 target=contextvars.copy_context().run,
-                args=(self._work, events, stop, session, epoch, exchange, media, kwargs, start),
+                args=(self._work, events, stop, session, epoch, exchange, request, start),
                 name="anygpt-demo-request",
                 daemon=True,
             )
@@ -586,6 +539,24 @@ class ChatEngine:
             if not worker_started:
                 session._end(stop)
 
+    def build_request(self, settings: GenerationRequest | Mapping[str, Any], exchange: Exchange) -> GenerationRequest:
+        """The request of one exchange: its text and uploads (checked: kind by name, size) with ``settings``.
+
+        Raises:
+            MediaError: a bad upload (``check_upload``).
+            UsageError: a bad setting, naming it.
+        """
+        media: dict[str, list[Path]] = {m.plural: [] for m in MEDIA_MODALITIES}
+        for path in exchange.files:
+            media[check_upload(path, self.max_upload_bytes).plural].append(path)
+        if isinstance(settings, GenerationRequest):
+            request = dataclasses.replace(settings, prompt=exchange.text, **media)
+        else:
+            request = GenerationRequest.from_dict({**settings, "prompt": exchange.text, **media})
+        if request.seed is None:  # a fresh seed for each request
+            request.seed = int.from_bytes(os.urandom(4), "little")
+        return request
+
     @staticmethod
     def _apply(session: ChatSession, kind: str, payload: Any, exchange: Exchange) -> bool:
         """Show one progress event from the worker; True when the reply changed."""
@@ -609,8 +580,7 @@ class ChatEngine:
         session: ChatSession,
         epoch: int,
         exchange: Exchange,
-        media: dict[Modality, list[Path]],
-        kwargs: dict[str, Any],
+        request: GenerationRequest,
         start: float,
     ) -> None:
         """The worker thread: one pipeline call under the lock, then the outputs are saved.
@@ -634,21 +604,17 @@ class ChatEngine:
                         raise GenerationStopped("stopped before it started")
                     stem = session.next_stem()
                     events.put(("start", None))
-                    output = self.pipe(
-                        exchange.text,
-                        images=media[Modality.IMAGE],
-                        audios=media[Modality.AUDIO],
-                        videos=media[Modality.VIDEO],
+                    output = self.pipe.run(
+                        request,
                         conversation=conversation,
                         streamer=_QueueStreamer(self.pipe.tokenizer, events, stop),
                         on_decode=on_decode,
                         should_stop=stop.is_set,
                         show_progress=True,
-                        **kwargs,
                     )
                 except GenerationStopped as stopped:
                     logger.info("demo request %s", stopped)
-                except (MediaError, ValueError, TypeError) as failure:
+                except (UsageError, MediaError, ValueError, TypeError) as failure:
                     logger.warning("demo request failed: %s", failure)
                     error = failure
                 except Exception as failure:  # keep serving: report it in the chat, log the traceback
@@ -711,15 +677,10 @@ class ChatEngine:
 
     @staticmethod
     def save_outputs(output, folder: Path, stem: str) -> dict[str, list[Path]]:
-        """Write an ``AnyGPTOutput``'s media as ``{stem}_image0.png``, ``_video0.mp4``, ``_audio0.wav`` (atomically)."""
-        saved: dict[str, list[Path]] = {"image": [], "video": [], "audio": []}
-        jobs = [("image", ".png", save_image, item) for item in output.images]
-        jobs += [("video", ".mp4", save_video, item) for item in output.videos]
-        jobs += [("audio", ".wav", save_audio, item) for item in output.audios]
-        for kind, ext, save, item in jobs:
-            path = folder / f"{stem}_{kind}{len(saved[kind])}{ext}"
-            saved[kind].append(save(item, path).resolve())
-        return saved
+        """Write an ``AnyGPTOutput``'s media as ``{stem}_image0.png``, ``_video0.mp4``, ``_audio0.wav`` (all or
+        nothing); returns the absolute paths per modality name."""
+        written = save_outputs(output, folder, stem)
+        return {modality.value: [path.resolve() for path in paths] for modality, paths in written.items()}
 
 
 def _drain(events: queue.Queue, timeout: float) -> list[tuple[str, Any]]:

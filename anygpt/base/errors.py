@@ -11,8 +11,9 @@ class AnyGPTError(Exception):
     """Base class of the errors anygpt reports to its users."""
 
 
-class UsageError(AnyGPTError):
-    """Bad input from the user (a command-line option, a request field): one line, exit status 2."""
+class UsageError(AnyGPTError, ValueError):
+    """Bad input from the user (a command-line option, a request field): one line, exit status 2. A ``ValueError``,
+    as a bad argument to a diffusers pipeline is."""
 
 
 class MediaError(AnyGPTError, ValueError):

@@ -28,5 +28,13 @@ class Modality(str, Enum):
             valid = ", ".join(m.value for m in cls)
             raise ValueError(f"unknown modality {value!r}: expected one of {valid}") from None
 
+    @property
+    def plural(self) -> str:
+        """The name of a list of this modality's items, as in ``pipe(images=...)``, ``AnyGPTOutput.videos`` and the
+        batch file's fields: ``"images"``, ``"videos"``, ``"audios"`` (``"text"`` for text)."""
+        return _PLURALS[self]
+
+
+_PLURALS = {Modality.TEXT: "text", Modality.IMAGE: "images", Modality.VIDEO: "videos", Modality.AUDIO: "audios"}
 
 MEDIA_MODALITIES: tuple[Modality, ...] = (Modality.IMAGE, Modality.VIDEO, Modality.AUDIO)

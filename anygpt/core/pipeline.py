@@ -1,17 +1,20 @@
 """``AnyGPTPipeline``: text + images / audio / video in, text + images / videos / audio out.
 
 Example:
-    >>> from anygpt import AnyGPTPipeline
+    >>> from anygpt import AnyGPTPipeline, GenerationRequest
     >>> pipe = AnyGPTPipeline.from_pretrained("tiny")
     >>> out = pipe("draw a red circle", modalities=["image"], seed=0)
     >>> out.images[0].save("circle.png")
+    >>> request = GenerationRequest("draw a red circle", modalities=["image"], seed=0)
+    >>> pipe.run(request).images[0].size == out.images[0].size  # the keyword call builds this request
+    True
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
-import math
 import os
 from collections.abc import Callable, Container, Mapping
 from dataclasses import dataclass, field
@@ -22,31 +25,35 @@ import numpy as np
 import torch
 from PIL import Image
 
-from anygpt.base.errors import UnknownModelError
-from anygpt.base.media import Audio, MediaError, Video, load_media
+from anygpt.base.errors import GenerationStopped, UnknownModelError, UsageError
+from anygpt.base.media import Audio, Video, load_media
 from anygpt.base.modality import MEDIA_MODALITIES, Modality
-from anygpt.base.utils import atomic_directory
+from anygpt.base.utils import atomic_directory, resolve_dtype
 from anygpt.core.config import PACKAGED_MODELS, AnyGPTConfig, config_from_preset, list_presets
 from anygpt.core.conversation import Conversation, MediaRef
 from anygpt.core.index import INDEX_FILE, packaged_model_dir, read_index, resolve_part, write_index
 from anygpt.core.lora import check_selection
+from anygpt.core.memory import default_runtime
 from anygpt.core.model import AnyGPTModel
+from anygpt.core.request import DECODER_SETTINGS, GenerationRequest, MediaInput, check_media_item
+from anygpt.core.runtime import (
+    ModelOffload,
+    RuntimeOptions,
+    compile_module,
+    is_quantized,
+    move,
+    offload_in_groups,
+    offload_sequentially,
+    remove_offload_hooks,
+)
 from anygpt.core.tokens import SignalTokenProcessor, repair_signal_groups
 
 logger = logging.getLogger(__name__)
 
+__all__ = ["DECODER_SETTINGS", "AnyGPTOutput", "AnyGPTPipeline", "GenerationRequest", "MediaInput", "find_model"]
 
-MediaInput = str | os.PathLike | Image.Image | Audio | Video
-
-DECODER_SETTINGS: tuple[str, ...] = (
-    "num_inference_steps",
-    "guidance_scale",
-    "height",
-    "width",
-    "num_frames",
-    "audio_seconds",
-)
-"""The decoder settings of ``__call__``; ``decoder_overrides`` may set any of them per output modality."""
+StepCallback = Callable[[Any, int, Any, dict[str, Any]], dict[str, Any]]
+"""diffusers' ``callback_on_step_end(pipe, step, timestep, callback_kwargs) -> callback_kwargs``."""
 
 
 @dataclass
@@ -107,6 +114,9 @@ class AnyGPTPipeline:
     def __init__(self, model: AnyGPTModel, decoders: dict[Modality, Any]):
         self.model = model
         self.decoders = {Modality.parse(k): v for k, v in decoders.items()}
+        self._runtime: RuntimeOptions | None = None
+        self._offload: str | None = None  # the active offload plan (enable_*_offload)
+        self._model_offload: ModelOffload | None = None
 
     @property
     def config(self) -> AnyGPTConfig:
@@ -122,30 +132,82 @@ class AnyGPTPipeline:
 
     # ------------------------------------------------------------------ loading and saving
     @classmethod
-    def from_config(cls, config: AnyGPTConfig, *, tokenizer_dir: str | os.PathLike | None = None) -> AnyGPTPipeline:
-        """Build a pipeline from a config (trained parts freshly initialised)."""
+    def from_config(
+        cls,
+        config: AnyGPTConfig,
+        *,
+        tokenizer_dir: str | os.PathLike | None = None,
+        runtime: RuntimeOptions | None = None,
+    ) -> AnyGPTPipeline:
+        """Build a pipeline from a config (trained parts freshly initialised), placed as ``runtime`` says."""
+        pipe = cls._build(config, tokenizer_dir, runtime)
+        if runtime is not None:
+            pipe.apply_runtime(runtime)
+        return pipe
+
+    @classmethod
+    def _build(
+        cls, config: AnyGPTConfig, tokenizer_dir: str | os.PathLike | None, runtime: RuntimeOptions | None
+    ) -> AnyGPTPipeline:
+        """Build the components; ``runtime`` decides only how the LLM loads (dtype, quantization, device map)."""
         from decoders import build_decoder
 
         decoders = {Modality(m): build_decoder(c) for m, c in config.decoders.items()}
         specs = {m: d.spec for m, d in decoders.items()}
-        model = AnyGPTModel.build(config, specs, tokenizer_dir=tokenizer_dir)
+        model = AnyGPTModel.build(config, specs, tokenizer_dir=tokenizer_dir, runtime=runtime)
         return cls(model, decoders)
 
     @classmethod
-    def from_pretrained(cls, name_or_dir: str | os.PathLike) -> AnyGPTPipeline:
+    def from_pretrained(
+        cls,
+        name_or_dir: str | os.PathLike,
+        *,
+        runtime: RuntimeOptions | None = None,
+        torch_dtype: str | torch.dtype | None = None,
+        device_map: str | torch.device | None = None,
+    ) -> AnyGPTPipeline:
         """Load a preset (``tiny``, ``nextgpt-7b``) or a folder written by ``save_pretrained``.
 
+        Args:
+            runtime: where and how it runs: device, dtype, offload, quantization, compilation
+                (``anygpt.core.runtime.RuntimeOptions``); None: on the CPU, each component in its configured dtype.
+            torch_dtype: diffusers / transformers style: every component in this dtype (``runtime.dtype``).
+            device_map: diffusers / transformers style: one device for everything (``runtime.device``), or
+                ``"auto"``: the default plan for this model on the first CUDA device (or the CPU), chosen by its memory
+                estimate (``anygpt.core.memory.default_runtime``).
+
         Raises:
+            UsageError: ``runtime`` together with ``torch_dtype`` / ``device_map``; a device map that is not one
+                device; a quantization backend that is not installed.
             ValueError: an unknown preset name or an invalid folder.
             FileNotFoundError: a frozen backbone the config refers to is not on this machine.
+
+        Example:
+            >>> pipe = AnyGPTPipeline.from_pretrained("nextgpt-7b", device_map="auto")  # doctest: +SKIP
+            >>> pipe = AnyGPTPipeline.from_pretrained(  # doctest: +SKIP
+            ...     "nextgpt-7b", runtime=RuntimeOptions(device="cuda", dtype="float16", offload="model")
+            ... )
         """
         path, config, parts = find_model(name_or_dir)
+        if runtime is not None and (torch_dtype is not None or device_map is not None):
+            raise UsageError("from_pretrained: give runtime=RuntimeOptions(...) or torch_dtype / device_map, not both")
+        if runtime is None and device_map == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+            runtime = default_runtime(config, device)
+            if torch_dtype is not None:
+                runtime = dataclasses.replace(runtime, dtype=RuntimeOptions.from_loader_arguments(torch_dtype).dtype)
+            logger.info("device_map='auto': %s", runtime.describe())
+        elif runtime is None and (torch_dtype is not None or device_map is not None):
+            runtime = RuntimeOptions.from_loader_arguments(torch_dtype, device_map)
         if path is None:
             if str(name_or_dir) == "tiny":
                 logger.warning("the 'tiny' preset is randomly initialised: its text and media are noise")
-            return cls.from_config(config)
-        pipe = cls.from_config(config, tokenizer_dir=resolve_part(path, parts["tokenizer"], "tokenizer"))
+            return cls.from_config(config, runtime=runtime)
+        # the trained parts are loaded before the placement (device, offload hooks, compilation)
+        pipe = cls._build(config, resolve_part(path, parts["tokenizer"], "tokenizer"), runtime)
         pipe.model.load_trained(path, parts)
+        if runtime is not None:
+            pipe.apply_runtime(runtime)
         logger.info("loaded anygpt pipeline from %s", path)
         return pipe
 
@@ -168,40 +230,231 @@ class AnyGPTPipeline:
         logger.info("saved anygpt pipeline to %s", folder)
 
     def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> AnyGPTPipeline:
-        """Move the model and the decoders (decoders not loaded yet move when they load)."""
-        self.model.to(device=device, dtype=dtype)
-        for decoder in self.decoders.values():
-            decoder.to(device=device, dtype=dtype)
+        """Move the model and the decoders (decoders not loaded yet move when they load).
+
+        Raises:
+            UsageError: the pipeline is offloaded (``remove_offload()`` first), or moving or casting a quantized LLM
+                (it is placed when loaded: ``from_pretrained(runtime=...)``).
+        """
+        if self._offload is not None:
+            raise UsageError(
+                f"the pipeline is offloaded ({self._offload}): call remove_offload() before moving it with .to()"
+            )
+        device = None if device is None else torch.device(device)
+        llm = self.model.language_model
+        if is_quantized(llm):
+            here = llm.get_input_embeddings().weight.device
+            if dtype is not None or (device is not None and device != here):
+                move(llm, device, dtype)  # raises: a quantized model is never moved or cast
+        self._move(device, None if dtype is None else resolve_dtype(dtype))
         return self
 
+    def _move(self, device: torch.device | None, dtype: torch.dtype | None) -> None:
+        """Every component to ``device`` / ``dtype``, a quantized LLM excepted (it stays as loaded)."""
+        modules = [*self._small_modules(), self.model.encoder]
+        if not is_quantized(self.model.language_model):
+            modules.append(self.model.language_model)
+        for module in modules:
+            module.to(device=device, dtype=dtype)
+        for decoder in self.decoders.values():
+            decoder.to(device=device, dtype=dtype)
+
+    # ------------------------------------------------------------------ placement (anygpt.core.runtime)
+    @property
+    def runtime(self) -> RuntimeOptions | None:
+        """The options the pipeline was placed with (None: never placed, on the CPU in the configured dtypes)."""
+        return self._runtime
+
+    @property
+    def offload_plan(self) -> str:
+        """One of ``anygpt.core.runtime.OFFLOAD_PLANS``."""
+        return self._offload or "none"
+
+    def apply_runtime(self, runtime: RuntimeOptions) -> AnyGPTPipeline:
+        """Place the pipeline as ``runtime`` says: dtype, then device or offload plan, then compilation.
+
+        The LLM's quantization is decided when it loads (``from_pretrained(runtime=...)``); a quantized LLM stays on
+        the device it was loaded on whatever the plan. Decoders' quantization applies at their next load.
+        """
+        if self._offload is not None:
+            self.remove_offload()
+        device = None if runtime.device is None else runtime.execution_device
+        for decoder in self.decoders.values():
+            decoder.set_quantization(runtime.quantize, runtime.backend or "torchao")
+        self._move(device if runtime.offload == "none" else None, runtime.torch_dtype)
+        if runtime.offload == "decoders":
+            self.enable_decoder_offload(device)
+        elif runtime.offload == "model":
+            self.enable_model_cpu_offload(device)
+        elif runtime.offload == "sequential":
+            self.enable_sequential_cpu_offload(device)
+        elif runtime.offload == "group":
+            self.enable_group_offload(device)
+        if runtime.compile:
+            compile_module(self.model.language_model)
+            for decoder in self.decoders.values():
+                decoder.set_compile(True)
+        self._runtime = runtime
+        return self
+
+    def enable_decoder_offload(self, device: str | torch.device | None = None) -> AnyGPTPipeline:
+        """The encoder, projectors and LLM on ``device`` for good; each decoder stays loaded in CPU memory and comes
+        onto ``device`` for its own call only (diffusers' ``enable_model_cpu_offload``), leaving it after every use.
+        The fastest plan that keeps a real system under 24 GB (``anygpt.core.memory``).
+
+        Args:
+            device: the accelerator (default: CUDA); ``"cpu"`` attaches the same hooks and moves nothing (tests).
+        """
+        device = self._offload_device(device)
+        self._begin_offload(device)
+        self.model.encoder.to(device)
+        if not is_quantized(self.model.language_model):
+            self.model.language_model.to(device)
+        for decoder in self.decoders.values():
+            decoder.enable_offload("model", device)
+        self._offload = "decoders"
+        return self
+
+    def enable_model_cpu_offload(self, device: str | torch.device | None = None) -> AnyGPTPipeline:
+        """One large component on the accelerator at a time, as diffusers' ``enable_model_cpu_offload``: the encoder
+        and the LLM wait in CPU memory behind accelerate's ``CpuOffload`` hooks and move onto ``device`` when they run
+        (the other one moves off); each decoder uses diffusers' own model offload and leaves the accelerator after
+        every use (it stays loaded). The projectors (and cross-attention blocks) stay on ``device``; so does a
+        quantized LLM. Peak memory: the largest component plus its activations (``anygpt.core.memory``).
+
+        Args:
+            device: the accelerator (default: CUDA). ``"cpu"`` attaches the same hooks and moves nothing (tests).
+        """
+        device = self._offload_device(device)
+        self._begin_offload(device)
+        group = ModelOffload(device)
+        group.add("encoder", self.model.encoder)
+        llm = self.model.language_model
+        if not is_quantized(llm):
+            group.add("llm", llm, also=[llm.get_input_embeddings()])
+        for decoder in self.decoders.values():
+            decoder.enable_offload("model", device, before_use=group.offload_all)
+        self._model_offload = group
+        self._offload = "model"
+        return self
+
+    def enable_sequential_cpu_offload(self, device: str | torch.device | None = None) -> AnyGPTPipeline:
+        """Least memory, slowest: every layer of the encoder, the LLM and the decoders waits in CPU memory and moves
+        onto ``device`` for its forward only (accelerate's ``cpu_offload``; diffusers' ``enable_sequential_cpu_offload``
+        for the decoders). A quantized LLM stays on its device.
+
+        Args:
+            device: the accelerator (default: CUDA); ``"cpu"`` runs the same hooks on the CPU (tests).
+        """
+        device = self._offload_device(device)
+        self._begin_offload(device)
+        offload_sequentially(self.model.encoder, device)
+        if not is_quantized(self.model.language_model):
+            offload_sequentially(self.model.language_model, device)
+        for decoder in self.decoders.values():
+            decoder.enable_offload("sequential", device)
+        self._offload = "sequential"
+        return self
+
+    def enable_group_offload(self, device: str | torch.device | None = None) -> AnyGPTPipeline:
+        """Layers stream onto ``device`` one group at a time, the next prefetched on a CUDA stream (diffusers'
+        ``apply_group_offloading`` for the encoder and the LLM, leaf level; ``enable_group_offload`` at block level
+        for the decoders). Cannot be undone on loaded components (reload the pipeline). A quantized LLM stays on its
+        device.
+
+        Args:
+            device: the accelerator (default: CUDA); ``"cpu"`` runs the same hooks on the CPU (tests).
+        """
+        device = self._offload_device(device)
+        self._begin_offload(device)
+        offload_in_groups(self.model.encoder, device)
+        if not is_quantized(self.model.language_model):
+            offload_in_groups(self.model.language_model, device)
+        for decoder in self.decoders.values():
+            decoder.enable_offload("group", device)
+        self._offload = "group"
+        return self
+
+    def remove_offload(self) -> AnyGPTPipeline:
+        """Detach the offload hooks; every component (decoders too) goes back to plain placement on the CPU.
+
+        Raises:
+            UsageError: group offload, which diffusers cannot undo (load the pipeline again).
+        """
+        if self._offload is None:
+            return self
+        if self._offload == "group":
+            raise UsageError("group offload cannot be undone: load the pipeline again")
+        if self._model_offload is not None:
+            self._model_offload.offload_all()
+            self._model_offload.remove()
+            self._model_offload = None
+        elif self._offload == "sequential":
+            remove_offload_hooks([self.model.encoder, self.model.language_model])
+        self._move(torch.device("cpu"), None)
+        for decoder in self.decoders.values():
+            decoder.enable_offload("none", "cpu")
+        self.model.execution_device = self.model.encoder.execution_device = None
+        self._offload = None
+        return self
+
+    def unload_decoders(self, modalities: list[str | Modality] | None = None) -> None:
+        """Free the memory of loaded decoders (all, or those of ``modalities``); each loads again on its next use."""
+        for modality in self.decoders if modalities is None else [Modality.parse(m) for m in modalities]:
+            self.decoders[modality].unload()
+
+    def _small_modules(self) -> list[torch.nn.Module]:
+        modules: list[torch.nn.Module] = [self.model.input_projectors, self.model.output_projectors]
+        if self.model.cross_attention is not None:
+            modules.append(self.model.cross_attention)
+        return modules
+
+    def _offload_device(self, device: str | torch.device | None) -> torch.device:
+        if device is None:
+            if not torch.cuda.is_available():
+                raise UsageError("offloading moves components to an accelerator, and no CUDA device is available")
+            device = "cuda"
+        return torch.device(device)
+
+    def _begin_offload(self, device: torch.device) -> None:
+        """Drop an earlier plan; the small modules go to ``device`` for good; inputs go to ``device``."""
+        if self._offload is not None:
+            self.remove_offload()
+        for module in self._small_modules():
+            module.to(device)
+        self.model.execution_device = self.model.encoder.execution_device = device
+
     # ------------------------------------------------------------------ steps
-    def check_inputs(
-        self,
-        prompt: str,
-        media: dict[Modality, list],
-        modalities: str | list[str],
-        *,
-        max_new_tokens: int,
-        temperature: float,
-        top_p: float,
-        decoder_settings: dict[str, Any] | None = None,
-    ) -> set[Modality] | None:
-        """Validate the arguments of ``__call__``; return the forced output modalities (None for "auto")."""
-        if not isinstance(prompt, str):
-            raise TypeError(f"prompt must be a string, got {type(prompt).__name__}")
-        for modality, items in media.items():
-            if items and modality.value not in self.config.input_modalities:
-                raise ValueError(
-                    f"this model reads no {modality.value} input (it reads {', '.join(self.config.input_modalities)})"
+    def check_inputs(self, request: GenerationRequest) -> set[Modality] | None:
+        """Check a request against this model; return the forced output modalities (None for ``"auto"``).
+
+        The request's fields are validated again (``GenerationRequest.validate``: it may have been changed since it
+        was built); then what depends on the model: the input modalities it reads, the output modalities it has a
+        decoder for (``modalities``, ``decoder_overrides``) and the LoRA adapters it holds.
+
+        Raises:
+            ValueError: naming the field (``UsageError`` for a field, prefixed with ``request.origin``).
+        """
+        request.validate()
+        where = request.origin
+        for modality in MEDIA_MODALITIES:
+            if request.media(modality) and modality.value not in self.config.input_modalities:
+                raise UsageError(
+                    f"{where}{modality.plural}: this model reads no {modality.value} input "
+                    f"(it reads {', '.join(self.config.input_modalities)})"
                 )
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        if temperature < 0:
-            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
-        if not 0 < top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-        _check_decoder_settings(decoder_settings or {})
-        return self.parse_modalities(modalities)
+        for name in request.decoder_overrides:
+            if Modality(name) not in self.decoders:
+                valid = ", ".join(m.value for m in self.decoders)
+                raise UsageError(f"{where}decoder_overrides: this model has no {name} decoder (it has {valid})")
+        try:
+            forced = self.parse_modalities(request.modalities)
+            self.select_adapters(request.adapters, forced)
+        except UsageError:
+            raise
+        except ValueError as error:
+            raise UsageError(f"{where}{error}") from None
+        return forced
 
     def parse_modalities(self, modalities: str | list[str] | None) -> set[Modality] | None:
         """``"auto"``/None -> None; a list or comma-separated string -> the set of output modalities (validated)."""
@@ -214,8 +467,8 @@ class AnyGPTPipeline:
         unknown = [n for n in names if n not in valid]
         if unknown:
             raise ValueError(
-                f"modalities: unknown or unavailable output modality {unknown[0]!r}; expected 'auto' or a list of "
-                f"{', '.join(valid)}"
+                f"modalities: unknown or unavailable output modality {unknown[0]!r}; this model has decoders for "
+                f"{', '.join(valid)}; expected 'auto' or a list of them"
             )
         return {Modality(n) for n in names}
 
@@ -274,7 +527,7 @@ class AnyGPTPipeline:
                     key = key or _file_key(modality, path)
                 loaded.append((MediaRef(modality, key, str(path)), value))
             else:
-                _check_media_object(modality, item)
+                check_media_item(modality, item, f"{modality.value} input")
                 loaded.append((MediaRef(modality, _object_key(modality, item)), item))
         return loaded
 
@@ -412,17 +665,20 @@ class AnyGPTPipeline:
         audio_seconds: float | None,
         show_progress: bool,
         should_stop: Callable[[], bool] | None = None,
+        callback_on_step_end: StepCallback | None = None,
     ) -> list:
         """Render conditioning with the modality's decoder (loaded on first use, then kept).
 
         ``should_stop`` goes to ``Decoder.generate``, which checks it between denoising steps and raises
-        ``decoders.base.GenerationStopped`` when it returns True.
+        ``GenerationStopped`` when it returns True; ``callback_on_step_end`` runs after every denoising step.
         """
         decoder = self.decoders[modality]
         generator = None
         if seed is not None:
             generator = torch.Generator(device="cpu").manual_seed(seed)
         extra = {} if should_stop is None else {"should_stop": should_stop}
+        if callback_on_step_end is not None:
+            extra["callback_on_step_end"] = callback_on_step_end
         return decoder.generate(
             conditioning,
             num_inference_steps=num_inference_steps,
@@ -440,15 +696,16 @@ class AnyGPTPipeline:
     @torch.no_grad()
     def __call__(
         self,
-        prompt: str,
-        images: list[MediaInput] | None = None,
-        audios: list[MediaInput] | None = None,
-        videos: list[MediaInput] | None = None,
+        prompt: str | list[str],
+        images: MediaInput | list[MediaInput] | None = None,
+        audios: MediaInput | list[MediaInput] | None = None,
+        videos: MediaInput | list[MediaInput] | None = None,
         *,
         modalities: str | list[str] = "auto",
         adapters: str | list[str] | Mapping[str, float] | None = None,
         conversation: Conversation | None = None,
         seed: int | None = None,
+        generator: torch.Generator | list[torch.Generator] | None = None,
         max_new_tokens: int = 128,
         temperature: float = 0.0,
         top_p: float = 1.0,
@@ -463,12 +720,18 @@ class AnyGPTPipeline:
         streamer: Any = None,
         on_decode: Callable[[Modality, int, int], bool | None] | None = None,
         should_stop: Callable[[], bool] | None = None,
-    ) -> AnyGPTOutput:
+        callback_on_step_end: StepCallback | None = None,
+    ) -> AnyGPTOutput | list[AnyGPTOutput]:
         """Answer ``prompt`` (with optional media) with text and, as the LLM decides or as forced, media.
 
+        The keywords make a ``GenerationRequest`` (validated there, see its fields) that ``run`` answers.
+
         Args:
-            prompt: the user's text. May contain any characters, ``<`` and ``>`` included.
-            images, audios, videos: file paths or ``PIL.Image`` / ``Audio`` / ``Video`` objects.
+            prompt: the user's text (any characters, ``<`` and ``>`` included), or a list of prompts: each is
+                answered on its own, with the same media and settings, and a list of outputs comes back, one per
+                prompt in order (a reply holds any number of media of each kind, so outputs are not merged).
+                With a ``seed``, ``pipe(prompts, seed=s)[i]`` equals ``pipe(prompts[i], seed=s)``.
+            images, audios, videos: file paths or ``PIL.Image`` / ``Audio`` / ``Video`` objects (one or a list).
             modalities: ``"auto"`` (the LLM decides by emitting signal tokens) or a list / comma-separated string
                 of output modalities that are produced after the text answer.
             adapters: the LoRA adapter(s) this call runs the LLM with, chosen without reloading: a name, a list or
@@ -477,8 +740,11 @@ class AnyGPTPipeline:
                 ``select_adapters`` (per-modality adapters: the forced output modalities' adapters, else all combined).
                 The model keeps the choice after the call.
             conversation: a ``Conversation`` to continue (turn history and cached media features); a new
-                one-turn conversation when None.
+                one-turn conversation when None. Not with a list of prompts.
             seed: makes sampling and every decoder deterministic.
+            generator: a ``torch.Generator`` instead of ``seed``, as in diffusers: the call's seed is drawn from it
+                (advancing it), so a freshly seeded generator reproduces a call and reusing one varies the calls.
+                With a list of prompts: one generator (a seed drawn per prompt) or a list of one per prompt.
             max_new_tokens, temperature (0 = greedy), top_p: LLM decoding.
             num_inference_steps, guidance_scale, height, width, num_frames, audio_seconds: decoder settings
                 (None: each decoder's default).
@@ -493,54 +759,83 @@ class AnyGPTPipeline:
             should_stop: checked before each decoder and, by the decoders, between denoising steps; when it
                 returns True the running decoder is abandoned and the call returns the media rendered so far with
                 ``stopped=True``. (It does not stop the LLM: give ``streamer`` a ``put`` that raises for that.)
+            callback_on_step_end: diffusers' ``callback(pipe, step, timestep, callback_kwargs) -> callback_kwargs``,
+                called after every denoising step of every decoder; ``pipe`` is that decoder's diffusers pipeline
+                (``callback_kwargs`` holds ``"latents"``).
 
         Returns:
-            ``AnyGPTOutput``. The conversation holds the user's turn and the reply (text and every signal group)
-            even when the media were ``stopped``; a caller that wants otherwise removes them
-            (``conversation.pop_last_exchange()``).
+            ``AnyGPTOutput`` (a list of them for a list of prompts). The conversation holds the user's turn and the
+            reply (text and every signal group) even when the media were ``stopped``; a caller that wants otherwise
+            removes them (``conversation.pop_last_exchange()``).
+
+        Raises:
+            ValueError: a bad argument, naming it (``UsageError``); ``MediaError`` for a media file or object.
         """
-        media = {Modality.IMAGE: _as_list(images), Modality.AUDIO: _as_list(audios), Modality.VIDEO: _as_list(videos)}
-        settings = dict(
+        fields = dict(
+            images=images,
+            audios=audios,
+            videos=videos,
+            modalities=modalities,
+            adapters=adapters,
+            seed=seed,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_p=top_p,
             num_inference_steps=num_inference_steps,
             guidance_scale=guidance_scale,
             height=height,
             width=width,
             num_frames=num_frames,
             audio_seconds=audio_seconds,
+            decoder_overrides=decoder_overrides,
         )
-        overrides = _decoder_overrides(decoder_overrides, list(self.decoders))
-        forced = self.check_inputs(
-            prompt,
-            media,
-            modalities,
-            max_new_tokens=max_new_tokens,
-            temperature=temperature,
-            top_p=top_p,
-            decoder_settings=settings,
+        hooks = dict(
+            show_progress=show_progress,
+            streamer=streamer,
+            on_decode=on_decode,
+            should_stop=should_stop,
+            callback_on_step_end=callback_on_step_end,
         )
-        selection = self.select_adapters(adapters, forced)
+        if not isinstance(prompt, list | tuple):
+            request = GenerationRequest(prompt=prompt, **fields)
+            return self.run(request, conversation=conversation, generator=generator, **hooks)
+        if conversation is not None:
+            raise UsageError("conversation: a conversation goes on one prompt at a time, not with a list of prompts")
+        if not prompt:
+            raise UsageError("prompt: expected a string or a non-empty list of strings, got an empty list")
+        requests = [GenerationRequest(prompt=p, **fields) for p in prompt]
+        generators = _generators_per_prompt(generator, len(requests))
+        return [self.run(r, generator=g, **hooks) for r, g in zip(requests, generators, strict=True)]
+
+    @torch.no_grad()
+    def run(
+        self,
+        request: GenerationRequest,
+        *,
+        conversation: Conversation | None = None,
+        generator: torch.Generator | None = None,
+        show_progress: bool = True,
+        streamer: Any = None,
+        on_decode: Callable[[Modality, int, int], bool | None] | None = None,
+        should_stop: Callable[[], bool] | None = None,
+        callback_on_step_end: StepCallback | None = None,
+    ) -> AnyGPTOutput:
+        """Answer one ``GenerationRequest``: the one path of every generation call (``__call__`` builds the
+        request from its keywords; the command line, the batch reader and the chat engine build it directly).
+
+        The keyword arguments are what a request cannot carry as data (the conversation, the caller's hooks); see
+        ``__call__`` for each. Returns an ``AnyGPTOutput``.
+        """
+        forced = self.check_inputs(request)
+        seed = _seed_of_call(request.seed, generator)
+        selection = self.select_adapters(request.adapters, forced)
         if selection is not None:
             self.model.set_lora_adapters(*selection)
-        if conversation is None:
-            conversation = Conversation()
-        if conversation.template is None:
-            conversation.template = self.config.llm.template
-        loaded = [pair for m in MEDIA_MODALITIES for pair in self.load_inputs(m, media[m], conversation.features)]
-        self.encode_media(conversation, loaded)
-        conversation.add_user(prompt, [ref for ref, _ in loaded])
+        conversation = self._add_user_turn(conversation, request)
         try:
-            with torch.random.fork_rng(devices=_rng_devices(self.device)):  # the caller's RNG state is kept
-                if seed is not None:
-                    torch.manual_seed(seed)
-                input_ids, inputs_embeds = self.build_inputs(conversation)
-                generated, cache = self.generate_tokens(
-                    inputs_embeds,
-                    forced=forced,
-                    max_new_tokens=max_new_tokens,
-                    temperature=temperature,
-                    top_p=top_p,
-                    streamer=streamer,
-                )
+            input_ids, inputs_embeds, generated, cache = self._generate_reply(
+                conversation, request, forced, seed, streamer
+            )
             conditioning = self.signal_conditioning(input_ids, inputs_embeds, generated, cache)
         except BaseException:
             conversation.turns.pop()  # the failed user turn is not kept
@@ -548,33 +843,87 @@ class AnyGPTPipeline:
         signal_ids = self.model.tokens.all_signal_ids
         text = self.tokenizer.decode([i for i in generated if i not in signal_ids], skip_special_tokens=True).strip()
         conversation.add_assistant(text, generated)
-
         result = AnyGPTOutput(
             text=text, token_ids=generated, conditioning={m.value: c for m, c in conditioning.items()}
         )
-        from decoders.base import GenerationStopped  # lazily, as build_decoder in from_config
+        hooks = dict(on_decode=on_decode, should_stop=should_stop, callback_on_step_end=callback_on_step_end)
+        self._render(result, conditioning, request, seed, show_progress=show_progress, **hooks)
+        return result
 
+    def _add_user_turn(self, conversation: Conversation | None, request: GenerationRequest) -> Conversation:
+        """Read and encode the request's media (once per conversation) and add the user's turn."""
+        if conversation is None:
+            conversation = Conversation()
+        if conversation.template is None:
+            conversation.template = self.config.llm.template
+        loaded = [
+            pair for m in MEDIA_MODALITIES for pair in self.load_inputs(m, request.media(m), conversation.features)
+        ]
+        self.encode_media(conversation, loaded)
+        conversation.add_user(request.prompt, [ref for ref, _ in loaded])
+        return conversation
+
+    def _generate_reply(
+        self,
+        conversation: Conversation,
+        request: GenerationRequest,
+        forced: set[Modality] | None,
+        seed: int | None,
+        streamer: Any,
+    ) -> tuple[torch.Tensor, torch.Tensor, list[int], Any]:
+        """The LLM's reply to the conversation: ``(input_ids, inputs_embeds, generated ids, key/value cache)``."""
+        with torch.random.fork_rng(devices=_rng_devices(self.device)):  # the caller's RNG state is kept
+            if seed is not None:
+                torch.manual_seed(seed)
+            input_ids, inputs_embeds = self.build_inputs(conversation)
+            generated, cache = self.generate_tokens(
+                inputs_embeds,
+                forced=forced,
+                max_new_tokens=request.max_new_tokens,
+                temperature=request.temperature,
+                top_p=request.top_p,
+                streamer=streamer,
+            )
+        return input_ids, inputs_embeds, generated, cache
+
+    def _render(
+        self,
+        result: AnyGPTOutput,
+        conditioning: dict[Modality, torch.Tensor],
+        request: GenerationRequest,
+        seed: int | None,
+        *,
+        show_progress: bool,
+        on_decode: Callable[[Modality, int, int], bool | None] | None,
+        should_stop: Callable[[], bool] | None,
+        callback_on_step_end: StepCallback | None,
+    ) -> None:
+        """Run each output modality's decoder in turn and add its media to ``result`` (``stopped`` when the caller
+        ended it early). The decoder of the ``offset``-th modality is seeded with ``seed + offset``."""
         for offset, (modality, cond) in enumerate(conditioning.items()):
             if should_stop is not None and should_stop():
                 result.stopped = True
-                break
+                return
             if on_decode is not None and on_decode(modality, offset, len(conditioning)) is False:
                 result.stopped = True
-                break
-            seed_m = None if seed is None else seed + offset
-            decoder_settings = {**settings, **overrides.get(modality, {}), "should_stop": should_stop}
+                return
             try:
-                outputs = self.decode(modality, cond, seed=seed_m, show_progress=show_progress, **decoder_settings)
+                outputs = self.decode(
+                    modality,
+                    cond,
+                    seed=None if seed is None else seed + offset,
+                    show_progress=show_progress,
+                    should_stop=should_stop,
+                    callback_on_step_end=callback_on_step_end,
+                    **request.decoder_settings(modality),
+                )
             except GenerationStopped as stopped:
                 if should_stop is None:
                     raise
                 logger.info("%s", stopped)
                 result.stopped = True
-                break
-            {Modality.IMAGE: result.images, Modality.VIDEO: result.videos, Modality.AUDIO: result.audios}[
-                modality
-            ].extend(outputs)
-        return result
+                return
+            getattr(result, modality.plural).extend(outputs)
 
 
 def _file_key(modality: Modality, path: Path) -> str:
@@ -601,64 +950,28 @@ def _object_key(modality: Modality, item: Any) -> str:
     return digest.hexdigest()
 
 
-def _check_media_object(modality: Modality, item: Any) -> None:
-    expected = {Modality.IMAGE: Image.Image, Modality.AUDIO: Audio, Modality.VIDEO: Video}[modality]
-    if not isinstance(item, expected):
-        raise MediaError(
-            f"{modality.value} input: expected a file path or a {expected.__name__} object, got {type(item).__name__}"
-        )
-
-
 def _rng_devices(device: torch.device) -> list[int]:
     return [device.index or 0] if device.type == "cuda" else []
 
 
-def _as_list(items: Any) -> list:
-    """``None`` -> [], one item (a path or a media object) -> [item], a list or tuple -> a list."""
-    if items is None:
-        return []
-    if isinstance(items, list | tuple):
-        return list(items)
-    return [items]
+def _seed_of_call(seed: int | None, generator: torch.Generator | None) -> int | None:
+    """The call's seed: ``seed``, or one drawn from ``generator`` (advancing it), or None."""
+    if generator is None:
+        return seed
+    if seed is not None:
+        raise UsageError("give seed or generator, not both")
+    if not isinstance(generator, torch.Generator):
+        raise UsageError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+    return int(torch.randint(0, 2**32, (1,), generator=generator, device=generator.device).item())
 
 
-def _decoder_overrides(
-    overrides: Mapping[str | Modality, Mapping[str, Any]] | None, available: list[Modality]
-) -> dict[Modality, dict[str, Any]]:
-    """Validate ``decoder_overrides``: known output modalities, known setting names, sensible values."""
-    result: dict[Modality, dict[str, Any]] = {}
-    for key, values in (overrides or {}).items():
-        try:
-            modality = Modality.parse(key)
-        except ValueError:
-            modality = None
-        if modality not in available:
-            valid = ", ".join(m.value for m in available)
-            raise ValueError(f"decoder_overrides: unknown output modality {key!r}; expected one of {valid}")
-        unknown = sorted(set(values) - set(DECODER_SETTINGS))
-        if unknown:
-            raise ValueError(
-                f"decoder_overrides[{modality.value!r}]: unknown setting {unknown[0]!r}; expected any of "
-                f"{', '.join(DECODER_SETTINGS)}"
-            )
-        _check_decoder_settings(dict(values))
-        result[modality] = {name: value for name, value in values.items() if value is not None}
-    return result
-
-
-def _check_decoder_settings(settings: dict[str, Any]) -> None:
-    """Decoder settings: None (the decoder's default) or a sensible value; a clear ValueError otherwise."""
-    for name in ("num_inference_steps", "num_frames", "height", "width"):
-        value = settings.get(name)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    for name in ("height", "width"):
-        value = settings.get(name)
-        if value is not None and value % 8:
-            raise ValueError(f"{name} must be a multiple of 8 (the VAE's downsampling), got {value}")
-    guidance = settings.get("guidance_scale")
-    if guidance is not None and not (math.isfinite(guidance) and guidance >= 0):
-        raise ValueError(f"guidance_scale must be a finite number >= 0, got {guidance!r}")
-    seconds = settings.get("audio_seconds")
-    if seconds is not None and not (math.isfinite(seconds) and seconds > 0):
-        raise ValueError(f"audio_seconds must be a finite number > 0, got {seconds!r}")
+def _generators_per_prompt(
+    generator: torch.Generator | list[torch.Generator] | None, count: int
+) -> list[torch.Generator | None]:
+    """One generator per prompt of a batch: a list as given (of the right length), one shared generator (each
+    prompt draws its seed from it in turn), or None for each."""
+    if isinstance(generator, list | tuple):
+        if len(generator) != count:
+            raise UsageError(f"generator: a list of {len(generator)} generators for {count} prompts")
+        return list(generator)
+    return [generator] * count

@@ -99,6 +99,8 @@ def init_added_token_rows(model, tokenizer, tokens: ModalityTokens, *, num_old: 
         model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
     generator = torch.Generator().manual_seed(seed)
     for matrix in _embedding_matrices(model):
+        if matrix.is_meta:  # built for its sizes only (anygpt.core.memory): no values to initialise
+            continue
         scale = matrix[:num_old].float().std().item()
         for modality in MEDIA_MODALITIES:
             new_ids = [tokens.placeholder[modality]] + tokens.signal.get(modality, [])
@@ -232,12 +234,13 @@ class SignalTokenProcessor(LogitsProcessor):
 
     Once the first token of a group is produced, the rest of the group is forced in order. Members other than the
     first can never start on their own. Groups of modalities not in ``allowed`` are never started (used when the
-    caller forces an explicit list of outputs and appends the groups itself).
+    caller forces an explicit list of outputs and appends the groups itself). Media placeholders are input-only
+    and never generated (an imported model's vocabulary stays the one it was trained with).
     """
 
     def __init__(self, tokens: ModalityTokens, allowed: set[Modality] | None = None):
         self.next_of: dict[int, int] = {}
-        banned: set[int] = set()
+        banned: set[int] = set(tokens.placeholder.values())
         for modality, group in tokens.signal.items():
             for a, b in zip(group, group[1:], strict=False):
                 self.next_of[a] = b
