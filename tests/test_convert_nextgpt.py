@@ -448,3 +448,22 @@ def test_non_tensor_pickle_payload_is_refused_unexecuted(world, tmp_path):
     torch.save({"epoch": 3, **world["reference"].state_dict()}, folder / "pytorch_model.pt")  # allowed, not a tensor
     with pytest.raises(CheckpointError, match="entry 'epoch' is a int, expected a tensor"):
         convert_nextgpt(folder, tmp_path / "out", llm=world["base"], components="tiny")
+
+
+def test_a_reply_stops_at_nextgpts_stop_string(world, monkeypatch):
+    """NExT-GPT ends a reply with ``###`` (its template's stop, token 835 in LLaMA's vocabulary), not EOS: generation
+    is asked to stop there and the reply is cut before it, so no invented next turn reaches the text."""
+    pipe = world["pipe"]
+    reply = pipe.tokenizer("a cat [IMG0][IMG1][IMG2][IMG3]\n### Human: and more", add_special_tokens=False)
+    seen = {}
+
+    def fake_generate(**kwargs):
+        seen.update(kwargs)
+        return type("Out", (), {"sequences": torch.tensor([reply["input_ids"]]), "past_key_values": None})()
+
+    monkeypatch.setattr(pipe.model.language_model, "generate", fake_generate)
+    ids, _ = pipe.generate_tokens(torch.zeros(1, 3, HIDDEN), forced=None, max_new_tokens=32, temperature=0.0, top_p=1.0)
+    assert seen["stop_strings"] == ["###"] and seen["tokenizer"] is pipe.tokenizer
+    text = pipe.tokenizer.decode(ids, skip_special_tokens=False)
+    assert "###" not in text and "Human" not in text and text.startswith("a cat")
+    assert ids[-4:] == pipe.model.tokens.signal[Modality.IMAGE]  # the signal group before the stop is kept

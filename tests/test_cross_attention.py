@@ -322,6 +322,7 @@ def test_pipeline_replies_with_one_placeholder_per_image(trained, media_files):
         show_progress=False,
     )
     assert isinstance(out.text, str) and 0 < len(out.token_ids) <= 6
+    assert pipe.model.cross_attention.context is None  # the call's media features are released when it ends
     input_ids, embeds = pipe.build_inputs(conversation)
     assert int((input_ids == pipe.model.tokens.placeholder[IMAGE]).sum()) == 1
     media, mask = pipe.model.cross_attention.context

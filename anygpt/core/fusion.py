@@ -240,9 +240,6 @@ class GatedCrossAttentionLayers(nn.Module):
             raise ValueError(f"media context: expected (B, S, H) and a (B, S) mask, got {media.shape}, {mask.shape}")
         self._context = (media, mask.bool())
 
-    def clear_context(self) -> None:
-        self._context = None
-
     @contextlib.contextmanager
     def rows(self, index: torch.Tensor | None):
         """Narrow the context to the batch rows ``index`` while the LLM runs on those rows only (e.g. one forward

@@ -30,7 +30,7 @@ from anygpt.base.media import Audio, Video, load_media
 from anygpt.base.modality import MEDIA_MODALITIES, Modality
 from anygpt.base.utils import atomic_directory, resolve_dtype
 from anygpt.core.config import PACKAGED_MODELS, AnyGPTConfig, config_from_preset, list_presets
-from anygpt.core.conversation import Conversation, MediaRef
+from anygpt.core.conversation import Conversation, MediaRef, get_template
 from anygpt.core.index import INDEX_FILE, packaged_model_dir, read_index, resolve_part, write_index
 from anygpt.core.lora import check_selection
 from anygpt.core.memory import default_runtime
@@ -586,6 +586,8 @@ class AnyGPTPipeline:
         allowed = set(self.decoders) if forced is None else set()
         processor = SignalTokenProcessor(tokens, allowed=allowed)
         sample = temperature > 0
+        stop = list(get_template(self.config.llm.template).stop)  # e.g. NExT-GPT's "###" besides EOS
+        stopping = {"stop_strings": stop, "tokenizer": self.tokenizer} if stop else {}
         out = self.model.language_model.generate(
             inputs_embeds=inputs_embeds,
             attention_mask=torch.ones(inputs_embeds.shape[:2], dtype=torch.long, device=inputs_embeds.device),
@@ -599,11 +601,14 @@ class AnyGPTPipeline:
             eos_token_id=self.tokenizer.eos_token_id,
             return_dict_in_generate=True,
             streamer=streamer,
+            **stopping,
         )
         ids = out.sequences[0].tolist()
         eos = self.tokenizer.eos_token_id
         if eos in ids:
             ids = ids[: ids.index(eos)]
+        if stop:
+            ids = _cut_at_stop(ids, self.tokenizer, stop)
         ids = [i for i in ids if i != self.tokenizer.pad_token_id]
         ids = repair_signal_groups(ids, tokens)
         for modality in self.decoders:
@@ -840,6 +845,9 @@ class AnyGPTPipeline:
         except BaseException:
             conversation.turns.pop()  # the failed user turn is not kept
             raise
+        finally:
+            if self.model.cross_attention is not None:  # the call's media features are not kept referenced
+                self.model.cross_attention.set_context(None)
         signal_ids = self.model.tokens.all_signal_ids
         text = self.tokenizer.decode([i for i in generated if i not in signal_ids], skip_special_tokens=True).strip()
         conversation.add_assistant(text, generated)
@@ -924,6 +932,18 @@ class AnyGPTPipeline:
                 result.stopped = True
                 return
             getattr(result, modality.plural).extend(outputs)
+
+
+def _cut_at_stop(ids: list[int], tokenizer, stop: list[str]) -> list[int]:
+    """``ids`` up to (not including) the first token whose text completes one of the ``stop`` strings, without the
+    blank tokens before it (the template's separator)."""
+    for end in range(1, len(ids) + 1):
+        if any(s in tokenizer.decode(ids[:end], skip_special_tokens=False) for s in stop):
+            ids = ids[: end - 1]
+            while ids and not tokenizer.decode(ids[-1:], skip_special_tokens=False).strip():
+                ids = ids[:-1]
+            break
+    return ids
 
 
 def _file_key(modality: Modality, path: Path) -> str:
