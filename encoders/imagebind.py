@@ -29,6 +29,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from anygpt.base.modality import Modality
+from anygpt.base.utils import resolve_dtype
 from encoders import transforms
 from encoders.meta import import_imagebind
 
@@ -90,6 +91,8 @@ class ImageBindConfig:
         checkpoint: path of a checkpoint to load (implies loading); a missing file is an error, never replaced by
             another. ``None`` to look in the default places (``$ANYGPT_IMAGEBIND_CHECKPOINT``, then
             :func:`default_checkpoint_path`).
+        torch_dtype: the dtype the encoder runs in (``"float32"``, ``"float16"``, ``"bfloat16"``); weights are cast
+            to it after loading.
         video_clips, video_frames_per_clip, video_clip_seconds, video_spatial_crops: video preprocessing.
         audio_clips, audio_clip_seconds, audio_sample_rate, num_mel_bins, target_frames: audio preprocessing.
     """
@@ -119,6 +122,7 @@ class ImageBindConfig:
     imu_drop_path: float = 0.7
     pretrained: bool = False
     checkpoint: str | None = None
+    torch_dtype: str = "float32"
     video_clips: int = 5
     video_frames_per_clip: int = 2
     video_clip_seconds: float = 2.0
@@ -132,7 +136,7 @@ class ImageBindConfig:
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            if f.name in ("pretrained", "checkpoint"):
+            if f.name in ("pretrained", "checkpoint", "torch_dtype"):
                 continue
             if f.type == "int" and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
                 raise ValueError(f"ImageBindConfig.{f.name} must be a positive integer, got {value!r}")
@@ -148,6 +152,10 @@ class ImageBindConfig:
             rate = getattr(self, f"{trunk}_drop_path")
             if not 0.0 <= rate < 1.0:
                 raise ValueError(f"ImageBindConfig.{trunk}_drop_path must be in [0, 1), got {rate!r}")
+        try:
+            resolve_dtype(self.torch_dtype)
+        except ValueError as error:
+            raise ValueError(f"ImageBindConfig.torch_dtype: {error}") from None
         if not isinstance(self.pretrained, bool):
             raise ValueError(f"ImageBindConfig.pretrained must be a bool, got {self.pretrained!r}")
         if self.checkpoint is not None and (not isinstance(self.checkpoint, str) or not self.checkpoint.strip()):
@@ -310,6 +318,7 @@ class ImageBindEncoder(nn.Module):
                 imu_num_heads=config.imu_num_heads,
                 imu_drop_path=config.imu_drop_path,
             )
+        self.execution_device: torch.device | None = None  # set by offloading (anygpt.core.runtime)
         self.requires_grad_(False)
         super().train(False)
 
@@ -321,11 +330,24 @@ class ImageBindEncoder(nn.Module):
 
     @property
     def device(self) -> torch.device:
+        """Where inputs go: :attr:`execution_device` when set (the weights wait elsewhere: offloading), else where
+        the weights are."""
+        if self.execution_device is not None:
+            return self.execution_device
         return next(self.parameters()).device
 
     @property
     def dtype(self) -> torch.dtype:
         return next(self.parameters()).dtype
+
+    @property
+    def preload_module_classes(self) -> list[str]:
+        """Submodule classes whose forward reads their children's tensors directly (the modality preprocessors'
+        positional embeddings, ``nn.MultiheadAttention``'s output projection): layer-by-layer offloading loads them
+        whole (accelerate's ``preload_module_classes``)."""
+        names = {type(m).__name__ for m in self.model.modality_preprocessors.values()}
+        names |= {type(m).__name__ for m in self.modules() if isinstance(m, nn.MultiheadAttention)}
+        return sorted(names)
 
     # ---- sizes ---------------------------------------------------------------------------------------------
 
@@ -644,7 +666,9 @@ def load_imagebind_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor
     return dict(state)
 
 
-def build_imagebind_encoder(config: ImageBindConfig | str = "tiny", *, seed: int = 0) -> ImageBindEncoder:
+def build_imagebind_encoder(
+    config: ImageBindConfig | str = "tiny", *, seed: int = 0, empty_weights: bool = False
+) -> ImageBindEncoder:
     """Build a frozen ImageBind encoder from a config or preset name.
 
     Weights come from the checkpoint found by :func:`find_imagebind_checkpoint` when ``config.checkpoint`` is
@@ -655,9 +679,12 @@ def build_imagebind_encoder(config: ImageBindConfig | str = "tiny", *, seed: int
     Args:
         config: an :class:`ImageBindConfig` or a preset name (``"tiny"``, ``"imagebind-huge"``).
         seed: seed for random init.
+        empty_weights: build the architecture on the meta device and read no checkpoint (sizes only; nothing is
+            allocated).
 
     Returns:
-        The encoder, float32 on the CPU, in eval mode, no parameter requiring grad.
+        The encoder in ``config.torch_dtype`` on the CPU (meta with ``empty_weights``), in eval mode, no parameter
+        requiring grad.
 
     Raises:
         FileNotFoundError: ``config.checkpoint`` names a missing file, or weights wanted but no checkpoint found.
@@ -665,6 +692,10 @@ def build_imagebind_encoder(config: ImageBindConfig | str = "tiny", *, seed: int
     """
     if isinstance(config, str):
         config = ImageBindConfig.from_preset(config)
+    dtype = resolve_dtype(config.torch_dtype)
+    if empty_weights:
+        with torch.device("meta"):
+            return ImageBindEncoder(config).to(dtype)
     if config.pretrained or config.checkpoint is not None:
         path = find_imagebind_checkpoint(config)
         logger.info("loading ImageBind weights from %s", path)
@@ -672,9 +703,9 @@ def build_imagebind_encoder(config: ImageBindConfig | str = "tiny", *, seed: int
         with torch.device("meta"):
             encoder = ImageBindEncoder(config)
         encoder.load_imagebind_state_dict(state, source=str(path))
-        return encoder
+        return encoder.to(dtype)
     logger.debug("building ImageBind with random weights (seed %d)", seed)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         encoder = ImageBindEncoder(config)
-    return encoder
+    return encoder.to(dtype)

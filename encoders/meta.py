@@ -5,6 +5,8 @@ from __future__ import annotations
 import sys
 import warnings
 
+import torch
+
 
 def import_imagebind():
     """Import Meta's ``imagebind.models.imagebind_model`` and return it.
@@ -20,10 +22,15 @@ def import_imagebind():
             import torchvision.transforms._functional_tensor as functional_tensor
 
             sys.modules[name] = functional_tensor
-    with warnings.catch_warnings():
+    # Module-level tensors of imagebind and of what it imports (torchaudio.compliance.kaldi's EPSILON, which our audio
+    # transform's fbank uses) are made on the CPU even when the first import happens inside
+    # ``with torch.device("meta")`` (an encoder built from a checkpoint): a default-device context would otherwise
+    # leave them on meta for the rest of the process.
+    with warnings.catch_warnings(), torch.device("cpu"):
         warnings.filterwarnings("ignore", message=".*pkg_resources.*", category=UserWarning)
         warnings.filterwarnings("ignore", category=DeprecationWarning)
         warnings.filterwarnings("ignore", message=".*torch.jit.*", category=FutureWarning)
+        import torchaudio.compliance.kaldi  # noqa: F401
         from imagebind.models import imagebind_model
 
     return imagebind_model

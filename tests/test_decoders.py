@@ -64,7 +64,7 @@ CASES = [
 IDS = [c.preset for c in CASES]
 
 REAL_PRESETS = {
-    "stable-diffusion-v1-5": ("runwayml/stable-diffusion-v1-5", Modality.IMAGE, (77, 768)),
+    "stable-diffusion-v1-5": ("stable-diffusion-v1-5/stable-diffusion-v1-5", Modality.IMAGE, (77, 768)),
     "zeroscope-v2-576w": ("cerspense/zeroscope_v2_576w", Modality.VIDEO, (77, 1024)),
     "audioldm-l-full": ("cvssp/audioldm-l-full", Modality.AUDIO, (512,)),
 }

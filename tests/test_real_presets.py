@@ -24,7 +24,7 @@ def test_nextgpt_preset_has_nextgpt_numbers():
     assert config.llm.source == "lmsys/vicuna-7b-v1.5" and config.llm.lora.r == 32 and config.llm.lora.alpha == 32
     assert config.signal_tokens.counts == {"image": 4, "video": 24, "audio": 8}
     assert {k: v.source for k, v in config.decoders.items()} == {
-        "image": "runwayml/stable-diffusion-v1-5",
+        "image": "stable-diffusion-v1-5/stable-diffusion-v1-5",
         "video": "cerspense/zeroscope_v2_576w",
         "audio": "cvssp/audioldm-l-full",
     }

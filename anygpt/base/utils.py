@@ -23,6 +23,25 @@ def resolve_dtype(name: str | torch.dtype) -> torch.dtype:
     return _DTYPES[name]
 
 
+def torchao_weight_config(bits: int, device: str | torch.device):
+    """torchao's weight-only quantization config for ``bits`` (8 or 4) on ``device``'s kind.
+
+    8-bit: ``Int8WeightOnlyConfig`` (per-row scales). 4-bit on CUDA: ``Int4WeightOnlyConfig`` (groups of 128, the
+    tinygemm tile layout); elsewhere ``IntxWeightOnlyConfig(int4, groups of 32)``, whose int4 values are held one per
+    byte (4-bit precision, 8-bit storage: the CPU has no packed int4 kernel).
+    """
+    from torchao.quantization import Int4WeightOnlyConfig, Int8WeightOnlyConfig, IntxWeightOnlyConfig  # optional
+    from torchao.quantization.granularity import PerGroup
+
+    if bits == 8:
+        return Int8WeightOnlyConfig()
+    if bits != 4:
+        raise ValueError(f"torchao weight bits: expected 8 or 4, got {bits!r}")
+    if torch.device(device).type == "cuda":
+        return Int4WeightOnlyConfig(group_size=128, int4_packing_format="tile_packed_to_4d")
+    return IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(32))
+
+
 def resolve_local_model(source: str, *, what: str) -> str:
     """Return a local folder holding the model ``source``: the folder itself, or its Hugging Face cache snapshot.
 

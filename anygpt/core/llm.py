@@ -7,16 +7,21 @@ cache).
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
 import logging
 import os
+import tempfile
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
 
+from anygpt.base.errors import ConfigError
 from anygpt.base.modality import Modality
 from anygpt.base.utils import resolve_dtype, resolve_local_model
 from anygpt.core.conversation import get_template
+from anygpt.core.runtime import RuntimeOptions, llm_quantization_config
 
 logger = logging.getLogger(__name__)
 
@@ -171,19 +176,133 @@ def _build_tiny(config: LanguageModelConfig, tokenizer):
     return model
 
 
-def build_language_model(config: LanguageModelConfig, *, tokenizer_dir: str | os.PathLike | None = None):
+# HAND-WRITTEN CONFIGS of released LLMs (their config.json on the hub, transcribed), used only to build them on the
+# meta device for sizes and memory estimates when their files are not on this machine (anygpt.core.memory) and for
+# random-weight benchmarks. Loading a real model always reads its own config.json.
+KNOWN_ARCHITECTURES: dict[str, dict] = {
+    # Vicuna-7B v1.5 (Llama-2-7B): 6.74 B parameters
+    "lmsys/vicuna-7b-v1.5": {
+        "model_type": "llama",
+        "vocab_size": 32000,
+        "hidden_size": 4096,
+        "intermediate_size": 11008,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 32,
+        "max_position_embeddings": 4096,
+        "rms_norm_eps": 1e-5,
+        "tie_word_embeddings": False,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "pad_token_id": 0,
+    },
+}
+KNOWN_ARCHITECTURES["lmsys/vicuna-7b-v0"] = {  # NExT-GPT's base (LLaMA-1 7B + the v0 delta): 2048 positions
+    **KNOWN_ARCHITECTURES["lmsys/vicuna-7b-v1.5"],
+    "max_position_embeddings": 2048,
+    "rms_norm_eps": 1e-6,
+}
+
+
+def architecture_config(source: str, *, layers: int | None = None):
+    """The transformers config of a real LLM: its folder's ``config.json`` when the model is on this machine,
+    otherwise :data:`KNOWN_ARCHITECTURES`. Nothing is downloaded.
+
+    Args:
+        source: a hub id or a local folder.
+        layers: build at most this many decoder layers (same widths), for CPU benchmarks.
+
+    Raises:
+        ConfigError: neither on this machine nor a known architecture.
+    """
+    from transformers import AutoConfig, LlamaConfig
+
+    try:
+        config = AutoConfig.from_pretrained(resolve_local_model(source, what="language model"))
+    except FileNotFoundError:
+        if source not in KNOWN_ARCHITECTURES:
+            raise ConfigError(
+                f"language model {source!r} is not on this machine and its architecture is not one of "
+                f"{', '.join(sorted(KNOWN_ARCHITECTURES))}: download it (or its config.json) to size it"
+            ) from None
+        values = dict(KNOWN_ARCHITECTURES[source])
+        values.pop("model_type")
+        config = LlamaConfig(**values)
+    if layers is not None:
+        config.num_hidden_layers = max(1, min(int(layers), config.num_hidden_layers))
+    return config
+
+
+def build_stand_in_tokenizer(vocab_size: int):
+    """A word-level tokenizer of ``vocab_size`` entries (``<unk> <s> </s>`` first): stands in for a real LLM's
+    tokenizer when only its size matters (meta builds, random-weight benchmarks), so that added tokens get the ids they
+    get with the real one."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
+    for i in range(len(vocab), vocab_size):
+        vocab[f"tok{i}"] = i
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<unk>"
+    )
+
+
+def _check_tokenizer_backend(folder: str | os.PathLike) -> None:
+    """A folder with only a SentencePiece ``tokenizer.model`` (LLaMA, Vicuna) needs ``sentencepiece``; say so rather
+    than let transformers' converter report a misleading missing package."""
+    folder = Path(folder)
+    if (folder / "tokenizer.model").is_file() and not (folder / "tokenizer.json").is_file():
+        if importlib.util.find_spec("sentencepiece") is None:
+            raise ConfigError(
+                f"{folder}: the tokenizer is a SentencePiece model (tokenizer.model) and needs the sentencepiece "
+                "package: pip install sentencepiece (anygpt's dependencies include it)"
+            )
+
+
+def _load_tokenizer(folder: str | os.PathLike):
+    from transformers import AutoTokenizer
+
+    _check_tokenizer_backend(folder)
+    tokenizer = AutoTokenizer.from_pretrained(folder, use_fast=True)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
+    return tokenizer
+
+
+def build_language_model(
+    config: LanguageModelConfig,
+    *,
+    tokenizer_dir: str | os.PathLike | None = None,
+    runtime: RuntimeOptions | None = None,
+    empty_weights: bool = False,
+):
     """Build (model, tokenizer) without LoRA. LoRA and added tokens are applied by ``AnyGPTModel``.
 
     Args:
         config: the language-model config.
         tokenizer_dir: a folder holding a saved tokenizer to use instead of the source's own
             (``save_pretrained`` writes the tokenizer with its added tokens).
+        runtime: the dtype (``runtime.dtype``, else ``config.torch_dtype``) and quantization to load with. A quantized
+            LLM is loaded with ``device_map`` onto ``runtime.device`` (never moved afterwards); a tiny LLM is saved
+            and loaded back through the same ``from_pretrained`` path. Without quantization and with no offload, a real
+            LLM is loaded straight onto ``runtime.device``.
+        empty_weights: build the architecture on the meta device without reading weights (sizes only): a real
+            model's ``config.json`` if it is on this machine, else :data:`KNOWN_ARCHITECTURES`; its tokenizer if
+            present, else :func:`build_stand_in_tokenizer` of its vocabulary size.
 
     Raises:
         FileNotFoundError: a real model that is neither a local folder nor in the Hugging Face cache.
+        ConfigError: a SentencePiece tokenizer without the sentencepiece package; an unknown architecture to size.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
+    runtime = runtime or RuntimeOptions()
+    dtype = runtime.torch_dtype or resolve_dtype(config.torch_dtype)
+    if empty_weights:
+        return _build_empty(config, tokenizer_dir, dtype)
     if config.source == TINY:
         tokenizer = (
             AutoTokenizer.from_pretrained(tokenizer_dir) if tokenizer_dir is not None else build_byte_tokenizer()
@@ -191,14 +310,45 @@ def build_language_model(config: LanguageModelConfig, *, tokenizer_dir: str | os
         base_tokenizer = build_byte_tokenizer()
         model = _build_tiny(config, base_tokenizer)
         logger.info("built tiny Llama LLM (hidden %d, %d layers)", config.hidden_size, config.num_layers)
-        return model, tokenizer
+        if runtime.quantize is None:
+            return model.to(dtype), tokenizer
+        with tempfile.TemporaryDirectory(prefix="anygpt-llm-") as folder:
+            model.save_pretrained(folder)  # quantized through from_pretrained, exactly as a real model
+            return _from_pretrained(folder, dtype, runtime), tokenizer
 
     path = resolve_local_model(config.source, what="language model")
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir or path, use_fast=True)
-    logger.info("loading language model from %s", path)
-    model = AutoModelForCausalLM.from_pretrained(path, torch_dtype=resolve_dtype(config.torch_dtype))
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
+    tokenizer = _load_tokenizer(tokenizer_dir or path)
+    logger.info("loading language model from %s (%s)", path, runtime.describe())
+    return _from_pretrained(path, dtype, runtime), tokenizer
+
+
+def _from_pretrained(path: str | os.PathLike, dtype: torch.dtype, runtime: RuntimeOptions):
+    from transformers import AutoModelForCausalLM
+
+    kwargs = {}
+    quantization = llm_quantization_config(runtime, dtype)
+    if quantization is not None:
+        kwargs = {"quantization_config": quantization, "device_map": {"": str(runtime.execution_device)}}
+    elif runtime.device is not None and runtime.offload == "none":
+        kwargs = {"device_map": {"": str(runtime.execution_device)}}
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
+
+
+def _build_empty(config: LanguageModelConfig, tokenizer_dir: str | os.PathLike | None, dtype: torch.dtype):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if config.source == TINY:
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir) if tokenizer_dir else build_byte_tokenizer()
+        with torch.device("meta"):
+            return _build_tiny(config, build_byte_tokenizer()).to(dtype), tokenizer
+    arch = architecture_config(config.source)
+    tokenizer = None
+    with contextlib.suppress(FileNotFoundError):
+        tokenizer = _load_tokenizer(tokenizer_dir or resolve_local_model(config.source, what="language model"))
+    if tokenizer is None:
+        tokenizer = build_stand_in_tokenizer(arch.vocab_size)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(arch, dtype=dtype)
     return model, tokenizer
 
 

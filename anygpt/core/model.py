@@ -32,6 +32,7 @@ from anygpt.core.lora import (
     load_adapters,
     save_adapters,
 )
+from anygpt.core.runtime import RuntimeOptions
 from anygpt.core.tokens import (
     ModalityTokens,
     add_modality_tokens,
@@ -77,24 +78,49 @@ class AnyGPTModel(nn.Module):
         self.decoder_specs = dict(decoder_specs)
         self.cross_attention = cross_attention  # gated cross-attention blocks (installed on the LLM), or None
         self._combined_adapters: dict[tuple, str] = {}  # (names, weights) -> peft adapter (set_lora_adapters)
+        # Where the computation runs when the weights wait elsewhere (offloading, anygpt.core.runtime); None: where the
+        # LLM's input embeddings are.
+        self.execution_device: torch.device | None = None
+        # Base-vocabulary rows loaded with trained values (an imported model's whole tables, anygpt.apps.convert):
+        # save_trained writes them again beside the added rows.
+        self.trained_base_rows: list[int] = []
 
     # ------------------------------------------------------------------ building
     @classmethod
     def build(
-        cls, config: AnyGPTConfig, decoder_specs: dict, *, tokenizer_dir: str | os.PathLike | None = None
+        cls,
+        config: AnyGPTConfig,
+        decoder_specs: dict,
+        *,
+        tokenizer_dir: str | os.PathLike | None = None,
+        runtime: RuntimeOptions | None = None,
+        empty_weights: bool = False,
     ) -> AnyGPTModel:
         """Build every component from ``config``.
+
+        Works under ``with torch.device("meta")`` too (tiny components; nothing is allocated).
 
         Args:
             config: the system config.
             decoder_specs: ``DecoderSpec`` per output modality (sets each output projector's query count and size).
             tokenizer_dir: a saved tokenizer (with the added tokens) to use instead of the LLM's own.
+            runtime: how the LLM is loaded (dtype, quantization, device map; see ``build_language_model``). Other
+                placement is the pipeline's (``AnyGPTPipeline.from_pretrained(runtime=...)``).
+            empty_weights: build every component on the meta device and read no weights, for sizes and memory
+                estimates (``anygpt.core.memory``): real backbones need only their configs (or known architectures).
         """
+        if empty_weights and torch.get_default_device().type != "meta":
+            with torch.device("meta"):
+                return cls.build(
+                    config, decoder_specs, tokenizer_dir=tokenizer_dir, runtime=runtime, empty_weights=True
+                )
         from encoders import build_imagebind_encoder
         from projectors import build_input_projector, build_output_projector, get_input_projector_class
 
-        encoder = build_imagebind_encoder(config.encoder, seed=config.seed)
-        llm, tokenizer = build_language_model(config.llm, tokenizer_dir=tokenizer_dir)
+        encoder = build_imagebind_encoder(config.encoder, seed=config.seed, empty_weights=empty_weights)
+        llm, tokenizer = build_language_model(
+            config.llm, tokenizer_dir=tokenizer_dir, runtime=runtime, empty_weights=empty_weights
+        )
         num_old = llm.get_input_embeddings().weight.shape[0]
         tokens = add_modality_tokens(tokenizer, config.signal_tokens)
         init_added_token_rows(llm, tokenizer, tokens, num_old=num_old, seed=config.seed)
@@ -165,6 +191,9 @@ class AnyGPTModel(nn.Module):
 
     @property
     def device(self) -> torch.device:
+        """Where inputs go: :attr:`execution_device` when offloading, else where the LLM's input embeddings are."""
+        if self.execution_device is not None:
+            return self.execution_device
         return self.language_model.get_input_embeddings().weight.device
 
     @property
@@ -352,7 +381,7 @@ class AnyGPTModel(nn.Module):
             parts["cross_attention"] = CROSS_ATTENTION_FILE
         if self.config.llm.lora is not None:  # "lora" (one adapter) or {name: "lora/<name>"} (per-modality)
             parts["lora"] = save_adapters(self.language_model, self.config.llm.lora, folder)
-        ids = torch.tensor(self.tokens.all_added_ids)
+        ids = torch.tensor(sorted({*self.tokens.all_added_ids, *self.trained_base_rows}))
         rows = {"token_ids": ids, "input_embeddings": self.language_model.get_input_embeddings().weight[ids]}
         out = self.language_model.get_output_embeddings()
         if out is not None:
@@ -402,12 +431,15 @@ class AnyGPTModel(nn.Module):
             load_adapters(self.language_model, self.config.llm.lora, folder, parts["lora"])
         rows = load_file(resolve_part(folder, parts["token_embeddings"], "token_embeddings"))
         ids = rows["token_ids"].tolist()
-        if ids != self.tokens.all_added_ids:
-            raise ValueError(
-                f"{folder}/{parts['token_embeddings']}: added-token ids {ids[:4]}... do not match the tokenizer's "
-                f"{self.tokens.all_added_ids[:4]}..."
-            )
         emb = self.language_model.get_input_embeddings().weight
+        added = self.tokens.all_added_ids
+        # the added rows, and possibly base rows too (all of them for an imported model), each once and in order
+        if not set(added) <= set(ids) or ids != sorted(set(ids)) or ids[0] < 0 or ids[-1] >= emb.shape[0]:
+            raise ValueError(
+                f"{folder}/{parts['token_embeddings']}: token ids {ids[:4]}... do not hold the tokenizer's added "
+                f"ids {added[:4]}... once each within its {emb.shape[0]} rows"
+            )
+        self.trained_base_rows = sorted(set(ids) - set(added))
         emb[ids] = rows["input_embeddings"].to(emb)
         out = self.language_model.get_output_embeddings()
         if out is not None and "output_embeddings" in rows:
