@@ -375,3 +375,18 @@ def test_realsize_benchmark_runs_at_reduced_depth(tmp_path):
         assert results[key] > 0, key
     assert results["layers"] == 1 and "cuda float16, model offload" in results["estimated_peak_gib_full_size"]
     assert "| feature_cache_speedup |" in (tmp_path / "b.md").read_text()
+
+
+def test_info_memory_through_the_command_line(capsys):
+    from anygpt import cli
+
+    assert cli.main(["info", "--memory", "--model", "nextgpt-7b"]) == 0
+    out = capsys.readouterr().out
+    for line in ("encoder            1.20 B", "decoder video      1.84 B", "default on a 24 GB GPU: cuda float16"):
+        assert line in out
+    assert "default on a 16 GB GPU: cuda float16, model offload" in out
+    assert cli.main(["info", "--memory", "--model", "tiny", "--dtype", "bfloat16", "--quantize", "4bit"]) == 0
+    plans = [row for row in capsys.readouterr().out.splitlines() if row.startswith("cuda ")]
+    assert len(plans) == 1 and "bfloat16" in plans[0] and "4bit" in plans[0]
+    assert cli.main(["info", "presets", "--dtype", "float16"]) == 2  # plan options only go with --memory
+    assert "go with --memory" in capsys.readouterr().err

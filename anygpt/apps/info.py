@@ -1,16 +1,19 @@
-"""``anygpt info``: the registered names (model presets, projectors, decoders, encoders)."""
+"""``anygpt info``: the registered names (model presets, projectors, decoders, encoders), and with ``--memory`` a
+model's size and the GPU memory each placement plan needs (built on the meta device: nothing is allocated)."""
 
 from __future__ import annotations
 
 import argparse
 
 from anygpt.base.errors import UsageError
-from anygpt.core.config import list_presets
+from anygpt.core.config import DEFAULT_MODEL, list_presets
+from anygpt.core.memory import default_runtime, memory_report, standard_plans
+from anygpt.core.runtime import DTYPES, OFFLOAD_PLANS, QUANTIZATIONS, RuntimeOptions
 from decoders import list_decoder_presets
 from encoders import list_encoder_presets
 from projectors import describe_projectors, list_input_projectors, list_output_projectors
 
-COMMANDS = {"info": "list presets, projectors, decoders and encoders"}
+COMMANDS = {"info": "list presets, projectors, decoders and encoders; --memory: a model's size and GPU memory per plan"}
 
 TOPICS = ("all", "presets", "projectors", "input_projectors", "output_projectors", "decoders", "encoders")
 
@@ -52,11 +55,54 @@ def describe_connectors() -> str:
     return "\n".join(lines)
 
 
+def memory(
+    model: str = DEFAULT_MODEL,
+    *,
+    dtype: str | None = None,
+    offload: str | None = None,
+    quantize: str | None = None,
+    device: str = "cuda",
+) -> str:
+    """``anygpt info --memory``: every component's parameters (trainable / frozen) and weight memory, then the peak
+    to expect on one GPU for each plan, and the plan chosen by default on a 24 GB and a 16 GB GPU.
+
+    Args:
+        model: a preset, a packaged model or a ``save_pretrained`` folder.
+        dtype, offload, quantize: estimate this one plan instead of the standard ones (unset parts: fp16 and no
+            offload on CUDA).
+        device: the device the plans are for (the quantization format depends on it).
+    """
+    if dtype is None and offload is None and quantize is None:
+        plans = standard_plans(device)
+    else:
+        plans = [RuntimeOptions(device=device, dtype=dtype, offload=offload or "none", quantize=quantize)]
+    lines = [memory_report(model, plans).format()]
+    if device.startswith("cuda"):
+        for gib in (24, 16):
+            plan = default_runtime(model, device, gpu_memory_gib=gib)
+            lines.append(f"default on a {gib} GB GPU: {plan.describe()}")
+    return "\n".join(lines)
+
+
 def add_arguments(command: str, parser: argparse.ArgumentParser) -> None:
     parser.add_argument("topic", nargs="?", default="all", help=f"one of {', '.join(TOPICS)} (default all)")
+    parser.add_argument("--memory", action="store_true", help="the model's size and the GPU memory of each plan")
+    parser.add_argument("--model", default=DEFAULT_MODEL, help="with --memory: a preset, packaged model or folder")
+    parser.add_argument("--dtype", default=None, help=f"with --memory: one plan in {', '.join(DTYPES)}")
+    parser.add_argument("--offload", default=None, help=f"with --memory: one plan with {', '.join(OFFLOAD_PLANS)}")
+    parser.add_argument(
+        "--quantize", default=None, help=f"with --memory: one plan with a {', '.join(QUANTIZATIONS)} LLM"
+    )
+    parser.add_argument("--device", default="cuda", help="with --memory: the device of the plans (default cuda)")
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.memory:
+        quantize = None if args.quantize in (None, "none") else args.quantize
+        print(memory(args.model, dtype=args.dtype, offload=args.offload, quantize=quantize, device=args.device))
+        return 0
+    if any(v is not None for v in (args.dtype, args.offload, args.quantize)) or args.model != DEFAULT_MODEL:
+        raise UsageError("info: --model, --dtype, --offload and --quantize go with --memory")
     for key, names in info(args.topic).items():
         print(f"{key}: {', '.join(names)}")
     if args.topic == "projectors":

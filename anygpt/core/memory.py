@@ -29,8 +29,8 @@ from torch import nn
 from anygpt.base.errors import ConfigError
 from anygpt.base.modality import Modality
 from anygpt.base.utils import resolve_dtype
-from anygpt.core.config import AnyGPTConfig, config_from_preset
-from anygpt.core.index import INDEX_FILE, read_index
+from anygpt.core.config import PACKAGED_MODELS, AnyGPTConfig, config_from_preset
+from anygpt.core.index import INDEX_FILE, packaged_model_dir, read_index
 from anygpt.core.model import AnyGPTModel
 from anygpt.core.runtime import RuntimeOptions
 from decoders import build_decoder
@@ -482,6 +482,8 @@ def _config_of(model: str | AnyGPTConfig) -> AnyGPTConfig:
     if isinstance(model, AnyGPTConfig):
         return model
     folder = Path(model).expanduser()
+    if not (folder / INDEX_FILE).is_file() and str(model) in PACKAGED_MODELS:
+        folder = packaged_model_dir(str(model))  # a model shipped in the package
     if (folder / INDEX_FILE).is_file():
         return read_index(folder)[0]
     return config_from_preset(str(model))
