@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from anygpt.base.errors import AnyGPTError, TrainingError
+from anygpt.base.utils import quiet_import_notices
 
 logger = logging.getLogger("anygpt.cli")
 
@@ -107,6 +108,8 @@ def _chosen_command(argv: Sequence[str]) -> str | None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if not {"-v", "--verbose"} & set(argv):
+        quiet_import_notices()
     chosen = _chosen_command(argv)
     try:
         if chosen in COMMANDS and chosen not in available_commands():

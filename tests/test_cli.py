@@ -300,3 +300,12 @@ def test_a_missing_command_module_is_left_out_of_the_help(fake_command, capsys):
         cli.main(["--help"])
     out = capsys.readouterr().out
     assert "fake " in out and "a command for the tests" in out and "ghost" not in out
+
+
+def test_a_command_prints_no_import_notices_of_optional_backends():
+    """torchao and bitsandbytes announce themselves while diffusers imports them; a user's command stays quiet."""
+    done = subprocess.run(
+        [sys.executable, "-m", "anygpt", "info", "presets"], capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0 and "presets: " in done.stdout
+    assert done.stderr == ""
