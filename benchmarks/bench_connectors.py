@@ -31,8 +31,17 @@ from pathlib import Path
 import torch
 from bench_training import median_step_time  # the benchmarks' folder is on sys.path when run as a script
 
+from anygpt.core.fusion import CrossAttentionConfig, count_parameters
+from anygpt.core.pipeline import AnyGPTPipeline
+from encoders import ImageBindConfig, build_imagebind_encoder
+from projectors import build_input_projector, get_input_projector_class, list_input_projectors
+from toyworld.data import write_world
+from toyworld.evaluate import evaluate
+from training.config import load_config
+from training.trainer import StageTrainer
+
 REPO = Path(__file__).resolve().parents[1]
-STAGE1 = REPO / "training" / "configs" / "toyworld-stage1.yaml"
+STAGE1 = REPO / "toyworld" / "configs" / "toyworld-stage1.yaml"
 
 # name -> (registry name, options at the toy world's size (64-d encoder tokens, 128-d LLM), extra run settings)
 TOY: dict[str, tuple[str, dict, dict]] = {
@@ -79,9 +88,6 @@ REAL: dict[str, tuple[str, dict | None]] = {
 
 def real_size_table() -> dict[str, dict]:
     """Parameters (millions) and tokens per image / 8-frame video of every connector at real size."""
-    from encoders import ImageBindConfig, build_imagebind_encoder
-    from projectors import build_input_projector, get_input_projector_class, list_input_projectors
-
     # the token grid depends only on the preprocessing (224 px, 14 px patches, 2-frame clips), the same at any size
     encoder = build_imagebind_encoder(ImageBindConfig.from_preset("tiny"))
     huge = ImageBindConfig.from_preset("imagebind-huge")
@@ -106,8 +112,6 @@ def real_size_table() -> dict[str, dict]:
             "tokens_per_8_frame_video": counts["video"],
             "reads": "token sequence" if proj.uses_tokens else "pooled embedding",
         }
-    from anygpt.core.fusion import CrossAttentionConfig, count_parameters
-
     # Flamingo's gated cross-attention blocks before every 4th of 32 layers of a 4096-d LLM (32 heads), counted on
     # the meta device; they read a connector's output (e.g. the perceiver's 64 latents) and add one marker token
     xattn = count_parameters(CrossAttentionConfig(every=4, num_heads=32), hidden_size=4096, num_layers=32)
@@ -121,11 +125,6 @@ def real_size_table() -> dict[str, dict]:
 
 
 def toy_world_table(start: str, data: Path, cache: Path, work: Path, steps: int, samples: int, only) -> dict:
-    from anygpt.core.pipeline import AnyGPTPipeline
-    from toyworld.evaluate import evaluate
-    from training.config import load_config
-    from training.trainer import StageTrainer
-
     table = {}
     for name, (registry, options, extra) in TOY.items():
         if only and name not in only:
@@ -187,9 +186,8 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             data = args.data
             if data is None:
-                from toyworld.data import write_world
-
-                data = write_world(Path(tmp) / "data")
+                data = Path(tmp) / "data"
+                write_world(data)
             cache = args.cache or Path(tmp) / "cache"
             only = [s.strip() for s in args.only.split(",")] if args.only else None
             results["toy_world_stage1"] = toy_world_table(

@@ -17,6 +17,11 @@ import statistics
 import tempfile
 from pathlib import Path
 
+from toyworld.sample_configs import write_sample
+from training.config import load_config
+from training.precompute import precompute
+from training.trainer import StageTrainer
+
 
 def median_step_time(out: Path, global_batch: int, skip: int) -> float:
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -31,11 +36,6 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="runs per mode, alternated")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
-
-    from toyworld.sample_configs import write_sample
-    from training.config import load_config
-    from training.precompute import precompute
-    from training.trainer import StageTrainer
 
     results = {}
     with tempfile.TemporaryDirectory() as tmp:

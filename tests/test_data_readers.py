@@ -12,10 +12,10 @@ from anygpt.base.modality import Modality
 from training.data import (
     DatasetError,
     DatasetSpec,
+    Dialogue,
     MediaFile,
     OutputMedia,
     Pair,
-    Sample,
     Turn,
     detect_format,
     list_formats,
@@ -156,7 +156,7 @@ def test_t2m_appends_the_placeholder_and_reads_caption_embedding_and_media(tmp_p
         embed_root / "t2x_0.jpg.npy",
         media(Modality.IMAGE, media_root, "t2x_0.jpg", "image_t2x"),
     )
-    assert records[0] == Sample(
+    assert records[0] == Dialogue(
         "image_t2x",
         0,
         [Turn("user", "Show me a city at night."), Turn("assistant", "Here it is. <image>", outputs=[image_out])],
@@ -348,9 +348,9 @@ def test_mosit_maps_tags_to_inputs_and_outputs(tmp_path, roots):
         ],
     }
     path = write_json(tmp_path / "mosit.json", [record])
-    (sample,) = read_dataset(DatasetSpec(path=path, format="mosit", media_root=media_root, embedding_root=embed_root))
+    (dialogue,) = read_dataset(DatasetSpec(path=path, format="mosit", media_root=media_root, embedding_root=embed_root))
 
-    assert sample.turns == [
+    assert dialogue.turns == [
         Turn(
             "user",
             "Hear the storm? <audio> It was loud.",
@@ -386,8 +386,8 @@ def test_alpaca(tmp_path):
     path = write_json(tmp_path / "alpaca.json", data)
     records = read_dataset(DatasetSpec(path=path))
     assert records == [
-        Sample("alpaca", 0, [Turn("user", "Give three tips."), Turn("assistant", "Sleep, eat, move.")]),
-        Sample("alpaca", 1, [Turn("user", "Translate.\n\nbonjour"), Turn("assistant", "hello")]),
+        Dialogue("alpaca", 0, [Turn("user", "Give three tips."), Turn("assistant", "Sleep, eat, move.")]),
+        Dialogue("alpaca", 1, [Turn("user", "Translate.\n\nbonjour"), Turn("assistant", "hello")]),
     ]
 
 

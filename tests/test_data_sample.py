@@ -10,9 +10,10 @@ import pytest
 
 from anygpt.base.media import load_media
 from anygpt.base.modality import Modality
-from toyworld.sample import COLOURS, MARKER_FILE
-from training.data import DatasetSpec, Pair, Sample, list_formats, read_dataset, write_sample_dataset
-from training.data import sample as sample_module
+from toyworld import sample as sample_module
+from toyworld.render import COLOURS
+from toyworld.sample import MARKER_FILE, write_sample_dataset
+from training.data import DatasetSpec, Dialogue, Pair, list_formats, read_dataset
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +105,7 @@ def test_every_entry_reads_with_existing_media(dataset):
                 if isinstance(record, Pair):
                     assert record.media.path.is_file() and record.caption
                     continue
-                assert isinstance(record, Sample)
+                assert isinstance(record, Dialogue)
                 for turn in record.turns:
                     assert all(m.path.is_file() for m in turn.inputs)
                     assert all(o.caption and o.media is not None and o.media.path.is_file() for o in turn.outputs)

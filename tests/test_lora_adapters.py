@@ -254,8 +254,7 @@ def test_old_single_adapter_index_still_loads(tiny_pipe, tmp_path):
 
 
 def test_shipped_model_index_keeps_its_single_adapter():
-    from anygpt.core.index import packaged_model_dir
-    from anygpt.core.index import read_index
+    from anygpt.core.index import packaged_model_dir, read_index
 
     config, parts = read_index(packaged_model_dir("toyworld"))
     assert parts["lora"] == "lora" and config.llm.lora is not None and config.llm.lora.adapters is None

@@ -1,6 +1,6 @@
-"""BLIP-2's Q-Former connectors (``projectors.qformer``) and stage 0, BLIP-2's representation pre-training
-(``training.blip2``): shapes, the shared Q-Former against transformers' own, the attention masks, the hardest
-in-batch negatives, losses that fall, and a stage-0 run that stage 1 continues from."""
+"""BLIP-2's Q-Former connectors (``projectors.qformer``) and Q-Former pretraining (``--stage 0``), BLIP-2's
+representation learning (``training.blip2``): shapes, the shared Q-Former against transformers' own, the attention
+masks, the hardest in-batch negatives, losses that fall, and a Q-Former pretraining run that stage 1 continues from."""
 
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ from training.config import ConfigError, load_config
 from training.trainer import StageTrainer
 
 REPO = Path(__file__).resolve().parents[1]
-STAGE0_CONFIG = REPO / "training" / "configs" / "tiny-stage0-qformer.yaml"
+PRETRAINING_CONFIG = REPO / "training" / "configs" / "tiny-qformer-pretraining.yaml"
 TINY = QFormerInputProjector.presets["tiny"]
 GRID = [1, 4, 4]  # one CLS token + a 4 x 4 patch grid: N = 17
 
@@ -305,7 +305,7 @@ def test_the_three_losses_train_together(sample_features):
     assert all(np.isfinite(h["itc"]) for h in history)
 
 
-# ---------------------------------------------------------------------------------------------- stage 0 runs
+# ------------------------------------------------------------------------------------ Q-Former pretraining runs
 @pytest.fixture(scope="module")
 def sample(tmp_path_factory) -> Path:
     from toyworld.sample_configs import write_sample
@@ -314,15 +314,17 @@ def sample(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def stage0_run(sample, tmp_path_factory) -> Path:
-    """``anygpt train --stage 0`` on the sample data: 3 steps, checkpoints at 2 and 3 (one thread: exact resume)."""
+def pretraining_run(sample, tmp_path_factory) -> Path:
+    """``anygpt train --stage 0`` (Q-Former pretraining) on the sample data: 3 steps, checkpoints at 2 and 3 (one
+    thread: exact resume)."""
     from anygpt.cli import main
 
-    out = tmp_path_factory.mktemp("stage0") / "out"
+    out = tmp_path_factory.mktemp("qformer-pretraining") / "out"
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        args = ["train", "--stage", "0", "--config", str(STAGE0_CONFIG), "--output-dir", str(out), "--max-steps", "3"]
+        args = ["train", "--stage", "0", "--config", str(PRETRAINING_CONFIG), "--output-dir", str(out)]
+        args += ["--max-steps", "3"]
         for setting in (f"data_root={sample}", "cache_dir=null", "train.save_every=2"):
             args += ["--set", setting]
         assert main(args) == 0
@@ -335,22 +337,22 @@ def _metrics(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_stage0_run_writes_checkpoints_with_heads_and_a_normal_final(stage0_run):
+def test_pretraining_run_writes_checkpoints_with_heads_and_a_normal_final(pretraining_run):
     from anygpt.core.pipeline import AnyGPTPipeline
 
-    rows = _metrics(stage0_run)
+    rows = _metrics(pretraining_run)
     assert [r["step"] for r in rows] == [1, 2, 3]
     for r in rows:
         assert {"loss", "loss_itc", "loss_itm", "loss_itg", "pairs"} <= set(r) and "loss_ce" not in r
         assert r["pairs"] == 4 and np.isfinite(r["loss"])
-    assert sorted(p.name for p in stage0_run.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-3"]
-    trained = load_file(stage0_run / "checkpoint-2" / "trainable.safetensors")
+    assert sorted(p.name for p in pretraining_run.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-3"]
+    trained = load_file(pretraining_run / "checkpoint-2" / "trainable.safetensors")
     assert any(k.startswith("objectives.image.itm_head.") for k in trained)  # the heads resume too
     assert any(k.startswith("model.input_projectors.image.qformer.") for k in trained)
     assert not any(k.startswith("objectives.image.projector.") for k in trained)  # shared: saved once
     assert not any(k.startswith(("model.language_model.", "model.output_projectors.")) for k in trained)
 
-    final = stage0_run / "final"
+    final = pretraining_run / "final"
     pipe = AnyGPTPipeline.from_pretrained(final)
     assert pipe.model.config.input_projector.name == "qformer"
     for name, projector in pipe.model.input_projectors.items():
@@ -360,24 +362,24 @@ def test_stage0_run_writes_checkpoints_with_heads_and_a_normal_final(stage0_run)
     assert not list(final.rglob("*objectives*"))
 
 
-def test_stage0_resume_equals_the_straight_run(sample, stage0_run, tmp_path):
+def test_pretraining_resume_equals_the_straight_run(sample, pretraining_run, tmp_path):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        config = load_config(STAGE0_CONFIG, overrides=[f"data_root={sample}", "cache_dir=null"])
-        resume = str(stage0_run / "checkpoint-2")
+        config = load_config(PRETRAINING_CONFIG, overrides=[f"data_root={sample}", "cache_dir=null"])
+        resume = str(pretraining_run / "checkpoint-2")
         StageTrainer(config, output_dir=tmp_path / "resumed", max_steps=3, resume=resume).train()
     finally:
         torch.set_num_threads(threads)
-    a, b = _metrics(stage0_run)[-1], _metrics(tmp_path / "resumed")[-1]
+    a, b = _metrics(pretraining_run)[-1], _metrics(tmp_path / "resumed")[-1]
     assert {k: v for k, v in a.items() if k != "samples_per_s"} == {k: v for k, v in b.items() if k != "samples_per_s"}
-    x = load_file(stage0_run / "checkpoint-3" / "trainable.safetensors")
+    x = load_file(pretraining_run / "checkpoint-3" / "trainable.safetensors")
     y = load_file(tmp_path / "resumed" / "checkpoint-3" / "trainable.safetensors")
     assert set(x) == set(y) and all(torch.equal(x[k], y[k]) for k in x)
 
 
-def test_stage1_starts_from_stage0_final_with_its_qformer(sample, stage0_run, tmp_path):
-    final = stage0_run / "final"
+def test_stage1_starts_from_pretraining_final_with_its_qformer(sample, pretraining_run, tmp_path):
+    final = pretraining_run / "final"
     options = json.dumps(TINY)
     sets = ["cache_dir=null", "input_projector.name=qformer", f"input_projector.options={options}"]
     trainer = StageTrainer(load_config(sample / "stage1.yaml", overrides=sets), start=str(final), output_dir=tmp_path)
@@ -393,13 +395,13 @@ def test_stage1_starts_from_stage0_final_with_its_qformer(sample, stage0_run, tm
     assert np.isfinite(metrics["loss_ce"])
 
 
-def test_stage0_refuses_a_connector_that_is_not_a_qformer(sample, tmp_path):
+def test_pretraining_refuses_a_connector_that_is_not_a_qformer(sample, tmp_path):
     config = load_config(sample / "stage1.yaml", overrides=["stage=0", "cache_dir=null"])  # the preset's linear
     with pytest.raises(ConfigError, match=r"stage1\.yaml: input_projector: .*'linear'.*--set input_projector=qformer"):
         StageTrainer(config, output_dir=tmp_path / "a").setup()
 
 
-def test_stage0_refuses_records_without_exactly_one_media_input(sample, tmp_path):
+def test_pretraining_refuses_records_without_exactly_one_media_input(sample, tmp_path):
     options = json.dumps(TINY)
     sets = ["stage=0", "cache_dir=null", "input_projector.name=qformer", f"input_projector.options={options}"]
     config = load_config(sample / "stage3.yaml", overrides=sets)
@@ -417,15 +419,18 @@ def test_stage0_refuses_records_without_exactly_one_media_input(sample, tmp_path
 )
 def test_blip2_loss_config_is_validated(sample, sets, match):
     with pytest.raises(ConfigError, match=match):
-        load_config(STAGE0_CONFIG, overrides=[f"data_root={sample}", *[f"{k}={v}" for k, v in sets.items()]])
+        load_config(PRETRAINING_CONFIG, overrides=[f"data_root={sample}", *[f"{k}={v}" for k, v in sets.items()]])
 
 
-def test_stage0_config_and_recipe(sample):
-    from training.recipes import PAIR_TASK, STAGE_DEFAULTS
+def test_pretraining_config_and_objective(sample):
+    from training.objectives import QFormerPretraining, objective_for
 
-    config = load_config(STAGE0_CONFIG, overrides=[f"data_root={sample}"])
+    config = load_config(PRETRAINING_CONFIG, overrides=[f"data_root={sample}"])
     assert config.stage == 0 and config.input_projector.name == "qformer"
     assert config.input_projector.options == TINY
-    assert PAIR_TASK[0] == "caption"
-    assert STAGE_DEFAULTS[0].input_projectors and STAGE_DEFAULTS[0].token_rows == "none"
-    assert not (STAGE_DEFAULTS[0].output_projectors or STAGE_DEFAULTS[0].lora)
+    objective = objective_for(config)
+    assert isinstance(objective, QFormerPretraining) and objective.pair_task == "caption"
+    trains = objective.trainable
+    assert trains.input_projectors and trains.token_rows == "none"
+    assert not (trains.output_projectors or trains.lora or trains.cross_attention)
+    assert objective.terms(None) == ["itc", "itm", "itg"] and objective.unit == "pairs"

@@ -1,5 +1,5 @@
-"""The toy world: its generator and dataset, the stage-0 pieces, packaging, the recipe end to end, and the shipped
-``toyworld`` model against its quality targets."""
+"""The toy world: its generator and dataset, the component pretraining's pieces, packaging, the recipe end to end,
+and a quick check of the shipped ``toyworld`` model (its full evaluation against the quality targets: ``make eval``)."""
 
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ def one_thread():
 def test_world_is_deterministic_per_seed():
     def draw(seed):
         rng = np.random.default_rng(seed)
-        return [world.sample_request(rng) for _ in range(20)] + [world.sample_video(rng) for _ in range(5)]
+        return [world.draw_request(rng) for _ in range(20)] + [world.draw_video(rng) for _ in range(5)]
 
     assert draw(3) == draw(3)
     assert draw(3) != draw(4)
@@ -48,17 +48,17 @@ def test_captions_name_the_attributes():
 
 def test_media_have_the_world_shapes():
     rng = np.random.default_rng(0)
-    assert world.sample_image(rng).render().shape == (64, 64, 3)
-    audio = world.sample_audio(rng).render()
+    assert world.draw_image(rng).render().shape == (64, 64, 3)
+    audio = world.draw_audio(rng).render()
     assert audio.sample_rate == 16000 and audio.waveform.shape == (16000,)
-    video = world.sample_video(rng).render()
+    video = world.draw_video(rng).render()
     assert video.frames.shape == (8, 64, 64, 3) and video.fps == 8.0
 
 
 def test_requests_ask_for_distinct_modalities():
     rng = np.random.default_rng(1)
     for _ in range(50):
-        request = world.sample_request(rng)
+        request = world.draw_request(rng)
         kinds = [item.modality for item in request.items]
         assert len(kinds) == len(set(kinds)) and 1 <= len(kinds) <= 3
         for item in request.items:
@@ -202,10 +202,10 @@ def test_zero_snr_scheduler_keeps_the_betas_family_and_ends_in_pure_noise(kind):
 
 
 def test_timestep_shift_moves_training_towards_the_noisy_end():
-    from toyworld import components as stage0
+    from toyworld import components
 
-    uniform = stage0._draw_timesteps(20000, 1000, torch.Generator().manual_seed(0))
-    shifted = stage0._draw_timesteps(20000, 1000, torch.Generator().manual_seed(0), shift=3.0)
+    uniform = components._draw_timesteps(20000, 1000, torch.Generator().manual_seed(0))
+    shifted = components._draw_timesteps(20000, 1000, torch.Generator().manual_seed(0), shift=3.0)
     for t in (uniform, shifted):
         assert t.dtype == torch.int64 and int(t.min()) >= 0 and int(t.max()) == 999
     assert abs(float((uniform >= 800).float().mean()) - 0.20) < 0.02
@@ -216,7 +216,7 @@ def test_timestep_shift_moves_training_towards_the_noisy_end():
 def test_text_tower_alignment_separates_what_the_media_separate(one_thread):
     """LiT: a CLAP text tower tuned against locked media embeddings tells apart captions whose media differ."""
     from decoders.tiny import tiny_audioldm_components
-    from toyworld import components as stage0
+    from toyworld import components
 
     parts = tiny_audioldm_components(seed=0)
     tower, tokenizer = parts["text_encoder"], parts["tokenizer"]
@@ -230,16 +230,16 @@ def test_text_tower_alignment_separates_what_the_media_separate(one_thread):
     def similarity() -> float:
         tower.eval()  # no dropout
         with torch.no_grad():
-            low, high = stage0._clap_embeds(tower, tokenizer, captions[:2])
+            low, high = components._clap_embeds(tower, tokenizer, captions[:2])
         tower.train()
         return float(low @ high)
 
     before = similarity()
-    settings = stage0.Stage0Settings(align_steps=40, align_batch=16, align_lr=2e-3)
+    settings = components.ComponentSettings(align_steps=40, align_batch=16, align_lr=2e-3)
     with torch.random.fork_rng(devices=[]):  # the discarded media head's initialisation: same in any test order
         torch.manual_seed(0)
-        losses = stage0._lock_align_text(
-            lambda c: stage0._clap_embeds(tower, tokenizer, c), list(tower.parameters()), bank, captions, settings,
+        losses = components._lock_align_text(
+            lambda c: components._clap_embeds(tower, tokenizer, c), list(tower.parameters()), bank, captions, settings,
             np.random.default_rng(0), desc="align",
         )  # fmt: skip
     floor = np.log(8)  # the soft targets' entropy: 8 of a batch of 16 share each caption
@@ -251,16 +251,16 @@ def test_text_tower_alignment_separates_what_the_media_separate(one_thread):
 def test_unet_training_leaves_a_frozen_text_tower_as_it_was(train_text, one_thread):
     """The video decoder trains its UNet on an aligned, frozen text tower: exactly the UNet changes then."""
     from decoders.tiny import tiny_stable_diffusion_components
-    from toyworld import components as stage0
+    from toyworld import components
 
     parts = tiny_stable_diffusion_components(seed=0)
-    parts["scheduler"] = stage0.zero_snr_scheduler(parts["scheduler"])
+    parts["scheduler"] = components.zero_snr_scheduler(parts["scheduler"])
     rng = np.random.default_rng(0)
     before = {n: {k: v.clone() for k, v in parts[n].state_dict().items()} for n in ("unet", "text_encoder")}
 
-    stage0._train_text_conditioned_unet(
+    components._train_text_conditioned_unet(
         parts["unet"], parts["text_encoder"], parts["tokenizer"], parts["scheduler"], parts["vae"],
-        lambda: stage0._images(rng, 2), 2, stage0.Stage0Settings(), rng, torch.Generator().manual_seed(0),
+        lambda: components._images(rng, 2), 2, components.ComponentSettings(), rng, torch.Generator().manual_seed(0),
         desc="unet", train_text=train_text,
     )  # fmt: skip
     for name in ("unet", "text_encoder"):
@@ -327,9 +327,7 @@ def test_toyworld_eval_command_writes_the_report_and_fails_below_target(quick_re
     from toyworld.evaluate import DECODER_METRICS, TARGETS
 
     package = str(quick_recipe[0] / "package" / "toyworld")
-    with pytest.raises(SystemExit) as stop:
-        main(["toyworld", "eval", package, "--samples", "1", "--output", str(tmp_path / "sub" / "system.json")])
-    assert stop.value.code == 1
+    assert main(["toyworld", "eval", package, "--samples", "1", "--output", str(tmp_path / "sub" / "system.json")]) == 1
     assert "below target:" in capsys.readouterr().out
     assert set(TARGETS) <= set(json.loads((tmp_path / "sub" / "system.json").read_text())["metrics"])
     alone = ["toyworld", "eval", package, "--samples", "1", "--decoders", "--output", str(tmp_path / "d.json")]
@@ -356,7 +354,7 @@ def test_recipe_leaves_no_half_part_and_resumes(tmp_path, monkeypatch, one_threa
         (out / "half-written").mkdir(parents=True)
         raise RuntimeError("interrupted")
 
-    monkeypatch.setattr(recipe.stage0, "train_encoder", failing)
+    monkeypatch.setattr(recipe.components, "train_encoder", failing)
     with pytest.raises(RuntimeError, match="interrupted"):
         recipe.run_recipe(tmp_path, settings, until="encoder")
     assert (tmp_path / "data" / "part.json").is_file()
@@ -488,16 +486,36 @@ def test_parallel_recipe_stops_launching_after_a_failure_and_names_the_part(tmp_
 
 
 def test_parallel_recipe_runs_parts_in_their_own_processes(tmp_path):
-    """``jobs=2``: real child processes read the settings from recipe.json and write each part and its log."""
+    """``jobs=2``: real child processes read the settings from recipe.json and write each part and its log; a part
+    done already starts no process."""
     from toyworld.recipe import RecipeSettings, run_recipe
 
     settings = RecipeSettings.quick()
     assert RecipeSettings.from_dict(json.loads(json.dumps(dataclasses.asdict(settings)))) == settings
-    done = run_recipe(tmp_path, settings, until="llm", jobs=2)
+    run_recipe(tmp_path, settings, until="data")  # here: the input of the llm part
+    done = run_recipe(tmp_path, settings, until="llm", jobs=2)  # encoder and llm at once, each in its own process
     assert set(done) == {"data", "encoder", "llm"} and all(v is not None for v in done.values())
     assert (tmp_path / "llm" / "model.safetensors").is_file()
+    assert (tmp_path / "encoder" / "imagebind.safetensors").is_file()
     assert "part llm: done" in (tmp_path / "logs" / "llm.log").read_text()
+    assert "part encoder: done" in (tmp_path / "logs" / "encoder.log").read_text()
+    assert not (tmp_path / "logs" / "data.log").exists()
     assert "| llm |" in (tmp_path / "summary.md").read_text()
+
+
+def test_recipe_folders_recorded_before_the_components_rename_still_belong_to_their_settings(tmp_path):
+    """A recipe.json written when the component pretraining's settings were recorded as "stage0" is read as today's
+    "components": the folder's finished parts are kept, not refused as another recipe's."""
+    from toyworld import recipe
+
+    settings = recipe.RecipeSettings.quick()
+    old = json.loads(json.dumps(dataclasses.asdict(settings)))
+    old["stage0"] = old.pop("components")
+    (tmp_path / "recipe.json").write_text(json.dumps(old))
+    recipe._check_settings(tmp_path, settings)  # no error: the same settings
+    assert recipe.RecipeSettings.from_dict(old) == settings
+    with pytest.raises(ValueError, match=r"other settings \(components, seed differ"):
+        recipe._check_settings(tmp_path, recipe.RecipeSettings.quick(seed=1))
 
 
 def test_base_depends_on_every_folder_its_config_names(tmp_path):
@@ -559,37 +577,37 @@ def test_toyworld_is_the_default_and_ships_under_40_mb():
                 assert tensor.get_dtype() in ("F16", "I64", "I32", "BOOL"), (path, key, tensor.get_dtype())
 
 
+# The shipped model's quick check: a few held-out items per figure, each figure at most one in four items below its
+# target (about 2 of 8). The full evaluation, 96 items per figure against the targets themselves, is `make eval`
+# (`anygpt toyworld eval`, which CI runs after the tests).
+QUICK_SAMPLES = 8
+QUICK_SLACK = 0.25
+
+
 @pytest.fixture(scope="module")
 def shipped_report():
-    """The evaluator on the shipped model: fixed held-out set, 96 samples per figure (about 3 minutes here)."""
+    """The evaluator on the shipped model: the first held-out items, ``QUICK_SAMPLES`` per figure."""
     from anygpt.core.pipeline import AnyGPTPipeline
     from toyworld.evaluate import evaluate
 
     _shipped()
-    return evaluate(AnyGPTPipeline.from_pretrained("toyworld"), samples=96, progress=False)
-
-
-# Figures the shipped model is known to miss, with the measured value: strict xfail, so fixing one fails the test
-# until it is removed from here (README "Quality" says why they miss).
-KNOWN_MISSES: dict[str, str] = {}
+    return evaluate(AnyGPTPipeline.from_pretrained("toyworld"), samples=QUICK_SAMPLES, progress=False)
 
 
 def _target_params():
     from toyworld.evaluate import TARGETS
 
-    return [
-        pytest.param(m, marks=pytest.mark.xfail(strict=True, reason=KNOWN_MISSES[m])) if m in KNOWN_MISSES else m
-        for m in TARGETS
-    ]
+    return list(TARGETS)
 
 
 @pytest.mark.parametrize("metric", _target_params())
-def test_shipped_model_meets_the_quality_target(metric, shipped_report):
+def test_shipped_model_comes_close_to_the_quality_target(metric, shipped_report):
     from toyworld.evaluate import TARGETS
 
     figure = shipped_report["metrics"][metric]
-    assert figure["total"] >= 96
-    assert figure["value"] >= TARGETS[metric], f"{metric}: {figure['value']:.3f} < {TARGETS[metric]}"
+    assert figure["total"] >= QUICK_SAMPLES
+    floor = TARGETS[metric] - QUICK_SLACK
+    assert figure["value"] >= floor, f"{metric}: {figure['correct']}/{figure['total']} < {floor:.2f}"
 
 
 def test_make_run_request_gives_its_three_files(tmp_path):

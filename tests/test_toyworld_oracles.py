@@ -37,12 +37,12 @@ N = 96  # items per kind drawn from a fixed seed
 
 def _images(seed: int = 0, n: int = N) -> list[world.ImageItem]:
     rng = np.random.default_rng(seed)
-    return [world.sample_image(rng) for _ in range(n)]
+    return [world.draw_image(rng) for _ in range(n)]
 
 
 def _videos(seed: int = 0, n: int = N) -> list[world.VideoItem]:
     rng = np.random.default_rng(seed)
-    return [world.sample_video(rng) for _ in range(n)]
+    return [world.draw_video(rng) for _ in range(n)]
 
 
 def _every_image() -> list[world.ImageItem]:
@@ -89,7 +89,7 @@ def test_image_accepts_pil_and_float_arrays():
 
 def test_audio_reads_back_exactly():
     rng = np.random.default_rng(0)
-    items = [world.sample_audio(rng) for _ in range(N)] + _every_audio()
+    items = [world.draw_audio(rng) for _ in range(N)] + _every_audio()
     wrong = [(item, found) for item in items if (found := audio_attributes(item.render())) != item.attributes()]
     assert not wrong, wrong[:5]
 

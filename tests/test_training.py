@@ -1,4 +1,4 @@
-"""Staged training on the sample dataset: recipes, losses, files, resume, cache, processes, configs, errors."""
+"""Staged training on the sample dataset: what trains, losses, files, resume, cache, processes, configs, errors."""
 
 from __future__ import annotations
 
@@ -14,8 +14,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from training.config import ConfigError, load_config
-from training.trainer import StageTrainer, TrainingError
+import training.objectives as objectives
+from anygpt.base.errors import ConfigError, TrainingError
+from training.config import load_config
+from training.trainer import StageTrainer
 
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED = [
@@ -45,7 +47,7 @@ def _metrics(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-# ---------------------------------------------------------------------------------------------- recipes
+# ---------------------------------------------------------------------------------------------- what trains
 def _setup(sample: Path, stage: int, tmp_path: Path, **sets) -> StageTrainer:
     trainer = StageTrainer(_config(sample, stage, cache_dir="null", **sets), output_dir=tmp_path / "out")
     trainer.setup()
@@ -231,9 +233,7 @@ def test_killed_checkpoint_write_is_ignored(sample, tmp_path):
 
 
 def test_non_finite_loss_is_reported_with_its_step(sample, tmp_path, monkeypatch):
-    import training.trainer as trainer_module
-
-    real = trainer_module.token_cross_entropy_sum
+    real = objectives.token_cross_entropy_sum
     state = {"calls": 0}
 
     def poisoned(logits, labels):
@@ -241,16 +241,14 @@ def test_non_finite_loss_is_reported_with_its_step(sample, tmp_path, monkeypatch
         loss, count = real(logits, labels)
         return (loss * float("nan"), count) if state["calls"] == 3 else (loss, count)
 
-    monkeypatch.setattr(trainer_module, "token_cross_entropy_sum", poisoned)
+    monkeypatch.setattr(objectives, "token_cross_entropy_sum", poisoned)
     with pytest.raises(TrainingError, match="non-finite loss at step 3"):
         _run(sample, 1, tmp_path / "out", steps=5, **{"train.save_every": 1})
     assert (tmp_path / "out" / "checkpoint-2").is_dir()  # progress before the bad step is kept
 
 
 def test_non_finite_gradient_is_caught_before_the_update(sample, tmp_path, monkeypatch):
-    import training.trainer as trainer_module
-
-    real = trainer_module.StageModule.forward
+    real = objectives.StageModule.forward
     state = {"calls": 0}
 
     def poisoned(self, *args, **kwargs):
@@ -261,7 +259,7 @@ def test_non_finite_gradient_is_caught_before_the_update(sample, tmp_path, monke
             sums["ce"] = sums["ce"] + _inf_grad(weight)
         return sums
 
-    monkeypatch.setattr(trainer_module.StageModule, "forward", poisoned)
+    monkeypatch.setattr(objectives.StageModule, "forward", poisoned)
     with pytest.raises(TrainingError, match="non-finite gradient norm at step 2"):
         _run(sample, 1, tmp_path / "out", steps=4, **{"train.save_every": 1})
     assert [p.name for p in (tmp_path / "out").glob("checkpoint-*")] == ["checkpoint-1"]
@@ -390,26 +388,35 @@ def test_cache_command_fills_the_cache(sample, tmp_path):
 
 # ---------------------------------------------------------------------------------------------- processes
 def test_two_processes_equal_one_process(sample, tmp_path):
+    from accelerate.state import AcceleratorState
+
     torchrun = Path(sys.executable).with_name("torchrun")
     if not torchrun.exists():
         pytest.skip("torchrun not installed beside this python")
-    common = [
-        "train", "--stage", "2", "--config", str(sample / "stage2.yaml"), "--max-steps", "3",
-        "--set", "cache_dir=null", "--set", "train.device=cpu", "--set", "train.batch_size=2",
-        "--set", "loss.diffusion.enabled=true",  # per-item noise seeds: the same draws however the batch is split
-    ]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    sets = {
+        "cache_dir": "null", "train.device": "cpu", "train.batch_size": 2,
+        "loss.diffusion.enabled": "true",  # per-item noise seeds: the same draws however the batch is split
+    }  # fmt: skip
     two = tmp_path / "two"
+    command = ["train", "--stage", "2", "--config", str(sample / "stage2.yaml"), "--max-steps", "3"]
+    command += [arg for k, v in sets.items() for arg in ("--set", f"{k}={v}")]
     subprocess.run(
-        [str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "anygpt", *common, "--output-dir", str(two)],
+        [str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "anygpt", *command, "--output-dir", str(two)],
         check=True,
-        env=env,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
         capture_output=True,
         timeout=300,
     )
+    # the same global batch in one process (here: no second interpreter to start), two micro-batches of 2
     one = tmp_path / "one"
-    one_args = [*common, "--set", "train.gradient_accumulation_steps=2", "--output-dir", str(one)]
-    subprocess.run([sys.executable, "-m", "anygpt", *one_args], check=True, env=env, capture_output=True, timeout=300)
+    AcceleratorState._reset_state()  # a run on the CPU: a fresh process-wide accelerate state, as a CLI run has
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        _run(sample, 2, one, steps=3, **sets, **{"train.gradient_accumulation_steps": 2})
+    finally:
+        torch.set_num_threads(threads)
+        AcceleratorState._reset_state()
     a, b = _metrics(one), _metrics(two)
     assert [r["step"] for r in a] == [r["step"] for r in b] == [1, 2, 3]
     for x, y in zip(a, b, strict=True):
@@ -444,7 +451,7 @@ def test_shipped_configs_load_and_validate(path, sample):
 
 def test_shipped_configs_cover_every_stage_at_both_sizes():
     stages = {f"{size}-stage{s}.yaml" for size in ("tiny", "nextgpt-7b") for s in (1, 2, 3)}
-    assert {p.name for p in SHIPPED} == stages | {"tiny-stage0-qformer.yaml"}  # stage 0: optional, Q-Former only
+    assert {p.name for p in SHIPPED} == stages | {"tiny-qformer-pretraining.yaml"}  # stage 0: optional, Q-Former
 
 
 def test_nextgpt_hyperparameters():

@@ -9,8 +9,8 @@ import pytest
 
 from anygpt.base.modality import Modality
 from anygpt.core.conversation import Conversation, MediaRef
-from training.data.records import MediaFile, OutputMedia, Pair, Sample, Turn
-from training.examples import IGNORE_INDEX, ExampleBuilder, collate, pair_to_sample
+from training.data.records import Dialogue, MediaFile, OutputMedia, Pair, Turn
+from training.examples import IGNORE_INDEX, ExampleBuilder, collate, pair_to_dialogue
 from training.sampling import BatchPlan
 
 
@@ -28,8 +28,8 @@ IMAGE = MediaFile(Modality.IMAGE, Path("/data/a.png"), "d/a.png")
 
 def test_prompt_layout_equals_inference(model):
     """The tokens before the reply are exactly what the pipeline feeds the LLM for the same user turn."""
-    sample = Sample("d", 0, [Turn("user", "<image>\nwhat is this?", inputs=[IMAGE]), Turn("assistant", "a cat")])
-    example = _builder(model).build(sample)
+    dialogue = Dialogue("d", 0, [Turn("user", "<image>\nwhat is this?", inputs=[IMAGE]), Turn("assistant", "a cat")])
+    example = _builder(model).build(dialogue)
     conv = Conversation(template=model.config.llm.template)
     conv.add_user("what is this?", [MediaRef(Modality.IMAGE, "k")])
     prompt, order = model.tokenize_pieces(conv.prompt_pieces(model.tokenizer.eos_token_id))
@@ -44,7 +44,7 @@ def test_prompt_layout_equals_inference(model):
 
 def test_media_placed_as_at_inference_whatever_the_dataset_text(model):
     """MosIT / LLaVA put <image> mid-text; training lays the turn out as the chat does: media, newline, text."""
-    inline = Sample(
+    inline = Dialogue(
         "d", 0, [Turn("user", "I drew this. <image> What do you see?", inputs=[IMAGE]), Turn("assistant", "ok")]
     )
     example = _builder(model).build(inline)
@@ -66,8 +66,8 @@ def test_caption_pair_supervises_the_caption_only(model):
 
 def test_generation_pair_supervises_caption_and_signal_tokens(model):
     pair = Pair("cc3m", 0, IMAGE, "a red circle")
-    sample = pair_to_sample(pair, "generate", ["x"])
-    assert sample.turns[0].text == "a red circle" and sample.turns[1].outputs[0].caption == "a red circle"
+    dialogue = pair_to_dialogue(pair, "generate", ["x"])
+    assert dialogue.turns[0].text == "a red circle" and dialogue.turns[1].outputs[0].caption == "a red circle"
     example = _builder(model, task="generate").build(pair)
     group = model.tokens.signal[Modality.IMAGE]
     start = example.input_ids.index(group[0])
@@ -80,7 +80,7 @@ def test_generation_pair_supervises_caption_and_signal_tokens(model):
 
 def test_multi_turn_supervises_every_assistant_turn(model):
     out = OutputMedia(Modality.AUDIO, "a high beep")
-    sample = Sample(
+    dialogue = Dialogue(
         "mosit",
         0,
         [
@@ -90,7 +90,7 @@ def test_multi_turn_supervises_every_assistant_turn(model):
             Turn("assistant", "here <audio> done", outputs=[out]),
         ],
     )
-    example = _builder(model).build(sample)
+    example = _builder(model).build(dialogue)
     text = model.tokenizer.decode(
         [i for i, label in zip(example.input_ids, example.labels, strict=True) if label != IGNORE_INDEX],
         skip_special_tokens=True,

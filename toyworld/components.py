@@ -1,4 +1,4 @@
-"""Stage 0: pretrain the toy world's frozen components from nothing, with the architectures the pipeline uses.
+"""Component pretraining: the toy world's frozen components, trained from nothing with the pipeline's architectures.
 
 * :func:`train_encoder`: an ImageBind-architecture encoder (``imagebind.models.ImageBindModel``), trained
   contrastively: each image, video and audio embedding against the text-trunk embeddings of every caption of the
@@ -19,7 +19,7 @@ Every function writes a folder that the pipeline loads as it loads real weights 
 ``model_index.json``, a transformers folder, an ImageBind safetensors checkpoint). The decoders and their text
 encoders see freshly rendered media every step (:mod:`toyworld.world`); the encoder draws from a pool of
 preprocessed media (``encoder_pool`` per modality, kept in fp16 to bound memory). Sizes and step counts come from
-:class:`Stage0Settings`; :meth:`Stage0Settings.quick` is a few-step version for tests.
+:class:`ComponentSettings`; :meth:`ComponentSettings.quick` is a few-step version for tests.
 """
 
 from __future__ import annotations
@@ -27,7 +27,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -36,15 +35,25 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+import torchaudio
+from diffusers import AudioLDMPipeline, DDIMScheduler, StableDiffusionPipeline, TextToVideoSDPipeline
+from diffusers.models.transformers.transformer_temporal import TransformerTemporalModel
+from PIL import Image
+from safetensors.torch import save_file
+from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+from tokenizers import decoders as bpe_decoders
 from tqdm.auto import tqdm
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from anygpt.base.modality import Modality
+from decoders.tiny import tiny_audioldm_components, tiny_stable_diffusion_components, tiny_zeroscope_components
+from encoders import ImageBindConfig, ImageBindEncoder, build_imagebind_encoder
 from toyworld import world
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "Stage0Settings",
+    "ComponentSettings",
     "audio_log_mel",
     "encoder_config",
     "train_audio_decoder",
@@ -63,8 +72,9 @@ N_FFT = 1024
 
 
 @dataclass
-class Stage0Settings:
-    """Sizes, steps and learning rates of stage 0 (defaults: the full recipe, about an hour on 2 CPU cores)."""
+class ComponentSettings:
+    """Sizes, steps and learning rates of the component pretraining (defaults: the full recipe, about an hour on 2
+    CPU cores)."""
 
     seed: int = 0
     # encoder
@@ -110,7 +120,7 @@ class Stage0Settings:
     align_lr: float = 1e-3
 
     @classmethod
-    def quick(cls, **overrides: Any) -> Stage0Settings:
+    def quick(cls, **overrides: Any) -> ComponentSettings:
         """A few steps of everything: proves the recipe runs, trains nothing useful."""
         steps = {f: 3 for f in asdict(cls()) if f.endswith("_steps")}
         small = {"encoder_batch": 4, "encoder_pool": 8, "llm_batch": 4, "image_batch": 4, "video_batch": 2,
@@ -185,12 +195,8 @@ def _images_tensor(pixels: list[np.ndarray]) -> torch.Tensor:
 
 def _images(rng: np.random.Generator, n: int) -> tuple[torch.Tensor, list[str]]:
     """``n`` fresh images as pixels (B, 3, H, W) in [-1, 1], and their captions."""
-    items = [world.sample_image(rng) for _ in range(n)]
+    items = [world.draw_image(rng) for _ in range(n)]
     return _images_tensor([i.render() for i in items]), [i.caption for i in items]
-
-
-def _write_json(path: Path, data: dict) -> None:
-    path.write_text(json.dumps(data, indent=2) + "\n")
 
 
 def _train_vae(vae, batch_fn: Callable[[], torch.Tensor], steps: int, lr: float, desc: str) -> list[float]:
@@ -250,8 +256,6 @@ def zero_snr_scheduler(scheduler):
     latents, and sampling starts from pure noise: the model reads the colour and place of a shape from what that
     noise happens to hold, not from the prompt (trained alike for 500 steps, an image UNet drew the prompt's colour
     70% of the time with SD's schedule and 100% with this one)."""
-    from diffusers import DDIMScheduler
-
     config = {k: v for k, v in scheduler.config.items() if not k.startswith("_")}
     for key in ("skip_prk_steps", "clip_sample", "set_alpha_to_one"):
         config.pop(key, None)
@@ -294,12 +298,10 @@ def _draw_timesteps(n: int, total: int, generator: torch.Generator, shift: float
 def _media_bank(
     encoder_dir: Path, modality: Modality, n: int, rng: np.random.Generator
 ) -> tuple[torch.Tensor, list[str]]:
-    """``n`` fresh media of ``modality`` embedded by the trained (frozen) stage-0 encoder in ``encoder_dir``: the
+    """``n`` fresh media of ``modality`` embedded by the trained (frozen) encoder in ``encoder_dir``: the
     L2-normalised embeddings (n, E) and the media's captions."""
-    from encoders import build_imagebind_encoder
-
     encoder = build_imagebind_encoder(encoder_config(checkpoint=str(encoder_dir / "imagebind.safetensors")))
-    items = [world.sample_item(rng, modality) for _ in range(n)]
+    items = [world.draw_item(rng, modality) for _ in range(n)]
     chunks = []
     with torch.no_grad():
         for i in tqdm(range(0, n, 64), desc=f"embed {modality.value}", leave=False):
@@ -310,7 +312,7 @@ def _media_bank(
 
 def _lock_align_text(
     text_embed: Callable[[list[str]], torch.Tensor], params: list[torch.nn.Parameter], bank: torch.Tensor,
-    captions: list[str], s: Stage0Settings, rng: np.random.Generator, *, desc: str,
+    captions: list[str], s: ComponentSettings, rng: np.random.Generator, *, desc: str,
 ) -> list[float]:  # fmt: skip
     """Tune a decoder's text tower contrastively against a locked media tower (LiT, Zhai et al. 2022), as CLIP and
     CLAP text towers are trained against their media towers: ``text_embed(captions)`` (B, D) against the frozen
@@ -347,12 +349,8 @@ def _drop_captions(captions: list[str], rng: np.random.Generator, rate: float = 
 # ------------------------------------------------------------------------------------------------------------
 
 
-def train_image_decoder(out: Path, settings: Stage0Settings) -> dict[str, Any]:
+def train_image_decoder(out: Path, settings: ComponentSettings) -> dict[str, Any]:
     """Train a Stable Diffusion pipeline on the world's images; write it (diffusers folder) to ``out``."""
-    from diffusers import StableDiffusionPipeline
-
-    from decoders.tiny import tiny_stable_diffusion_components
-
     s = settings
     rng = _rng(s.seed, "image")
     gen = torch.Generator().manual_seed(s.seed)
@@ -373,11 +371,9 @@ def train_image_decoder(out: Path, settings: Stage0Settings) -> dict[str, Any]:
     return {"vae_loss": _loss_summary(vae_losses), "unet_loss": _loss_summary(unet_losses)}
 
 
-def refine_image_decoder(out: Path, image_decoder: Path, settings: Stage0Settings) -> dict[str, Any]:
+def refine_image_decoder(out: Path, image_decoder: Path, settings: ComponentSettings) -> dict[str, Any]:
     """Train the image decoder's UNet and text encoder further, at a lower learning rate (a second phase: colour
     binding keeps improving after the loss has flattened); write the result to ``out``."""
-    from diffusers import StableDiffusionPipeline
-
     s = settings
     rng = _rng(s.seed, "image-refine")
     gen = torch.Generator().manual_seed(s.seed + 3)
@@ -392,7 +388,7 @@ def refine_image_decoder(out: Path, image_decoder: Path, settings: Stage0Setting
 
 
 def _train_text_conditioned_unet(
-    unet, text_encoder, tokenizer, scheduler, vae, batch_fn, steps: int, s: Stage0Settings, rng, gen, *, desc: str,
+    unet, text_encoder, tokenizer, scheduler, vae, batch_fn, steps: int, s: ComponentSettings, rng, gen, *, desc: str,
     video: bool = False, lr: float | None = None, train_text: bool = True, shift: float = 1.0,
 ) -> list[float]:  # fmt: skip
     """Train the UNet, and the CLIP text encoder with it unless ``train_text`` is False (then it stays frozen), on
@@ -430,7 +426,7 @@ def _train_text_conditioned_unet(
 # ------------------------------------------------------------------------------------------------------------
 
 
-def train_video_decoder(out: Path, image_decoder: Path, settings: Stage0Settings, encoder: Path) -> dict[str, Any]:
+def train_video_decoder(out: Path, image_decoder: Path, settings: ComponentSettings, encoder: Path) -> dict[str, Any]:
     """Train a ZeroScope (``TextToVideoSDPipeline``) pipeline on the world's videos; write it to ``out``.
 
     The VAE, the text encoder and the UNet's spatial layers start from the trained image decoder in
@@ -440,10 +436,6 @@ def train_video_decoder(out: Path, image_decoder: Path, settings: Stage0Settings
     is trained), then frozen while the UNet learns (trained jointly instead, "moving left" and "moving right"
     stayed at cosine 0.997). On the aligned tower this part's UNet still draws a direction of its own:
     :func:`refine_video_decoder` teaches it the prompt's."""
-    from diffusers import StableDiffusionPipeline, TextToVideoSDPipeline
-
-    from decoders.tiny import tiny_zeroscope_components
-
     s = settings
     rng = _rng(s.seed, "video")
     gen = torch.Generator().manual_seed(s.seed + 1)
@@ -477,7 +469,7 @@ def train_video_decoder(out: Path, image_decoder: Path, settings: Stage0Settings
     }
 
 
-def refine_video_decoder(out: Path, video_decoder: Path, settings: Stage0Settings) -> dict[str, Any]:
+def refine_video_decoder(out: Path, video_decoder: Path, settings: ComponentSettings) -> dict[str, Any]:
     """Train the video decoder's UNet further, its text encoder frozen (copied unchanged, so the stages that read
     only the text encoder need not wait for this part), with timesteps shifted towards the noisy end
     (``video_timestep_shift``, see :func:`_noise_loss`): which way the square moves is decided there. Write the
@@ -486,8 +478,6 @@ def refine_video_decoder(out: Path, video_decoder: Path, settings: Stage0Setting
     After ``train_video_decoder`` (uniform timesteps) the decoder alone drew the prompt's direction 27% of the time
     (chance, 48 clips); after this, 85% (48 clips) and 91.7% in the packaged model (96 clips, ``eval-decoders``).
     The shift and the extra steps were not tried apart."""
-    from diffusers import TextToVideoSDPipeline
-
     s = settings
     rng = _rng(s.seed, "video-refine")
     gen = torch.Generator().manual_seed(s.seed + 4)
@@ -503,7 +493,7 @@ def refine_video_decoder(out: Path, video_decoder: Path, settings: Stage0Setting
 
 def _videos(rng: np.random.Generator, n: int) -> tuple[torch.Tensor, list[str]]:
     """``n`` fresh clips as pixels (B, F, 3, H, W) in [-1, 1], and their captions."""
-    items = [world.sample_video(rng) for _ in range(n)]
+    items = [world.draw_video(rng) for _ in range(n)]
     frames = np.stack([i.render().frames for i in items])  # (B, F, H, W, 3)
     x = torch.from_numpy(frames).float().permute(0, 1, 4, 2, 3) / 127.5 - 1.0
     return x, [i.caption for i in items]
@@ -522,8 +512,6 @@ def video_unet_from_image(unet, image_unet) -> int:
     Returns:
         The number of tensors copied (all of the image UNet's).
     """
-    from diffusers.models.transformers.transformer_temporal import TransformerTemporalModel
-
     own = unet.state_dict()
     image = image_unet.state_dict()
     spatial = {k: v.reshape(own[k].shape) for k, v in image.items() if k in own and own[k].numel() == v.numel()}
@@ -548,9 +536,7 @@ def video_unet_from_image(unet, image_unet) -> int:
 def audio_log_mel(waveform: torch.Tensor) -> torch.Tensor:
     """(B, N) 16 kHz waveforms -> (B, N / 160, 64) scaled log-mel frames: the representation the toy world's
     AudioLDM VAE reconstructs and its vocoder reads. ``log(mel + 1e-5)`` keeps gradients alive near silence."""
-    import torchaudio
-
-    transform = _mel_transform(torchaudio)
+    transform = _mel_transform()
     mel = transform(waveform)[..., : waveform.shape[-1] // HOP]  # (B, 64, T)
     return ((torch.log(mel + 1e-5) + 5.0) / 5.0).transpose(1, 2)
 
@@ -558,7 +544,7 @@ def audio_log_mel(waveform: torch.Tensor) -> torch.Tensor:
 _MEL: dict[str, Any] = {}
 
 
-def _mel_transform(torchaudio):
+def _mel_transform() -> torchaudio.transforms.MelSpectrogram:
     if "t" not in _MEL:
         _MEL["t"] = torchaudio.transforms.MelSpectrogram(
             sample_rate=world.SAMPLE_RATE, n_fft=N_FFT, hop_length=HOP, n_mels=MEL_BINS, f_min=0.0, f_max=8000.0,
@@ -567,16 +553,12 @@ def _mel_transform(torchaudio):
     return _MEL["t"]
 
 
-def train_audio_decoder(out: Path, settings: Stage0Settings, encoder: Path) -> dict[str, Any]:
+def train_audio_decoder(out: Path, settings: ComponentSettings, encoder: Path) -> dict[str, Any]:
     """Train an AudioLDM pipeline (mel VAE, vocoder, CLAP-conditioned UNet) on the world's tones; write it to
     ``out``.
 
     The CLAP text tower is first aligned to the trained encoder's audio embeddings (``encoder``, see
     :func:`_lock_align_text`), then frozen, as AudioLDM's CLAP is, while the UNet learns from its embeddings."""
-    from diffusers import AudioLDMPipeline
-
-    from decoders.tiny import tiny_audioldm_components
-
     s = settings
     rng = _rng(s.seed, "audio")
     gen = torch.Generator().manual_seed(s.seed + 2)
@@ -589,7 +571,7 @@ def train_audio_decoder(out: Path, settings: Stage0Settings, encoder: Path) -> d
     )  # fmt: skip
 
     def audio(n: int) -> tuple[torch.Tensor, list[str]]:
-        items = [world.sample_audio(rng) for _ in range(n)]
+        items = [world.draw_audio(rng) for _ in range(n)]
         wave = torch.from_numpy(np.stack([i.render().waveform for i in items]))
         return wave, [i.caption for i in items]
 
@@ -638,14 +620,10 @@ def train_audio_decoder(out: Path, settings: Stage0Settings, encoder: Path) -> d
     }
 
 
-def train_vocoder(out: Path, audio_decoder: Path, settings: Stage0Settings) -> dict[str, Any]:
+def train_vocoder(out: Path, audio_decoder: Path, settings: ComponentSettings) -> dict[str, Any]:
     """Train the AudioLDM decoder's HiFi-GAN vocoder (a fresh one) on the world's tones; write the decoder with it to
     ``out``. It reads what the pipeline gives it: mels (:func:`audio_log_mel`) passed through the decoder's frozen
     VAE (a latent sample, decoded), and learns to make the original tone."""
-    from diffusers import AudioLDMPipeline
-
-    from decoders.tiny import tiny_audioldm_components
-
     s = settings
     rng = _rng(s.seed, "vocoder")
     pipe = AudioLDMPipeline.from_pretrained(audio_decoder)
@@ -660,7 +638,7 @@ def train_vocoder(out: Path, audio_decoder: Path, settings: Stage0Settings) -> d
     pipe.register_modules(vocoder=vocoder)
 
     def waves() -> torch.Tensor:
-        return torch.from_numpy(np.stack([world.sample_audio(rng).render().waveform for _ in range(s.vocoder_batch)]))
+        return torch.from_numpy(np.stack([world.draw_audio(rng).render().waveform for _ in range(s.vocoder_batch)]))
 
     gen = torch.Generator().manual_seed(s.seed + 5)
 
@@ -675,7 +653,7 @@ def train_vocoder(out: Path, audio_decoder: Path, settings: Stage0Settings) -> d
 
 
 def _train_vocoder(
-    vocoder, batch_fn: Callable[[], torch.Tensor], s: Stage0Settings, inputs: Callable[[torch.Tensor], torch.Tensor]
+    vocoder, batch_fn: Callable[[], torch.Tensor], s: ComponentSettings, inputs: Callable[[torch.Tensor], torch.Tensor]
 ) -> list[float]:
     """HiFi-GAN generator on linear-mel losses (no discriminator: the world's tones do not need one): spectral
     convergence plus a relative L1. Log-mel losses are dominated by a tone's many silent bins and pull the generator
@@ -684,9 +662,7 @@ def _train_vocoder(
     vocoder.requires_grad_(True)
     optimizer, schedule = _adamw(vocoder.parameters(), s.vae_lr, s.vocoder_steps)
 
-    import torchaudio
-
-    mel_of = _mel_transform(torchaudio)
+    mel_of = _mel_transform()
 
     def step(_: int) -> float:
         wave = batch_fn()
@@ -710,8 +686,6 @@ def _train_vocoder(
 
 def encoder_config(checkpoint: str | None = None):
     """The toy world's ImageBind config: Meta's architecture at small widths, one clip per video / audio."""
-    from encoders import ImageBindConfig
-
     trunks = {}
     for trunk, (dim, blocks, heads) in {
         "vision": (64, 2, 4), "audio": (64, 2, 4), "text": (32, 2, 2),
@@ -744,16 +718,12 @@ def world_captions() -> list[str]:
     return captions
 
 
-def train_encoder(out: Path, settings: Stage0Settings) -> dict[str, Any]:
+def train_encoder(out: Path, settings: ComponentSettings) -> dict[str, Any]:
     """Train the encoder contrastively on the world; write ``imagebind.safetensors`` (Meta's key names) to ``out``.
 
     Each step embeds a batch of images, videos and audio clips and every caption of the world with the text trunk;
     the loss is cross-entropy of each media embedding's similarities to all captions (temperature 0.07) with its
     own caption as the target (no false negatives, as every caption appears once)."""
-    from safetensors.torch import save_file
-
-    from encoders import ImageBindEncoder
-
     s = settings
     rng = _rng(s.seed, "encoder")
     with torch.random.fork_rng(devices=[]):
@@ -765,11 +735,9 @@ def train_encoder(out: Path, settings: Stage0Settings) -> dict[str, Any]:
 
     pools: dict[Modality, tuple[torch.Tensor, torch.Tensor]] = {}
     for modality in (Modality.IMAGE, Modality.VIDEO, Modality.AUDIO):
-        items = [world.sample_item(rng, modality) for _ in range(s.encoder_pool)]
+        items = [world.draw_item(rng, modality) for _ in range(s.encoder_pool)]
         rendered = [i.render() for i in items]
         if modality is Modality.IMAGE:
-            from PIL import Image
-
             rendered = [Image.fromarray(r) for r in rendered]
         x = torch.stack([encoder.preprocess(modality, r) for r in tqdm(rendered, desc=f"preprocess {modality.value}")])
         pools[modality] = (x.half(), torch.tensor([index[i.caption] for i in items]))
@@ -795,7 +763,7 @@ def train_encoder(out: Path, settings: Stage0Settings) -> dict[str, Any]:
     with torch.no_grad():
         text = F.normalize(encoder(Modality.TEXT, text_ids).embeds, dim=-1)
         for modality in pools:  # retrieval accuracy on fresh media
-            items = [world.sample_item(rng, modality) for _ in range(48)]
+            items = [world.draw_item(rng, modality) for _ in range(48)]
             emb = F.normalize(encoder.encode(modality, [world.media_input(i) for i in items]).embeds, dim=-1)
             predicted = (emb @ text.T).argmax(-1)
             accuracy[modality.value] = float(
@@ -812,16 +780,13 @@ def train_encoder(out: Path, settings: Stage0Settings) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------------------------
 
 
-def train_language_model(out: Path, corpus: list[str], settings: Stage0Settings) -> dict[str, Any]:
+def train_language_model(out: Path, corpus: list[str], settings: ComponentSettings) -> dict[str, Any]:
     """Train a BPE tokenizer and a Llama LM on ``corpus`` (whole conversations as text); save both to ``out``."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
     s = settings
     specials = ["<unk>", "<s>", "</s>", "<pad>"]
     bpe = Tokenizer(models.BPE(unk_token="<unk>"))
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
+    bpe.decoder = bpe_decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=s.llm_vocab,
         special_tokens=specials,
@@ -879,10 +844,3 @@ def train_language_model(out: Path, corpus: list[str], settings: Stage0Settings)
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     return {"loss": _loss_summary(losses), "vocabulary": len(tokenizer), "conversations": len(encoded)}
-
-
-def timed(fn: Callable[..., dict[str, Any]], *args: Any) -> dict[str, Any]:
-    start = time.perf_counter()
-    result = fn(*args)
-    result["seconds"] = round(time.perf_counter() - start, 1)
-    return result

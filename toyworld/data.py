@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 from anygpt.base.media import save_audio, save_image, save_video
 from anygpt.base.modality import Modality
-from anygpt.base.utils import atomic_directory
+from anygpt.base.utils import atomic_directory, write_text_atomic
 from anygpt.core.conversation import get_template
 from toyworld import world
 
@@ -47,7 +47,7 @@ _FOLDERS = {Modality.IMAGE: ("cc3m", "images", "png"), Modality.VIDEO: ("webvid"
             Modality.AUDIO: ("audiocap", "audios", "wav")}  # fmt: skip
 _TAG = {Modality.IMAGE: "Image", Modality.VIDEO: "Video", Modality.AUDIO: "Audio"}
 # How many items a generation request asks for, drawn uniformly from this: a third ask for all three modalities.
-# Trained on world.sample_request's own mix (one in six), the model's routing misses were three-item requests with
+# Trained on world.draw_request's own mix (one in six), the model's routing misses were three-item requests with
 # one item dropped (and each dropped image or video also counts against that medium's figures).
 _REQUEST_SIZES = (1, 2, 3)
 
@@ -138,7 +138,7 @@ def _plan_media(rng: np.random.Generator, sizes: WorldSizes) -> dict[Modality, l
     for modality, n in counts.items():
         order = rng.permutation(len(combos[modality]))
         plan[modality] = [
-            replace(world.sample_item(rng, modality), **combos[modality][order[i % len(order)]]) for i in range(n)
+            replace(world.draw_item(rng, modality), **combos[modality][order[i % len(order)]]) for i in range(n)
         ]
     return plan
 
@@ -184,7 +184,7 @@ def _mosit(turns: list[tuple[str, str]], used: dict[Modality, dict[str, Any]]) -
 
 
 def _generation_turns(rng, library: _Library, used, count: int | None = None) -> list[tuple[str, str]]:
-    request = world.sample_request(rng, count or int(rng.choice(_REQUEST_SIZES)))
+    request = world.draw_request(rng, count or int(rng.choice(_REQUEST_SIZES)))
     parts = []
     for text, item in request.reply():
         name = library.name_for(item)
@@ -329,7 +329,4 @@ def read_corpus(root: str | os.PathLike) -> list[str]:
 
 
 def _dump(path: Path, value: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(value, indent=1) + "\n")
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(value, indent=1) + "\n")  # makes the folder

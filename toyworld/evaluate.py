@@ -47,6 +47,8 @@ import torch
 from tqdm.auto import tqdm
 
 from anygpt.base.modality import MEDIA_MODALITIES, Modality
+from anygpt.base.utils import write_text_atomic
+from anygpt.core.pipeline import AnyGPTPipeline
 from toyworld import world
 from toyworld.oracles import audio_attributes, caption_attributes, image_attributes, video_attributes
 
@@ -102,7 +104,7 @@ _CAPTIONED = {
     Modality.VIDEO: ("video_to_text", ("direction", "colour")),
 }
 _ORACLES = {Modality.IMAGE: image_attributes, Modality.AUDIO: audio_attributes, Modality.VIDEO: video_attributes}
-_REQUEST_SIZES = (1, 2, 1, 3, 1, 2)  # cycled: the 1 / 2 / 3-item mix of world.sample_request's default
+_REQUEST_SIZES = (1, 2, 1, 3, 1, 2)  # cycled: the 1 / 2 / 3-item mix of world.draw_request's default
 _MAX_EXAMPLES = 5  # wrong answers kept per task in a report
 
 
@@ -122,7 +124,7 @@ class CaptionCase:
 def heldout_requests(n: int, seed: int = HELDOUT_SEED) -> list[world.Request]:
     """Held-out generation requests in which every media modality is requested at least ``n`` times.
 
-    Requests of 1, 2 and 3 items are drawn in turn (1, 2, 1, 3, 1, 2, ...) with :func:`world.sample_request` until
+    Requests of 1, 2 and 3 items are drawn in turn (1, 2, 1, 3, 1, 2, ...) with :func:`world.draw_request` until
     each modality has ``n`` items, so there are at least ``n`` samples per text -> media figure and more than ``n``
     for routing.
 
@@ -139,7 +141,7 @@ def heldout_requests(n: int, seed: int = HELDOUT_SEED) -> list[world.Request]:
     counts = dict.fromkeys(MEDIA_MODALITIES, 0)
     requests: list[world.Request] = []
     while min(counts.values()) < n:
-        request = world.sample_request(rng, count=_REQUEST_SIZES[len(requests) % len(_REQUEST_SIZES)])
+        request = world.draw_request(rng, count=_REQUEST_SIZES[len(requests) % len(_REQUEST_SIZES)])
         for item in request.items:
             counts[item.modality] += 1
         requests.append(request)
@@ -162,7 +164,7 @@ def heldout_items(n: int, seed: int = HELDOUT_SEED) -> list[CaptionCase]:
     cases = []
     for modality in (Modality.IMAGE, Modality.AUDIO, Modality.VIDEO):
         for _ in range(n):
-            item = world.sample_item(rng, modality)
+            item = world.draw_item(rng, modality)
             questions = world.ASK_CAPTION[modality]
             cases.append(CaptionCase(item, questions[int(rng.integers(len(questions)))]))
     return cases
@@ -444,7 +446,6 @@ def _render(
 def _caption(pipe: Any, cases: list[CaptionCase], tally: _Tally, bar: Any, *, seed: int, max_new_tokens: int) -> None:
     """Ask for a caption of every held-out item and score the words of the reply."""
     readable = {Modality.parse(m) for m in pipe.config.input_modalities}
-    keyword = {Modality.IMAGE: "images", Modality.AUDIO: "audios", Modality.VIDEO: "videos"}
     for modality in sorted({case.item.modality for case in cases} - readable, key=lambda m: m.value):
         logger.warning("the pipeline reads no %s input: %s captioning is not scored", modality.value, modality.value)
     bar.set_postfix_str("captions")
@@ -453,7 +454,7 @@ def _caption(pipe: Any, cases: list[CaptionCase], tally: _Tally, bar: Any, *, se
         if modality in readable:
             media = world.media_input(case.item)
             out = _reply(
-                pipe, case.question, seed=seed + i, max_new_tokens=max_new_tokens, **{keyword[modality]: [media]}
+                pipe, case.question, seed=seed + i, max_new_tokens=max_new_tokens, **{modality.plural: [media]}
             )
             task, attributes = _CAPTIONED[modality]
             found = caption_attributes(out.text)
@@ -559,8 +560,6 @@ def run(
     Returns:
         The exit status: 1 when a target is missed (the system evaluation), 0 otherwise.
     """
-    from anygpt import AnyGPTPipeline
-
     pipe = AnyGPTPipeline.from_pretrained(model)
     if device:
         pipe.to(device)
@@ -568,8 +567,7 @@ def run(
     missed = [] if decoders else failures(report)
     if output is not None:
         output = Path(output)
-        output.parent.mkdir(parents=True, exist_ok=True)
-        output.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        write_text_atomic(output, json.dumps(report, indent=2) + "\n")  # makes the folder
     sys.stdout.write(table + "\n")
     if missed:
         sys.stdout.write(f"below target: {', '.join(missed)}\n")

@@ -24,7 +24,7 @@ oracle                     how
 Example:
     >>> import numpy as np
     >>> from toyworld import world
-    >>> item = world.sample_image(np.random.default_rng(0))
+    >>> item = world.draw_image(np.random.default_rng(0))
     >>> image_attributes(item.render()) == item.attributes()
     True
 """
@@ -35,10 +35,11 @@ import re
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
 from anygpt.base.media import Audio, Video
-from anygpt.base.modality import Modality
-from toyworld.sample import COLOURS, DIRECTIONS, SHAPES
+from anygpt.base.modality import MEDIA_MODALITIES, Modality
+from toyworld.render import COLOURS, DIRECTIONS, SHAPES
 
 __all__ = [
     "CAPTION_WORDS",
@@ -74,8 +75,6 @@ _MIN_TRAVEL = 0.12  # a video's blob must travel this fraction of the frame alon
 
 def _as_rgb(image: Any) -> np.ndarray:
     """float32 (H, W, 3) in 0-255 from a PIL image or an array (uint8, or float in [0, 1])."""
-    from PIL import Image
-
     if isinstance(image, Image.Image):
         image = image.convert("RGB")
         if max(image.size) > _WORK_SIDE:
@@ -104,8 +103,6 @@ def _as_uint8(array: np.ndarray) -> np.ndarray:
 
 def _shrink(image: Any) -> Any:
     """Box-downscale a PIL image so that its longer side is 64 px (analysis cost stays small)."""
-    from PIL import Image
-
     scale = 64 / max(image.size)
     size = (max(1, round(image.size[0] * scale)), max(1, round(image.size[1] * scale)))
     return image.resize(size, Image.Resampling.BOX)
@@ -438,5 +435,4 @@ def reply_modalities(output: Any) -> set[Modality]:
     Returns:
         The set of media modalities with at least one item.
     """
-    lists = {Modality.IMAGE: "images", Modality.VIDEO: "videos", Modality.AUDIO: "audios"}
-    return {modality for modality, name in lists.items() if getattr(output, name, None)}
+    return {modality for modality in MEDIA_MODALITIES if getattr(output, modality.plural, None)}

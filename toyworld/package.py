@@ -18,10 +18,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from anygpt.base.utils import atomic_directory
+from anygpt.base.utils import atomic_directory, atomic_file
 from anygpt.core.index import INDEX_FILE, read_index, write_index
+from decoders import build_decoder
+from decoders.clip_tokenizer import restrict_clip_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -30,8 +34,6 @@ __all__ = ["forget_local_paths", "package_model", "to_fp16"]
 
 def to_fp16(folder: Path) -> None:
     """Rewrite every ``*.safetensors`` under ``folder`` with float32/bfloat16 tensors as fp16 (metadata kept)."""
-    from safetensors import safe_open
-
     for path in sorted(folder.rglob("*.safetensors")):
         with safe_open(str(path), framework="pt") as f:
             metadata = f.metadata()
@@ -39,9 +41,8 @@ def to_fp16(folder: Path) -> None:
         if not any(t.is_floating_point() and t.dtype != torch.float16 for t in tensors.values()):
             continue
         tensors = {k: (v.half() if v.is_floating_point() else v).contiguous() for k, v in tensors.items()}
-        tmp = path.with_name(path.name + ".tmp")
-        save_file(tensors, tmp, metadata=metadata)
-        os.replace(tmp, path)
+        with atomic_file(path, suffix=".safetensors") as tmp:
+            save_file(tensors, tmp, metadata=metadata)
 
 
 def restrict_text_encoder(pipe, texts: list[str]) -> int:
@@ -54,8 +55,6 @@ def restrict_text_encoder(pipe, texts: list[str]) -> int:
     Returns:
         the new vocabulary size.
     """
-    from decoders.clip_tokenizer import restrict_clip_tokenizer
-
     encoder = pipe.text_encoder
     with torch.no_grad():
         before = _encode(pipe, texts)
@@ -131,10 +130,6 @@ def package_model(
     Returns:
         sizes in bytes per component and in all.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from decoders import build_decoder
-
     src, dst = Path(src), Path(dst)
     config, parts = read_index(src)
     with atomic_directory(dst) as tmp:

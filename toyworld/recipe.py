@@ -4,13 +4,13 @@
 part               writes
 =================  ==========================================================================================
 data               the world as a dataset in NExT-GPT's formats (:mod:`toyworld.data`)
-encoder            an ImageBind-architecture encoder trained contrastively (stage 0)
-llm                a BPE tokenizer and a Llama LM trained on the world's conversations (stage 0)
-image-decoder      Stable Diffusion trained on the world's images (stage 0)
+encoder            an ImageBind-architecture encoder trained contrastively (components)
+llm                a BPE tokenizer and a Llama LM trained on the world's conversations (components)
+image-decoder      Stable Diffusion trained on the world's images (components)
 image-decoder-...  its UNet and text encoder trained further at a lower learning rate (``-refine``)
-video-decoder      ZeroScope, its spatial layers from the image decoder (stage 0)
+video-decoder      ZeroScope, its spatial layers from the image decoder (components)
 video-decoder-...  its UNet trained further on noisier timesteps, the text encoder kept (``-refine``)
-audio-decoder      AudioLDM with its CLAP text encoder and HiFi-GAN vocoder (stage 0)
+audio-decoder      AudioLDM with its CLAP text encoder and HiFi-GAN vocoder (components)
 base               the untrained any-to-any system over those components (``save_pretrained``)
 stage1..stage3     ``anygpt train`` with ``toyworld/configs/toyworld-stage{1,2,3}.yaml`` (resumable)
 eval-stage1, -2    the evaluator on held-out prompts and media after stages 1 and 2
@@ -28,6 +28,7 @@ components live inside it.
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import os
@@ -35,6 +36,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -42,9 +44,21 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
-from toyworld import components as stage0
+import anygpt
+from anygpt.base.utils import atomic_directory, write_text_atomic
+from anygpt.core.config import PACKAGED_MODELS, AnyGPTConfig, ProjectorConfig
+from anygpt.core.fusion import CrossAttentionConfig
+from anygpt.core.llm import LanguageModelConfig, LoraSettings
+from anygpt.core.pipeline import AnyGPTPipeline
+from anygpt.core.tokens import SignalTokenConfig
+from decoders import DecoderConfig
+from toyworld import components, evaluate
 from toyworld.data import WorldSizes, read_corpus, write_world
+from toyworld.package import package_model
+from training.config import load_config
+from training.trainer import StageTrainer
 
 logger = logging.getLogger(__name__)
 
@@ -73,7 +87,7 @@ class RecipeSettings:
     """The whole recipe's knobs. ``quick()`` runs every part for a few steps (tests, CI)."""
 
     seed: int = 0
-    stage0: stage0.Stage0Settings | None = None
+    components: components.ComponentSettings | None = None
     sizes: WorldSizes | None = None
     stage_steps: dict[int, int] | None = None  # None: the shipped configs' max_steps
     eval_samples: int = 96
@@ -82,17 +96,17 @@ class RecipeSettings:
     quick_run: bool = False
 
     def __post_init__(self):
-        self.stage0 = self.stage0 or stage0.Stage0Settings(seed=self.seed)
+        self.components = self.components or components.ComponentSettings(seed=self.seed)
         self.sizes = self.sizes or WorldSizes()
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> RecipeSettings:
         """The settings a recipe folder's ``recipe.json`` records (the inverse of ``asdict``)."""
-        data = dict(data)
-        s0 = {k: tuple(v) if isinstance(v, list) else v for k, v in (data.pop("stage0") or {}).items()}
+        data = _renamed(data)
+        parts = {k: tuple(v) if isinstance(v, list) else v for k, v in (data.pop("components") or {}).items()}
         steps = data.pop("stage_steps")
         return cls(
-            stage0=stage0.Stage0Settings(**s0),
+            components=components.ComponentSettings(**parts),
             sizes=WorldSizes(**(data.pop("sizes") or {})),
             stage_steps=None if steps is None else {int(k): v for k, v in steps.items()},
             **data,
@@ -102,7 +116,7 @@ class RecipeSettings:
     def quick(cls, seed: int = 0) -> RecipeSettings:
         return cls(
             seed=seed,
-            stage0=stage0.Stage0Settings.quick(seed=seed),
+            components=components.ComponentSettings.quick(seed=seed),
             sizes=WorldSizes.quick(),
             stage_steps={1: 3, 2: 3, 3: 3},
             eval_samples=1,
@@ -110,6 +124,14 @@ class RecipeSettings:
             eval_decoder_settings={"num_inference_steps": 2},
             quick_run=True,
         )
+
+
+def _renamed(data: dict[str, Any]) -> dict[str, Any]:
+    """Recorded settings with today's key names (recipe folders written before "stage0" became "components")."""
+    data = dict(data)
+    if "stage0" in data and "components" not in data:
+        data["components"] = data.pop("stage0")
+    return data
 
 
 # What each part reads: a part whose inputs were redone since it ran is stale and runs again.
@@ -179,6 +201,8 @@ def _run_part(out: Path, name: str, fn: Callable[[Path], dict[str, Any]], *, see
         "metrics": metrics,
     }
     (tmp / PART_FILE).write_text(json.dumps(info, indent=2) + "\n")
+    # the recipe's protocol, not a plain atomic write: a part runs in its ``.NAME.partial`` folder (removed when a
+    # run finds it unfinished) and the rename publishes it with its part.json
     os.replace(tmp, final)
     logger.info("part %s: done in %.0f s", name, info["seconds"])
     return info
@@ -190,7 +214,7 @@ def _check_settings(out: Path, settings: RecipeSettings) -> None:
     path = out / "recipe.json"
     mine = json.loads(json.dumps(asdict(settings)))
     if path.is_file():
-        theirs = json.loads(path.read_text())
+        theirs = _renamed(json.loads(path.read_text()))
         if theirs != mine:
             missing = object()  # a key only one side has differs too
             differ = sorted(k for k in set(mine) | set(theirs) if mine.get(k, missing) != theirs.get(k, missing))
@@ -203,13 +227,7 @@ def _check_settings(out: Path, settings: RecipeSettings) -> None:
 
 
 def toyworld_config(out: Path):
-    """The any-to-any system over the stage-0 components in ``out`` (absolute paths)."""
-    from anygpt.core.config import AnyGPTConfig, ProjectorConfig
-    from anygpt.core.fusion import CrossAttentionConfig
-    from anygpt.core.llm import LanguageModelConfig, LoraSettings
-    from anygpt.core.tokens import SignalTokenConfig
-    from decoders import DecoderConfig
-
+    """The any-to-any system over the pretrained components in ``out`` (absolute paths)."""
     decoders = {
         "image": DecoderConfig(
             kind="stable-diffusion", source=str(out / "image-decoder-refine"), num_inference_steps=20,
@@ -225,7 +243,7 @@ def toyworld_config(out: Path):
         ),
     }  # fmt: skip
     return AnyGPTConfig(
-        encoder=stage0.encoder_config(checkpoint=str(out / "encoder" / "imagebind.safetensors")),
+        encoder=components.encoder_config(checkpoint=str(out / "encoder" / "imagebind.safetensors")),
         llm=LanguageModelConfig(
             source=str(out / "llm"),
             torch_dtype="float32",
@@ -257,9 +275,6 @@ def toyworld_config(out: Path):
 
 def _train_stage(out: Path, stage: int, start: Path, settings: RecipeSettings) -> Callable[[Path], dict[str, Any]]:
     def run(tmp: Path) -> dict[str, Any]:
-        from training.config import load_config
-        from training.trainer import StageTrainer
-
         overrides = [f"data_root={out / 'data'}", f"cache_dir={out / 'cache'}"]
         config = load_config(CONFIG_DIR / f"toyworld-stage{stage}.yaml", overrides=overrides, stage=stage)
         # Train in out/stageN.run (kept between attempts so a stopped stage resumes), then move final/ into place.
@@ -295,11 +310,8 @@ def _evaluate(
     ``report.json`` and ``report.md``."""
 
     def run(tmp: Path) -> dict[str, Any]:
-        from anygpt.core.pipeline import AnyGPTPipeline
-        from toyworld import evaluate as toy_eval
-
         pipe = AnyGPTPipeline.from_pretrained(model_dir)
-        report, table = toy_eval.evaluate_with_table(
+        report, table = evaluate.evaluate_with_table(
             pipe, decoders=decoders_alone, samples=settings.eval_samples, max_new_tokens=settings.eval_max_new_tokens,
             decoder_settings=settings.eval_decoder_settings,
         )  # fmt: skip
@@ -363,27 +375,23 @@ def run_recipe(
 
 def _part_steps(out: Path, settings: RecipeSettings) -> dict[str, Callable[[Path], dict[str, Any]]]:
     """What each part runs, given the folder it writes into."""
-    from toyworld.package import package_model
-
-    s0 = settings.stage0
+    cs = settings.components
 
     def base(tmp: Path) -> dict[str, Any]:
-        from anygpt.core.pipeline import AnyGPTPipeline
-
         pipe = AnyGPTPipeline.from_config(toyworld_config(out))
         pipe.save_pretrained(tmp / "model")
         return {"parameters": {k: v for k, v in _parameter_counts(pipe).items()}}
 
     steps: dict[str, Callable[[Path], dict[str, Any]]] = {
         "data": lambda tmp: write_world(tmp, seed=settings.seed, sizes=settings.sizes),
-        "encoder": lambda tmp: stage0.train_encoder(tmp, s0),
-        "llm": lambda tmp: stage0.train_language_model(tmp, read_corpus(out / "data"), s0),
-        "image-decoder": lambda tmp: stage0.train_image_decoder(tmp, s0),
-        "video-decoder": lambda tmp: stage0.train_video_decoder(tmp, out / "image-decoder", s0, out / "encoder"),
-        "audio-decoder": lambda tmp: stage0.train_audio_decoder(tmp, s0, out / "encoder"),
-        "audio-vocoder": lambda tmp: stage0.train_vocoder(tmp, out / "audio-decoder", s0),
-        "image-decoder-refine": lambda tmp: stage0.refine_image_decoder(tmp, out / "image-decoder", s0),
-        "video-decoder-refine": lambda tmp: stage0.refine_video_decoder(tmp, out / "video-decoder", s0),
+        "encoder": lambda tmp: components.train_encoder(tmp, cs),
+        "llm": lambda tmp: components.train_language_model(tmp, read_corpus(out / "data"), cs),
+        "image-decoder": lambda tmp: components.train_image_decoder(tmp, cs),
+        "video-decoder": lambda tmp: components.train_video_decoder(tmp, out / "image-decoder", cs, out / "encoder"),
+        "audio-decoder": lambda tmp: components.train_audio_decoder(tmp, cs, out / "encoder"),
+        "audio-vocoder": lambda tmp: components.train_vocoder(tmp, out / "audio-decoder", cs),
+        "image-decoder-refine": lambda tmp: components.refine_image_decoder(tmp, out / "image-decoder", cs),
+        "video-decoder-refine": lambda tmp: components.refine_video_decoder(tmp, out / "video-decoder", cs),
         "base": base,
         "stage1": _train_stage(out, 1, out / "base" / "model", settings),
         "stage2": _train_stage(out, 2, out / "stage1" / "final", settings),
@@ -393,7 +401,7 @@ def _part_steps(out: Path, settings: RecipeSettings) -> dict[str, Callable[[Path
         "eval-package": _evaluate(out / "package" / "toyworld", settings),
         "eval-decoders": _evaluate(out / "package" / "toyworld", settings, decoders_alone=True),
         "package": lambda tmp: package_model(
-            out / "stage3" / "final", tmp / "toyworld", vocabulary_texts=stage0.world_captions() + [""]
+            out / "stage3" / "final", tmp / "toyworld", vocabulary_texts=components.world_captions() + [""]
         ),
     }
     return steps
@@ -433,8 +441,6 @@ def run_parallel(
     finish (they keep their work), then the error names the part and its log. Finished parts are skipped as in the
     sequential run.
     """
-    from tqdm.auto import tqdm
-
     todo: list[str] = []
     for name in names:  # PARTS order: a part waiting on one that will run again is stale too
         if _part_done(out, name) is None or any(d in todo for d in DEPENDS[name]):
@@ -498,8 +504,6 @@ def run_parallel(
 def _raise_on_termination() -> dict[int, Any]:
     """Turn SIGTERM and SIGHUP into ``SystemExit`` (so the running parts are stopped, never orphaned); returns the
     handlers to restore. Only the main thread can set handlers: elsewhere nothing changes."""
-    import threading
-
     if threading.current_thread() is not threading.main_thread():
         return {}
 
@@ -511,8 +515,6 @@ def _raise_on_termination() -> dict[int, Any]:
 
 def _child_main(argv: list[str] | None = None) -> None:
     """Run one part with the settings recorded in ``OUT/recipe.json`` (how :func:`run_recipe` starts each job)."""
-    import argparse
-
     parser = argparse.ArgumentParser(prog="python -m toyworld.recipe")
     parser.add_argument("out")
     parser.add_argument("part", choices=PARTS)
@@ -540,8 +542,6 @@ def _parameter_counts(pipe) -> dict[str, int]:
 
 def _write_summary(out: Path) -> None:
     """``OUT/summary.json`` and ``summary.md``: every finished part's time, and the evaluation after each stage."""
-    from toyworld.evaluate import TARGETS
-
     parts = {name: _part_done(out, name) for name in PARTS}
     done = {k: v for k, v in parts.items() if v is not None}
     lines = ["| part | minutes |", "|---|---:|"]
@@ -558,30 +558,21 @@ def _write_summary(out: Path) -> None:
             + " |",
         ]
         lines.append("|---|---:|" + "---:|" * len(evals))
-        for metric, target in TARGETS.items():
+        for metric, target in evaluate.TARGETS.items():
             values = [r.get("metrics", {}).get(metric, {}).get("value") for r in evals.values()]
             row = ["-" if v is None else f"{100 * v:.1f}" for v in values]
             lines.append(f"| {metric} | {100 * target:.0f} | " + " | ".join(row) + " |")
     if "eval-decoders" in done:
-        from toyworld.evaluate import format_decoder_report
-
-        lines += ["", format_decoder_report(done["eval-decoders"]["metrics"])]
-    for name, text in (("summary.md", "\n".join(lines) + "\n"), ("summary.json", json.dumps(done, indent=2) + "\n")):
-        tmp = out / f".{name}.{os.getpid()}"  # written whole, then renamed: a reader never sees half a summary
-        tmp.write_text(text)
-        os.replace(tmp, out / name)
+        lines += ["", evaluate.format_decoder_report(done["eval-decoders"]["metrics"])]
+    write_text_atomic(out / "summary.md", "\n".join(lines) + "\n")  # a reader never sees half a summary
+    write_text_atomic(out / "summary.json", json.dumps(done, indent=2) + "\n")
 
 
 def install_package(out: str | os.PathLike) -> Path:
     """Copy the recipe's packaged model into the anygpt package (``anygpt/models/toyworld``), replacing it."""
-    from anygpt.base.utils import atomic_directory
-    from anygpt.core.config import PACKAGED_MODELS
-
     src = Path(out) / "package" / "toyworld"
     if _part_done(Path(out), "package") is None:
         raise FileNotFoundError(f"{src}: the recipe's package part has not finished")
-    import anygpt
-
     dst = Path(anygpt.__file__).resolve().parent / PACKAGED_MODELS["toyworld"]
     with atomic_directory(dst) as tmp:
         shutil.copytree(src, tmp, dirs_exist_ok=True)

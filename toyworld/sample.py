@@ -1,8 +1,8 @@
 """A small synthetic dataset in every format :mod:`training.data.readers` reads, made by the project itself.
 
-:func:`write_sample_dataset` draws simple media (a coloured shape on white, a sine tone, a square moving across the
-frame), writes them with :mod:`anygpt.base.media`'s writers (PNG, WAV, H.264 MP4), and writes JSON files laid out like
-NExT-GPT's ``data/`` folder:
+:func:`write_sample_dataset` renders simple media with :mod:`toyworld.render` (a coloured shape on white, a sine tone,
+a square moving across the frame), writes them with :mod:`anygpt.base.media`'s writers (PNG, WAV, H.264 MP4), and
+writes JSON files laid out like NExT-GPT's ``data/`` folder:
 
 .. code-block:: text
 
@@ -22,7 +22,7 @@ names any. Everything is a function of ``seed`` and ``size``: the same arguments
 files.
 
 Example:
-    >>> from training.data import write_sample_dataset
+    >>> from toyworld.sample import write_sample_dataset
     >>> stages = write_sample_dataset("/tmp/anygpt-sample")  # doctest: +SKIP
     >>> stages[1][0]["path"], stages[1][0]["media_root"]  # doctest: +SKIP
     ('T_X_pair_data/cc3m/cc3m.json', 'T_X_pair_data/cc3m/images')
@@ -44,6 +44,7 @@ from typing import Any
 import numpy as np
 
 from anygpt.base.media import Audio, Video, save_audio, save_image, save_video
+from anygpt.base.utils import atomic_directory, write_text_atomic
 from toyworld.render import COLOURS, DIRECTIONS, SAMPLE_RATE, SHAPES, render_motion, render_shape, render_tone
 
 logger = logging.getLogger(__name__)
@@ -374,15 +375,14 @@ def _dump(value: Any) -> str:
 def _replace_owned(root: Path, tmp: Path, tag: str) -> None:
     """Move the new dataset's folders from ``tmp`` into an existing sample dataset, keeping anything else in it.
 
-    The marker is first rewritten as incomplete and replaced by the new (complete) one last, so an interruption
-    in between leaves a folder that says it is incomplete (and that a new call may still rewrite).
+    A protocol rather than a plain atomic write (the folder keeps its other files): the marker is first rewritten as
+    incomplete and replaced by the new (complete) one last, so an interruption in between leaves a folder that says
+    it is incomplete (and that a new call may still rewrite).
     """
     old = root.parent / f".{root.name}.old-{tag}"
     old.mkdir()
     try:
-        pending = root / f".{MARKER_FILE}.{tag}.tmp"
-        pending.write_text(_dump({"kind": _MARKER_KIND, "version": _VERSION, "complete": False}), encoding="utf-8")
-        os.replace(pending, root / MARKER_FILE)
+        write_text_atomic(root / MARKER_FILE, _dump({"kind": _MARKER_KIND, "version": _VERSION, "complete": False}))
         for name in _OWNED:
             if (root / name).exists():
                 os.replace(root / name, old / name)
@@ -398,6 +398,22 @@ def _is_sample_dataset(folder: Path) -> bool:
     except (OSError, ValueError):
         return False
     return isinstance(marker, dict) and marker.get("kind") == _MARKER_KIND
+
+
+def _write_dataset(folder: Path, seed: int, size: int, stages: dict[int, list[dict]]) -> None:
+    """Every file of the dataset into ``folder``, its marker last."""
+    plan = _plan(seed, size)
+    _write_media(folder, plan)
+    files = {**_pair_files(plan), **_t2m_files(plan)}
+    files[f"{_IT}/MosIT_data/mosit.json"] = _mosit_records(plan)
+    files[f"{_IT}/T+X-T_data/alpaca/alpaca.json"] = _alpaca_records(size)
+    files[f"{_IT}/T+X-T_data/llava/llava.json"] = _llava_records(plan)
+    for relative, records in files.items():
+        path = folder / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(_dump(records), encoding="utf-8")
+    marker = {"kind": _MARKER_KIND, "version": _VERSION, "complete": True, "seed": seed, "size": size}
+    (folder / MARKER_FILE).write_text(_dump({**marker, "stages": stages}), encoding="utf-8")  # last
 
 
 def write_sample_dataset(root: str | Path, *, seed: int = 0, size: int = 12) -> dict[int, list[dict]]:
@@ -436,31 +452,18 @@ def write_sample_dataset(root: str | Path, *, seed: int = 0, size: int = 12) -> 
             f"cannot write the sample dataset to {root}: expected an empty folder or a previous sample dataset "
             f"(with {MARKER_FILE}), found a non-empty folder; choose another folder or empty it"
         )
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tag = uuid.uuid4().hex[:12]
-    tmp = root.parent / f".{root.name}.tmp-{tag}"
     stages = _stages()
-    try:
-        tmp.mkdir()
-        plan = _plan(seed, size)
-        _write_media(tmp, plan)
-        files = {**_pair_files(plan), **_t2m_files(plan)}
-        files[f"{_IT}/MosIT_data/mosit.json"] = _mosit_records(plan)
-        files[f"{_IT}/T+X-T_data/alpaca/alpaca.json"] = _alpaca_records(size)
-        files[f"{_IT}/T+X-T_data/llava/llava.json"] = _llava_records(plan)
-        for relative, records in files.items():
-            path = tmp / relative
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(_dump(records), encoding="utf-8")
-        marker = {"kind": _MARKER_KIND, "version": _VERSION, "complete": True, "seed": seed, "size": size}
-        (tmp / MARKER_FILE).write_text(_dump({**marker, "stages": stages}), encoding="utf-8")  # last
-        if replacing:
+    if replacing:
+        tag = uuid.uuid4().hex[:12]
+        tmp = root.parent / f".{root.name}.tmp-{tag}"
+        try:
+            tmp.mkdir()
+            _write_dataset(tmp, seed, size, stages)
             _replace_owned(root, tmp, tag)
-        else:
-            if root.is_dir():
-                root.rmdir()  # empty
-            os.replace(tmp, root)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    else:
+        with atomic_directory(root) as tmp:
+            _write_dataset(tmp, seed, size, stages)
     logger.info("wrote the sample dataset (seed %d, size %d) to %s", seed, size, root)
     return {stage: [dict(entry) for entry in entries] for stage, entries in stages.items()}

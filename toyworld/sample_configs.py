@@ -10,6 +10,7 @@ from pathlib import Path
 
 import yaml
 
+from anygpt.base.utils import write_text_atomic
 from toyworld.sample import write_sample_dataset
 
 HEADER = """\
@@ -46,7 +47,5 @@ def write_sample(root: str | Path, *, seed: int = 0, size: int = 12) -> Path:
         chain = "" if stage == 1 else f" --from runs/stage{stage - 1}/final   (or start from the preset)"
         text = HEADER.format(stage=stage, what=WHAT[stage], name=name, chain=chain)
         text += yaml.safe_dump(sample_stage_config(stage, datasets), sort_keys=False)
-        tmp = root / f".{name}.tmp"
-        tmp.write_text(text)
-        tmp.replace(root / name)
+        write_text_atomic(root / name, text)
     return root

@@ -1,7 +1,7 @@
 """The toy world: coloured shapes, tones and moving squares, their captions, and conversations about them.
 
-Everything is a pure function of a seed: :func:`sample_image`, :func:`sample_audio` and :func:`sample_video` draw one
-item from a ``numpy`` generator, ``item.render()`` draws its pixels or samples, and ``item.caption`` names its
+Everything is a pure function of a seed: :func:`draw_image`, :func:`draw_audio` and :func:`draw_video` draw one
+item from a ``numpy`` generator, ``item.render()`` renders its pixels or waveform, and ``item.caption`` names its
 attributes with the world's words.
 
 =======  =====================================================  ======================================
@@ -22,10 +22,21 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
 from anygpt.base.media import Audio, Video
 from anygpt.base.modality import Modality
-from toyworld.sample import COLOURS, DIRECTIONS, SHAPES, render_motion, render_shape, render_tone
+from toyworld.render import (
+    COLOURS,
+    DIRECTIONS,
+    IMAGE_SIZE,
+    SAMPLE_RATE,
+    SHAPES,
+    VIDEO_FRAMES,
+    render_motion,
+    render_shape,
+    render_tone,
+)
 
 __all__ = [
     "COLOURS",
@@ -37,20 +48,16 @@ __all__ = [
     "ImageItem",
     "VideoItem",
     "Request",
-    "sample_audio",
-    "sample_image",
-    "sample_item",
-    "sample_request",
-    "sample_video",
+    "draw_audio",
+    "draw_image",
+    "draw_item",
+    "draw_request",
+    "draw_video",
 ]
 
 PITCHES: dict[str, float] = {"low": 262.0, "mid": 523.0, "high": 1047.0}
 STYLES: tuple[str, ...] = ("steady", "pulsed")
 
-IMAGE_SIZE = 64
-SAMPLE_RATE = 16_000
-AUDIO_SECONDS = 1.0
-VIDEO_FRAMES = 8
 VIDEO_FPS = 8.0
 
 
@@ -141,18 +148,18 @@ def _pick(rng: np.random.Generator, options) -> Any:
     return options[int(rng.integers(len(options)))]
 
 
-def sample_image(rng: np.random.Generator) -> ImageItem:
+def draw_image(rng: np.random.Generator) -> ImageItem:
     radius = float(rng.integers(11, 23))
     margin = radius + 2
     centre = (float(rng.uniform(margin, IMAGE_SIZE - margin)), float(rng.uniform(margin, IMAGE_SIZE - margin)))
     return ImageItem(_pick(rng, COLOURS), _pick(rng, SHAPES), radius, centre)
 
 
-def sample_audio(rng: np.random.Generator) -> AudioItem:
+def draw_audio(rng: np.random.Generator) -> AudioItem:
     return AudioItem(_pick(rng, PITCHES), _pick(rng, STYLES))
 
 
-def sample_video(rng: np.random.Generator) -> VideoItem:
+def draw_video(rng: np.random.Generator) -> VideoItem:
     return VideoItem(_pick(rng, COLOURS), _pick(rng, DIRECTIONS), int(rng.integers(12, 21)), int(rng.integers(-14, 15)))
 
 
@@ -160,15 +167,13 @@ def media_input(item: Item) -> Any:
     """``item`` rendered as the pipeline and the encoder take it: a ``PIL.Image``, an ``Audio`` or a ``Video``."""
     rendered = item.render()
     if item.modality is Modality.IMAGE:
-        from PIL import Image
-
         return Image.fromarray(rendered)
     return rendered
 
 
-def sample_item(rng: np.random.Generator, modality: Modality | str) -> Item:
+def draw_item(rng: np.random.Generator, modality: Modality | str) -> Item:
     modality = Modality.parse(modality)
-    return {Modality.IMAGE: sample_image, Modality.AUDIO: sample_audio, Modality.VIDEO: sample_video}[modality](rng)
+    return {Modality.IMAGE: draw_image, Modality.AUDIO: draw_audio, Modality.VIDEO: draw_video}[modality](rng)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -247,13 +252,13 @@ class Request:
         return [(f"Here is {item.caption}.", item) for item in self.items]
 
 
-def sample_request(rng: np.random.Generator, count: int | None = None) -> Request:
+def draw_request(rng: np.random.Generator, count: int | None = None) -> Request:
     """A request for 1-3 items of distinct modalities, in a random order, each with a random phrasing."""
     if count is None:
         count = int(rng.choice([1, 1, 1, 2, 2, 3]))
     kinds = (Modality.IMAGE, Modality.AUDIO, Modality.VIDEO)
     modalities = [kinds[i] for i in rng.permutation(len(kinds))][:count]
-    items = tuple(sample_item(rng, m) for m in modalities)
+    items = tuple(draw_item(rng, m) for m in modalities)
     parts = [_pick(rng, GENERATE[item.modality]).format(item.caption) for item in items]
     prompt = parts[0]
     for part in parts[1:]:

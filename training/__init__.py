@@ -1,1 +1,2 @@
-"""Staged training of anygpt systems (encoder-side alignment, decoder-side alignment, instruction tuning)."""
+"""Staged training of anygpt systems: Q-Former pretraining (optional), encoder-side alignment, decoder-side alignment,
+instruction tuning (``training.objectives``), one loop for all (``training.trainer``)."""

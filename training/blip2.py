@@ -1,4 +1,5 @@
-"""Stage 0: BLIP-2's representation pre-training of Q-Former input projectors (optional, before stage 1).
+"""Q-Former pretraining: BLIP-2's representation learning of Q-Former input projectors (``--stage 0``, optional,
+before stage 1).
 
 Li et al. 2023 (BLIP-2), section 3.2: before the Q-Former meets the LLM, it learns to pull out of the frozen
 encoder's features what text can say about them, with three objectives that share its self-attention layers
@@ -42,18 +43,17 @@ from transformers.models.blip_2.modeling_blip_2 import (
 
 from anygpt.base.modality import Modality
 from projectors.qformer import QFormerInputProjector
-from training.config import Blip2LossConfig, ConfigError, TrainConfig
-from training.data.records import Pair
+from training.config import Blip2LossConfig
 from training.examples import IGNORE_INDEX
 
 logger = logging.getLogger(__name__)
 
-#: the stage-0 loss terms, in the order the trainer logs them.
+#: the Q-Former pretraining loss terms, in the order the trainer logs them.
 BLIP2_LOSSES = ("itc", "itm", "itg")
 
 
 def blip2_terms(weights: Blip2LossConfig) -> tuple[str, ...]:
-    """The terms stage 0 computes: those with a weight > 0, in ``BLIP2_LOSSES`` order."""
+    """The terms Q-Former pretraining computes: those with a weight > 0, in ``BLIP2_LOSSES`` order."""
     return tuple(name for name in BLIP2_LOSSES if getattr(weights, name) > 0)
 
 
@@ -320,8 +320,8 @@ class Blip2Objectives(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------- the trainer side
-class Blip2StageModule(nn.Module):
-    """What the optimizer sees in stage 0: the model (its Q-Former input projectors train) and one
+class QFormerPretrainingModule(nn.Module):
+    """What the optimizer sees in Q-Former pretraining: the model (its Q-Former input projectors train) and one
     ``Blip2Objectives`` per input modality (their heads train and are checkpointed; ``final/`` never holds them).
 
     ``forward`` takes the trainer's micro-batch (the same tensors as ``StageModule``): each row's media item is
@@ -335,7 +335,7 @@ class Blip2StageModule(nn.Module):
         self.terms = blip2_terms(weights)
 
     @classmethod
-    def for_model(cls, model, weights: Blip2LossConfig, *, seed: int) -> Blip2StageModule:
+    def for_model(cls, model, weights: Blip2LossConfig, *, seed: int) -> QFormerPretrainingModule:
         """One ``Blip2Objectives`` per input projector of ``model``, their heads drawn from ``seed``."""
         objectives = nn.ModuleDict()
         with torch.random.fork_rng(devices=[]):
@@ -367,43 +367,10 @@ class Blip2StageModule(nn.Module):
             rows = (input_ids == placeholders[Modality(name)]).any(dim=1).nonzero().flatten().tolist()
             if tokens is None or len(rows) != tokens.shape[0]:
                 raise RuntimeError(
-                    f"stage 0: {len(rows)} rows with {name} placeholders, "
+                    f"Q-Former pretraining: {len(rows)} rows with {name} placeholders, "
                     f"{'no token sequences' if tokens is None else tokens.shape[0]} {name} items"
                 )
             parts = self.objectives[name](tokens, [captions[i] for i in rows], self.terms)
             for term, value in parts.items():
                 sums[term] = sums[term] + value if term in sums else value
         return sums
-
-
-def check_stage0(model, data, config: TrainConfig, pair_task: str) -> None:
-    """Stage 0 needs Q-Former input projectors, caption pairs with one media item each and room for negatives.
-
-    Raises:
-        ConfigError: naming the config file and the key to change.
-    """
-    source = config.source
-    for name, projector in model.input_projectors.items():
-        if not isinstance(projector, QFormerInputProjector):
-            raise ConfigError(
-                f"{source}: input_projector: stage 0 (BLIP-2 pre-training) trains Q-Former input projectors, but "
-                f"the model's {name} projector is {model.config.input_projector.name!r}; set "
-                "`input_projector: {name: qformer}` in the config or pass --set input_projector=qformer"
-            )
-    if pair_task != "caption":
-        raise ConfigError(f"{source}: data.pair_task: stage 0 reads pairs as 'caption' (media in), got {pair_task!r}")
-    if config.train.batch_size < 2:
-        raise ConfigError(
-            f"{source}: train.batch_size: stage 0 contrasts each pair with the rest of its micro-batch (ITC, ITM "
-            f"negatives); needs >= 2, got {config.train.batch_size}"
-        )
-    for dataset, records in zip(data.names, data.records, strict=True):
-        for record in records:
-            count = 1 if isinstance(record, Pair) else sum(len(t.inputs) for t in record.turns)
-            outputs = 0 if isinstance(record, Pair) else sum(len(t.outputs) for t in record.turns)
-            if count != 1 or outputs:
-                raise ConfigError(
-                    f"{source}: dataset {dataset}: record {record.index} has {count} media inputs and {outputs} "
-                    "media outputs; stage 0 (BLIP-2 pre-training) needs exactly one media input per example "
-                    "(media-caption pairs)"
-                )

@@ -19,6 +19,7 @@ entry, and several processes can write at once (each writes its own shards; no s
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import logging
 import os
@@ -32,7 +33,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+import anygpt.base.media
+import encoders.transforms
+from anygpt.base.media import load_media
 from anygpt.base.modality import Modality
+from anygpt.base.utils import atomic_file, resolve_local_model, write_text_atomic
 from training.data.records import MediaFile
 
 logger = logging.getLogger(__name__)
@@ -59,8 +64,6 @@ def file_sha256(path: Path) -> str:
 
 def code_fingerprint(*modules) -> str:
     """A hash of the source of the modules that turn files into model inputs (preprocessing changes invalidate)."""
-    import inspect
-
     digest = hashlib.sha256()
     for module in modules:
         digest.update(inspect.getsource(module).encode())
@@ -139,12 +142,9 @@ class _ShardStore:
             for name, tensor in tensors.items():
                 flat[f"{n}.{name}"] = tensor
             sidecar[key] = {**meta, "n": n, "tensors": sorted(tensors)}
-        tmp = self.folder / f".{stem}.tmp"
-        save_file(flat, str(tmp))
-        os.replace(tmp, self.folder / f"{stem}.safetensors")
-        tmp_json = self.folder / f".{stem}.json.tmp"
-        tmp_json.write_text(json.dumps(sidecar))
-        os.replace(tmp_json, self.folder / f"{stem}.json")
+        with atomic_file(self.folder / f"{stem}.safetensors", suffix=".safetensors") as tmp:
+            save_file(flat, str(tmp))
+        write_text_atomic(self.folder / f"{stem}.json", json.dumps(sidecar))  # the sidecar last: it makes the entries
         for key, entry in sidecar.items():
             self.entries[key] = {**entry, "shard": f"{stem}.safetensors"}
         logger.debug("feature cache: wrote %d entries to %s", len(sidecar), self.folder / stem)
@@ -173,9 +173,6 @@ class MediaFeatureCache:
         batch_size: int = 16,
         flush_every: int = 256,
     ):
-        import anygpt.base.media
-        import encoders.transforms
-
         self.encoder = encoder
         self.fingerprint = None  # without a cache folder nothing is stored: no need to hash the encoder's weights
         folder = None
@@ -192,8 +189,6 @@ class MediaFeatureCache:
         self._checked: dict[str, bool] = {}  # media ids whose file was checked against its entry this run
 
     def _default_load(self, modality: Modality, path: Path):
-        from anygpt.base.media import load_media
-
         max_frames = self.encoder.max_video_frames if modality is Modality.VIDEO else None
         return load_media(modality, path, max_frames=max_frames)
 
@@ -273,8 +268,6 @@ class CaptionEmbeddingCache:
         # text encoder's and tokenizer's files (names, sizes, mtimes) are part of the key too
         local = None
         if not decoder.config.is_tiny:
-            from anygpt.base.utils import resolve_local_model
-
             try:
                 local = Path(resolve_local_model(decoder.config.source, what="decoder"))
             except (FileNotFoundError, ValueError, OSError):

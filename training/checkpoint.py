@@ -4,6 +4,9 @@ Contents: ``trainable.safetensors`` (the trained tensors only), ``optimizer.pt``
 ``rng-RANK.pt`` (every process's RNG states) and ``trainer_state.json`` (step, data position, config). A
 checkpoint is written into a hidden temporary folder and renamed into place when complete, so a killed run never
 leaves a checkpoint that looks complete but is not. ``.pt`` files are read back with ``weights_only=True``.
+
+Also here: which checkpoint a run resumes from (``resume_folder``), the checks that it belongs to the run
+(``check_checkpoint``) and the metrics log cut back to its step (``trim_metrics``).
 """
 
 from __future__ import annotations
@@ -13,15 +16,20 @@ import logging
 import random
 import re
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from anygpt.base.errors import ConfigError
+from anygpt.base.utils import write_text_atomic
+
 logger = logging.getLogger(__name__)
 
 STATE_FILE = "trainer_state.json"
+FINAL_DIR = "final"
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 
 
@@ -83,7 +91,12 @@ def save_checkpoint(
     state: dict,
     keep: int,
 ) -> Path:
-    """Write ``checkpoint-{step}`` atomically (all processes call this) and prune old ones. Returns its path."""
+    """Write ``checkpoint-{step}`` atomically (all processes call this) and prune old ones. Returns its path.
+
+    Not ``anygpt.base.utils.atomic_directory``: a protocol between processes. Every process writes its RNG state into
+    the one ``.checkpoint-STEP.tmp`` folder between barriers, the main process renames it, and ``clean_partial``
+    finds the folders of killed writes by that name.
+    """
     final = Path(output_dir) / f"checkpoint-{step}"
     tmp = Path(output_dir) / f".checkpoint-{step}.tmp"
     if accelerator.is_main_process and tmp.exists():
@@ -154,3 +167,96 @@ def restore_checkpoint(accelerator, folder: str | Path, state: dict, *, optimize
     rng_file = folder / f"rng-{accelerator.process_index}.pt"
     if rng_file.is_file():
         set_rng_state(torch.load(rng_file, weights_only=True))
+
+
+def step_of(folder: Path) -> int:
+    """The step of a ``checkpoint-STEP`` folder."""
+    return int(folder.name.rsplit("-", 1)[-1])
+
+
+def resume_folder(output_dir: Path, resume: str | None) -> Path | None:
+    """The checkpoint a run continues from.
+
+    Args:
+        output_dir: the run's folder.
+        resume: None (a fresh run: refuses a folder holding a previous run), ``"auto"`` (the newest complete
+            checkpoint in ``output_dir``, if any) or a checkpoint folder.
+
+    Raises:
+        ConfigError: a previous run without ``--resume``, a folder that is no checkpoint, or a checkpoint older than
+            others of the same run.
+    """
+    existing = list_checkpoints(output_dir)
+    if resume is None:
+        if existing or (output_dir / FINAL_DIR).exists():
+            raise ConfigError(
+                f"{output_dir} holds a previous run; pass --resume auto to continue it, or choose another --output-dir"
+            )
+        return None
+    if resume == "auto":
+        return existing[-1] if existing else None
+    folder = Path(resume).expanduser().resolve()
+    if not (folder / STATE_FILE).is_file():
+        raise ConfigError(f"--resume {resume}: not a complete checkpoint folder (no {STATE_FILE})")
+    newer = [p for p in existing if folder.parent == output_dir and step_of(p) > step_of(folder)]
+    if newer:
+        raise ConfigError(
+            f"--resume {folder}: newer checkpoints of the same run exist ({', '.join(p.name for p in newer)}); "
+            "resuming from an older one would mix two runs: remove the newer ones first, or resume from the newest"
+        )
+    return folder
+
+
+def check_checkpoint(
+    folder: Path,
+    state: dict,
+    trained: Mapping[str, torch.Tensor],
+    run: Mapping[str, object],
+    parameters: Mapping[str, torch.Tensor],
+) -> None:
+    """Check that a checkpoint (read with ``read_checkpoint``) belongs to this run before loading it.
+
+    Args:
+        folder: the checkpoint folder (for messages).
+        state, trained: what ``read_checkpoint`` returned.
+        run: this run's ``stage``, ``start``, ``global_batch`` and ``max_steps``.
+        parameters: this run's trained parameters by name.
+
+    Raises:
+        ConfigError: naming what differs.
+    """
+    checks = [
+        ("stage", "another stage"),
+        ("start", "another starting model (--from)"),
+        ("global_batch", "batch_size x processes x accumulation"),
+        ("max_steps", "the learning-rate schedule would change"),
+    ]
+    for key, why in checks:
+        if state.get(key) != run[key]:
+            raise ConfigError(f"{folder}: written with {key} {state.get(key)!r}, this run has {run[key]!r} ({why})")
+    if set(trained) != set(parameters):
+        diff = sorted(set(trained) ^ set(parameters))
+        raise ConfigError(
+            f"{folder}: its trained tensors differ from this run's ({diff[:3]}...): another stage objective or "
+            "trainable: section?"
+        )
+    for name, param in parameters.items():
+        if tuple(trained[name].shape) != tuple(param.shape):
+            raise ConfigError(f"{folder}: {name} has shape {tuple(trained[name].shape)}, expected {tuple(param.shape)}")
+
+
+def trim_metrics(path: Path, step: int) -> None:
+    """Keep the lines of a metrics log up to ``step`` (the checkpoint a run resumes from): the log then continues as
+    a straight run's would. Lines that are not valid JSON (a killed write) are dropped."""
+    if not path.exists():
+        return
+    kept = []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            logger.warning("%s line %d is not valid JSON (a killed write?): dropped", path, number)
+            continue
+        if isinstance(record, dict) and record.get("step", 0) <= step:
+            kept.append(line)
+    write_text_atomic(path, "".join(line + "\n" for line in kept))

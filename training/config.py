@@ -19,6 +19,9 @@ import yaml
 
 from anygpt.base.errors import ConfigError
 from anygpt.base.modality import MEDIA_MODALITIES, Modality
+from anygpt.core.config import list_presets
+from anygpt.core.fusion import CrossAttentionConfig
+from projectors import list_input_projectors, list_output_projectors
 from training.data.records import DatasetSpec
 
 STAGES = (0, 1, 2, 3)
@@ -48,7 +51,7 @@ class DataConfig:
 
 @dataclass
 class TrainableConfig:
-    """Which parts train. None: the stage's default (``training.recipes.STAGE_DEFAULTS``).
+    """Which parts train. None: the stage's default (its objective's ``trains``, ``training.objectives``).
 
     ``token_rows``: ``none``, ``signal`` (the signal tokens' rows of the input embedding and LM head) or ``all``
     (every added token). Only these rows train, never the whole embedding matrix. ``cross_attention``: the gated
@@ -73,7 +76,8 @@ class DiffusionLossConfig:
 
 @dataclass
 class Blip2LossConfig:
-    """Stage 0's terms: BLIP-2's representation pre-training of Q-Former connectors (``training.blip2``).
+    """Q-Former pretraining's terms (stage 0): BLIP-2's representation learning of Q-Former connectors
+    (``training.blip2``).
 
     Attributes:
         itc, itm, itg: weights of image-text contrastive, image-text matching (hardest in-batch negatives) and
@@ -97,7 +101,7 @@ class LossConfig:
         distance: ``l2`` (NExT-GPT: mean per-token Euclidean distance) or ``mse``.
         modality_weights: per output modality factor on that distance (NExT-GPT's stage 3 weighs video x2).
         diffusion: the optional diffusion loss.
-        blip2: stage 0's BLIP-2 terms.
+        blip2: the BLIP-2 terms of Q-Former pretraining (stage 0).
     """
 
     caption_embedding_weight: float = 1.0
@@ -165,8 +169,8 @@ class TrainConfig:
     """One stage run.
 
     Attributes:
-        stage: 0 (BLIP-2 pre-training of Q-Former input projectors), 1 (encoder-side alignment), 2 (decoder-side
-            alignment) or 3 (instruction tuning).
+        stage: 0 (Q-Former pretraining of Q-Former input projectors, BLIP-2's), 1 (encoder-side alignment),
+            2 (decoder-side alignment) or 3 (instruction tuning); ``training.objectives`` says what each trains.
         model: a preset name or a folder written by a previous stage (``.../final``); ``--from`` overrides it.
         output_dir: where checkpoints, metrics and ``final/`` go (relative to the config file; when the file has
             none, ``runs/stage{N}`` in the working directory, like any command's output).
@@ -226,8 +230,6 @@ class TrainConfig:
             fail("data.pair_task", f"expected 'caption', 'generate' or null, got {self.data.pair_task!r}")
         if not self.data.caption_prompts:
             fail("data.caption_prompts", "give at least one prompt")
-        from projectors import list_input_projectors, list_output_projectors
-
         for key, names in (
             ("input_projector", list_input_projectors()),
             ("output_projector", list_output_projectors()),
@@ -236,8 +238,6 @@ class TrainConfig:
             if choice is not None and choice.name.lower() not in names:
                 fail(f"{key}.name", f"unknown connector {choice.name!r}; registered: {', '.join(names)}")
         if self.cross_attention is not None:
-            from anygpt.core.fusion import CrossAttentionConfig
-
             try:
                 CrossAttentionConfig.from_dict(self.cross_attention)
             except (TypeError, ValueError) as err:
@@ -390,8 +390,6 @@ def _apply_override(data: dict, item: str, source: str) -> None:
 
 
 def _resolve_paths(config: TrainConfig, base: Path) -> None:
-    from anygpt.core.config import list_presets
-
     def resolve(value: str | None) -> str | None:
         if value is None:
             return None

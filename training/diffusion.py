@@ -15,8 +15,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
+import torchaudio
+from diffusers import DDPMScheduler
 
-from anygpt.base.media import load_media
+from anygpt.base.media import load_media, resample, to_mono
 from anygpt.base.modality import Modality
 from training.losses import min_snr_weights
 
@@ -36,17 +38,14 @@ class DiffusionLoss:
     """Prepares latents (no gradients) and computes the loss from the conditioning (with gradients)."""
 
     def __init__(self, decoders: dict, *, gamma: float):
-        from diffusers import DDPMScheduler
-
         self.decoders = decoders
         self.gamma = gamma
         self._schedulers = {}
-        self._ddpm = DDPMScheduler
 
     def _scheduler(self, modality: Modality):
         if modality not in self._schedulers:
             pipe = self.decoders[modality].load()
-            self._schedulers[modality] = self._ddpm.from_config(pipe.scheduler.config)
+            self._schedulers[modality] = DDPMScheduler.from_config(pipe.scheduler.config)
         return self._schedulers[modality]
 
     # ------------------------------------------------------------------ latents
@@ -82,10 +81,6 @@ class DiffusionLoss:
 
     @staticmethod
     def _log_mel(pipe, audio, seconds: float) -> torch.Tensor:
-        import torchaudio
-
-        from anygpt.base.media import resample, to_mono
-
         rate = int(pipe.vocoder.config.sampling_rate)
         n_mels = int(pipe.vocoder.config.model_in_dim)
         hop = 160 if rate == 16000 else rate // 100

@@ -15,7 +15,8 @@ import torch
 
 from anygpt.base.modality import Modality
 from anygpt.core.conversation import get_template
-from training.data.records import PLACEHOLDERS, MediaFile, OutputMedia, Pair, Record, Sample, Turn, split_placeholders
+from anygpt.core.tokens import PLACEHOLDER
+from training.data.records import Dialogue, MediaFile, OutputMedia, Pair, Record, Turn, split_placeholders
 
 IGNORE_INDEX = -100
 
@@ -41,27 +42,27 @@ class Example:
     reply_modality: Modality = Modality.TEXT
 
 
-def reply_modality(sample: Sample) -> Modality:
-    """The modality of the first media output of the sample's last assistant turn; text when it outputs none.
+def reply_modality(dialogue: Dialogue) -> Modality:
+    """The modality of the first media output of the dialogue's last assistant turn; text when it outputs none.
 
     With per-modality LoRA adapters (``lora.adapters``) an example runs with, and trains, this modality's adapter
     (the whole sequence, every earlier turn included): the adapter the pipeline chooses by default when a request
     asks for that output.
     """
-    for turn in reversed(sample.turns):
+    for turn in reversed(dialogue.turns):
         if turn.role == "assistant":
             return turn.outputs[0].modality if turn.outputs else Modality.TEXT
     return Modality.TEXT
 
 
-def pair_to_sample(pair: Pair, task: str, caption_prompts: list[str]) -> Sample:
+def pair_to_dialogue(pair: Pair, task: str, caption_prompts: list[str]) -> Dialogue:
     """A caption pair as a one-exchange conversation.
 
     ``caption``: media in, caption out (stage 1; NExT-GPT's "generate a caption" prompt).
     ``generate``: caption in, caption followed by the media's signal tokens out (stage 2, as NExT-GPT).
     """
     modality = pair.media.modality
-    tag = PLACEHOLDERS[modality]
+    tag = PLACEHOLDER[modality]
     if task == "caption":
         prompt = caption_prompts[pair.index % len(caption_prompts)]
         turns = [
@@ -73,7 +74,7 @@ def pair_to_sample(pair: Pair, task: str, caption_prompts: list[str]) -> Sample:
         turns = [Turn("user", pair.caption), Turn("assistant", f"{pair.caption} {tag}", outputs=[output])]
     else:
         raise ValueError(f"unknown pair task {task!r}: expected 'caption' or 'generate'")
-    return Sample(pair.dataset, pair.index, turns)
+    return Dialogue(pair.dataset, pair.index, turns)
 
 
 def _tidy(text: str) -> str:
@@ -101,14 +102,14 @@ class ExampleBuilder:
         self.caption_prompts = list(caption_prompts)
 
     # ------------------------------------------------------------------ layout
-    def pieces(self, sample: Sample) -> list[tuple[str | list[int] | MediaFile | OutputMedia, bool]]:
+    def pieces(self, dialogue: Dialogue) -> list[tuple[str | list[int] | MediaFile | OutputMedia, bool]]:
         """(piece, supervised) in order: text, token ids, an input media item or an output's signal group."""
         tpl = self.template
         eos = self.tokenizer.eos_token_id
         out: list[tuple] = []
         if tpl.system:
             out.append((tpl.system + tpl.sep, False))
-        for turn in sample.turns:
+        for turn in dialogue.turns:
             if turn.role == "user":
                 # as at inference (Conversation.prompt_pieces): the turn's media first, a newline, then its text
                 out.append((f"{tpl.user} " if tpl.user else "", False))
@@ -155,7 +156,8 @@ class ExampleBuilder:
         return ids, flags
 
     def build(self, record: Record) -> Example:
-        sample = pair_to_sample(record, self.pair_task, self.caption_prompts) if isinstance(record, Pair) else record
+        is_pair = isinstance(record, Pair)
+        dialogue = pair_to_dialogue(record, self.pair_task, self.caption_prompts) if is_pair else record
         model = self.model
         ids: list[int] = []
         sup: list[bool] = []
@@ -174,7 +176,7 @@ class ExampleBuilder:
                 sup.extend(t_sup)
                 text_run.clear()
 
-        for piece, supervised in self.pieces(sample):
+        for piece, supervised in self.pieces(dialogue):
             if isinstance(piece, str):
                 text_run.append((piece, supervised))
                 continue
@@ -212,9 +214,9 @@ class ExampleBuilder:
             labels,
             media,
             outputs,
-            dataset=sample.dataset,
+            dataset=dialogue.dataset,
             truncated=truncated,
-            reply_modality=reply_modality(sample),
+            reply_modality=reply_modality(dialogue),
         )
 
 

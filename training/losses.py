@@ -1,5 +1,6 @@
-"""Loss terms. Each returns a *sum* over its units; the trainer divides by the count over the whole global batch,
-so gradient accumulation and several processes give the same update as one big batch.
+"""Loss terms and the loss book of a step. Each term returns a *sum* over its units; ``LossBook`` divides by the
+count over the whole global batch, so gradient accumulation and several processes give the same update as one big
+batch.
 """
 
 from __future__ import annotations
@@ -54,3 +55,41 @@ def min_snr_weights(scheduler, timesteps: torch.Tensor, gamma: float) -> torch.T
     if getattr(scheduler.config, "prediction_type", "epsilon") == "v_prediction":
         weight = torch.clamp(snr, max=gamma) / (snr + 1)
     return weight
+
+
+class LossBook:
+    """The loss terms of one optimizer step: their weights, their global counts and the sums seen so far.
+
+    Each term's loss is its sum over the global batch divided by its count over the global batch (every process and
+    every micro-batch), so gradient accumulation and several processes give the update of one big batch.
+
+    Args:
+        terms: the terms, in the order they are logged (``StageObjective.terms``); the first is in every sum.
+        weights: each term's weight.
+        counts: (len(terms),) each term's count over the global batch.
+    """
+
+    def __init__(self, terms: list[str], weights: dict[str, float], counts: torch.Tensor):
+        self.terms = terms
+        self.weights = weights
+        self.counts = counts
+        self.sums = torch.zeros(len(terms), device=counts.device)
+
+    def loss(self, parts: dict[str, torch.Tensor]) -> torch.Tensor:
+        """A micro-batch's share of the step's loss, from its sums (recorded for :meth:`means`)."""
+        loss = parts[self.terms[0]] * 0.0  # always a tensor: every process runs backward (DDP)
+        for j, name in enumerate(self.terms):
+            if name in parts and self.counts[j] > 0:
+                loss = loss + self.weights[name] * parts[name] / self.counts[j]
+                self.sums[j] += parts[name].detach().float()
+        return loss
+
+    def means(self, totals: torch.Tensor | None = None) -> dict[str, float]:
+        """Each term's mean over the global batch (``totals``: the sums added over every process; default: this
+        process's own sums)."""
+        totals = self.sums if totals is None else totals
+        return {n: (totals[j] / self.counts[j]).item() for j, n in enumerate(self.terms) if self.counts[j] > 0}
+
+    def total(self, means: dict[str, float]) -> float:
+        """The weighted loss of the step, from :meth:`means`."""
+        return sum(self.weights[n] * v for n, v in means.items())

@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import logging
 
+from accelerate import PartialState
 from tqdm.auto import tqdm
 
+from training.batching import check_datasets, read_datasets
 from training.cache import CaptionEmbeddingCache, MediaFeatureCache
 from training.config import TrainConfig
+from training.examples import ExampleBuilder
+from training.objectives import objective_for
+from training.start import load_start
 
 logger = logging.getLogger(__name__)
 
@@ -15,20 +20,25 @@ logger = logging.getLogger(__name__)
 def precompute(config: TrainConfig, *, start: str | None = None, chunk: int = 64) -> dict:
     """Encode every media item the stage reads and embed every output caption it needs, into ``config.cache_dir``.
 
+    Args:
+        config: the stage's config (its datasets, model and cache folder).
+        start: the model whose encoder and decoders compute the features (None: ``config.model``).
+        chunk: records tokenised and encoded at a time.
+
     Returns:
         counts: media items and captions seen, how many were computed now, how many were cached already.
     """
-    from training.trainer import StageTrainer
-
-    trainer = StageTrainer(config, start=start, resume="auto")
-    data = trainer.read_data()  # data errors surface before a (possibly large) model loads
-    pipe = trainer.load_pipeline()
+    objective = objective_for(config)
+    data = read_datasets(config)  # data errors surface before a (possibly large) model loads
+    pipe = load_start(config, start if start is not None else config.model, objective.trainable)
     model = pipe.model
-    device = trainer.accelerator.device
+    device = PartialState(cpu=config.train.device == "cpu").device  # where the training run would compute them
     model.encoder.to(device)
-    builder = trainer.example_builder(model)
-    trainer.model, trainer.builder = model, builder
-    trainer.check_compatible(data)
+    builder = ExampleBuilder(
+        model, max_length=config.data.max_length, pair_task=objective.pair_task,
+        caption_prompts=config.data.caption_prompts,
+    )  # fmt: skip
+    check_datasets(model, builder, data, config, objective.trainable, objective.pair_task)
     media_cache = MediaFeatureCache(config.cache_dir, model.encoder)
     caption_caches = {}
     need_tokens = any(p.uses_tokens for p in model.input_projectors.values())

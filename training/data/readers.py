@@ -75,16 +75,16 @@ from typing import Any
 
 from anygpt.base.errors import DatasetError
 from anygpt.base.modality import MEDIA_MODALITIES, Modality
+from anygpt.core.tokens import PLACEHOLDER
 from training.data.records import (
     MODALITY_OF_PLACEHOLDER,
     PLACEHOLDER_PATTERN,
-    PLACEHOLDERS,
     DatasetSpec,
+    Dialogue,
     MediaFile,
     OutputMedia,
     Pair,
     Record,
-    Sample,
     Turn,
 )
 
@@ -275,7 +275,7 @@ class _Source:
         targets = [t for t in turns if t.role == role]
         missing: list[Modality] = []
         for modality, queue in items.items():
-            marker = PLACEHOLDERS[modality]
+            marker = PLACEHOLDER[modality]
             found = sum(t.text.count(marker) for t in targets)
             if queue and found == 0:
                 missing.extend([modality] * len(queue))
@@ -292,7 +292,7 @@ class _Source:
                     f"(one per item), found {found}",
                 )
         if missing:
-            markers = [PLACEHOLDERS[m] for m in sorted(missing, key=MEDIA_MODALITIES.index)]
+            markers = [PLACEHOLDER[m] for m in sorted(missing, key=MEDIA_MODALITIES.index)]
             if role == "user":
                 turn = targets[0]
                 turn.text = "\n".join([*markers, turn.text]) if turn.text else "\n".join(markers)
@@ -357,26 +357,26 @@ def _read_pairs(src: _Source, record: dict, index: int) -> Pair:
 
 
 @_register("alpaca")
-def _read_alpaca(src: _Source, record: dict, index: int) -> Sample:
+def _read_alpaca(src: _Source, record: dict, index: int) -> Dialogue:
     instruction = src.string(record, index, "instruction")
     extra = src.string(record, index, "input", default="")
     prompt = f"{instruction}\n\n{extra}" if extra else instruction
     answer = src.string(record, index, "output")
-    return Sample(src.name, index, [Turn("user", prompt), Turn("assistant", answer)])
+    return Dialogue(src.name, index, [Turn("user", prompt), Turn("assistant", answer)])
 
 
 @_register("llava")
-def _read_llava(src: _Source, record: dict, index: int) -> Sample:
+def _read_llava(src: _Source, record: dict, index: int) -> Dialogue:
     turns, _ = src.conversation(record, index, "conversations")
     image = record.get("image")
     images: list[MediaFile] = []
     if image is not None:
         images = [src.media(Modality.IMAGE, src.string(record, index, "image"), index, "image")]
     src.attach(index, turns, "user", {Modality.IMAGE: images}, {Modality.IMAGE: "image"})
-    return Sample(src.name, index, turns)
+    return Dialogue(src.name, index, turns)
 
 
-def _read_nextgpt(src: _Source, record: dict, index: int) -> Sample:
+def _read_nextgpt(src: _Source, record: dict, index: int) -> Dialogue:
     turns, _ = src.conversation(record, index, "conversations")
     inputs: dict[Modality, list[MediaFile]] = {}
     outputs: dict[Modality, list[OutputMedia]] = {}
@@ -419,7 +419,7 @@ def _read_nextgpt(src: _Source, record: dict, index: int) -> Sample:
         output_keys[m] = caption_key
     src.attach(index, turns, "user", inputs, input_keys)
     src.attach(index, turns, "assistant", outputs, output_keys)
-    return Sample(src.name, index, turns)
+    return Dialogue(src.name, index, turns)
 
 
 _register("nextgpt_comprehension")(_read_nextgpt)
@@ -427,7 +427,7 @@ _register("nextgpt_generation")(_read_nextgpt)
 
 
 @_register("t2m")
-def _read_t2m(src: _Source, record: dict, index: int) -> Sample:
+def _read_t2m(src: _Source, record: dict, index: int) -> Dialogue:
     turns, raw = src.conversation(record, index, "conversation")
     name_key = "mm_name" if "mm_name" in record or "image_name" not in record else "image_name"
     uses: list[int] = []
@@ -461,11 +461,11 @@ def _read_t2m(src: _Source, record: dict, index: int) -> Sample:
             f"key 'conversation': expected at most one turn with media (the record names one file in {name_key!r}), "
             f"found {len(uses)} (turns {uses})",
         )
-    return Sample(src.name, index, turns)
+    return Dialogue(src.name, index, turns)
 
 
 @_register("mosit")
-def _read_mosit(src: _Source, record: dict, index: int) -> Sample:
+def _read_mosit(src: _Source, record: dict, index: int) -> Dialogue:
     turns, _ = src.conversation(record, index, "conversation")
     catalog: dict[Modality, dict[str, tuple[str, dict]]] = {}
     for m in MEDIA_MODALITIES:
@@ -497,7 +497,7 @@ def _read_mosit(src: _Source, record: dict, index: int) -> Sample:
                         media=src.output_media(modality, content, index, where),
                     )
                 )
-            return blanks + PLACEHOLDERS[modality]
+            return blanks + PLACEHOLDER[modality]
 
         text = _MOSIT_TAG_RE.sub(replace, turn.text).strip()
         if _placeholder_sequence(text) != [item.modality for item in items]:
@@ -508,7 +508,7 @@ def _read_mosit(src: _Source, record: dict, index: int) -> Sample:
             )
         turn.text = text
         (turn.inputs if turn.role == "user" else turn.outputs).extend(items)
-    return Sample(src.name, index, turns)
+    return Dialogue(src.name, index, turns)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -603,18 +603,18 @@ def _load_records(src: _Source, limit: int | None) -> list[Any]:
     return data[:limit] if limit is not None else data
 
 
-def _check_placeholders(src: _Source, sample: Sample) -> None:
-    for t, turn in enumerate(sample.turns):
+def _check_placeholders(src: _Source, dialogue: Dialogue) -> None:
+    for t, turn in enumerate(dialogue.turns):
         items = turn.inputs if turn.role == "user" else turn.outputs
         other = turn.outputs if turn.role == "user" else turn.inputs
         expected = [item.modality for item in items]
         found = _placeholder_sequence(turn.text)
         if found != expected or other:
             show = ", ".join(m.value for m in expected) or "none"
-            seen = ", ".join(PLACEHOLDERS[m] for m in found) or "no placeholder"
+            seen = ", ".join(PLACEHOLDER[m] for m in found) or "no placeholder"
             kind = "inputs" if turn.role == "user" else "outputs"
             raise src.error(
-                sample.index,
+                dialogue.index,
                 f"turn {t} ({turn.role}): expected one placeholder per {kind} in order [{show}], found [{seen}] "
                 f"in its text {turn.text[:80]!r}",
             )
@@ -666,7 +666,7 @@ def read_dataset(spec: DatasetSpec) -> list[Record]:
             ``"auto"``), media and embedding roots, ``max_samples`` and missing-file policy.
 
     Returns:
-        :class:`~training.data.records.Pair` records (pair formats) or :class:`~training.data.records.Sample`
+        :class:`~training.data.records.Pair` records (pair formats) or :class:`~training.data.records.Dialogue`
         records (conversation formats), in file order; each keeps its position in the file as ``index``. Paths are
         absolute.
 
@@ -713,7 +713,7 @@ def read_dataset(spec: DatasetSpec) -> list[Record]:
         if not isinstance(raw, dict):
             raise src.error(index, f"expected a JSON object, found {_describe(raw)}")
         record = reader(src, raw, index)
-        if isinstance(record, Sample):
+        if isinstance(record, Dialogue):
             _check_placeholders(src, record)
         records.append(record)
     records = _check_files(src, records)

@@ -2,15 +2,16 @@
 
 Two kinds:
 
-- ``Pair``: one media file and its caption (``cc3m.json``, ``webvid.json``, ``audiocap.json``). A training recipe
+- ``Pair``: one media file and its caption (``cc3m.json``, ``webvid.json``, ``audiocap.json``). A stage's objective
   decides how to use it: as captioning (media in, caption out; stage 1) or as generation (caption in, caption and
   signal tokens out; stage 2).
-- ``Sample``: a conversation of user and assistant turns (T2M, the newer NExT-GPT formats, MosIT, Alpaca,
+- ``Dialogue``: a conversation of user and assistant turns (T2M, the newer NExT-GPT formats, MosIT, Alpaca,
   LLaVA-Instruct).
 
 Conventions of ``Turn.text``: a user turn's text holds the placeholder ``<image>`` / ``<video>`` / ``<audio>`` once per
 input media item, in the order of ``Turn.inputs``; an assistant turn's text holds it once per output media item, in
-the order of ``Turn.outputs``, where the answer produces that item (the recipe replaces it with signal tokens).
+the order of ``Turn.outputs``, where the answer produces that item (the example builder replaces it with signal
+tokens).
 """
 
 from __future__ import annotations
@@ -20,10 +21,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from anygpt.base.modality import Modality
+from anygpt.core.tokens import PLACEHOLDER
 
-PLACEHOLDERS = {Modality.IMAGE: "<image>", Modality.VIDEO: "<video>", Modality.AUDIO: "<audio>"}
-MODALITY_OF_PLACEHOLDER = {tag: modality for modality, tag in PLACEHOLDERS.items()}
-PLACEHOLDER_PATTERN = re.compile("|".join(re.escape(tag) for tag in PLACEHOLDERS.values()))
+MODALITY_OF_PLACEHOLDER = {tag: modality for modality, tag in PLACEHOLDER.items()}
+PLACEHOLDER_PATTERN = re.compile("|".join(re.escape(tag) for tag in PLACEHOLDER.values()))
 
 
 def split_placeholders(text: str) -> list[str | Modality]:
@@ -93,7 +94,7 @@ class Pair:
 
 
 @dataclass
-class Sample:
+class Dialogue:
     """A conversation (one or more user / assistant exchanges)."""
 
     dataset: str
@@ -101,7 +102,7 @@ class Sample:
     turns: list[Turn]
 
 
-Record = Pair | Sample
+Record = Pair | Dialogue
 
 
 @dataclass

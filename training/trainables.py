@@ -1,20 +1,6 @@
-"""Stage recipes: which parts of ``AnyGPTModel`` train. The model itself has no notion of a stage.
-
-=====  =======================  ==========================================  =====================
-stage  trains                   data                                        loss
-=====  =======================  ==========================================  =====================
-0      Q-Former input           X-caption pairs (one media item each)       BLIP-2: ITC + ITM + ITG
-       projectors (+ the        (optional: BLIP-2's representation          (training.blip2)
-       objectives' heads)       pre-training before stage 1)
-1      input projectors,        X-caption pairs (media in, caption out)      CE on the caption
-       added token rows,
-       cross-attention blocks
-       (when the model has them)
-2      output projectors,       caption pairs (caption in, caption +         CE + caption-embedding
-       signal token rows        signal tokens out)                           distance
-3      LoRA, signal token rows  instruction conversations                    CE + caption-embedding
-       (projectors: by option)                                               distance
-=====  =======================  ==========================================  =====================
+"""What trains in a run: which parts of ``AnyGPTModel`` (``Trainable``), the trainable rows of the embedding matrices
+(``TokenRows``), and ``apply_trainable`` that freezes the rest. Each stage's defaults live with its objective
+(``training.objectives``); a config's ``trainable:`` section overrides them. The model itself has no notion of a stage.
 """
 
 from __future__ import annotations
@@ -32,6 +18,9 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Trainable:
+    """Which parts train: the input and output projectors, the LoRA adapters, which added token rows, the gated
+    cross-attention blocks."""
+
     input_projectors: bool
     output_projectors: bool
     lora: bool
@@ -41,19 +30,10 @@ class Trainable:
     cross_attention: bool | None = False
 
 
-STAGE_DEFAULTS = {
-    0: Trainable(input_projectors=True, output_projectors=False, lora=False, token_rows="none"),
-    1: Trainable(input_projectors=True, output_projectors=False, lora=False, token_rows="all", cross_attention=None),
-    2: Trainable(input_projectors=False, output_projectors=True, lora=False, token_rows="signal"),
-    3: Trainable(input_projectors=False, output_projectors=False, lora=True, token_rows="signal"),
-}
-PAIR_TASK = {0: "caption", 1: "caption", 2: "generate", 3: "generate"}
-
-
-def resolve_trainable(stage: int, overrides: TrainableConfig) -> Trainable:
-    """The stage's defaults with the config's explicit choices applied."""
+def resolve_trainable(defaults: Trainable, overrides: TrainableConfig) -> Trainable:
+    """A stage's defaults with the config's explicit choices applied."""
     chosen = {k: v for k, v in vars(overrides).items() if v is not None}
-    return replace(STAGE_DEFAULTS[stage], **chosen)
+    return replace(defaults, **chosen)
 
 
 class TokenRows(nn.Module):
@@ -134,26 +114,26 @@ def token_row_ids(model, which: str) -> list[int]:
 
 
 def apply_trainable(model, trainable: Trainable) -> TokenRows | None:
-    """Freeze everything, then unfreeze what the recipe trains. Returns the token-rows module (or None)."""
+    """Freeze everything, then unfreeze what ``trainable`` names. Returns the token-rows module (or None)."""
     model.requires_grad_(False)
     if trainable.input_projectors:
         if not len(model.input_projectors):
-            raise ValueError("this recipe trains the input projectors, but the model has none")
+            raise ValueError("this run trains the input projectors, but the model has none")
         model.input_projectors.requires_grad_(True)
     if trainable.output_projectors:
         if not len(model.output_projectors):
-            raise ValueError("this recipe trains the output projectors, but the model has none (no decoders)")
+            raise ValueError("this run trains the output projectors, but the model has none (no decoders)")
         model.output_projectors.requires_grad_(True)
     if trainable.lora:
         names = [n for n, _ in model.language_model.named_parameters() if "lora_" in n]
         if not names:
-            raise ValueError("this recipe trains LoRA, but the language model has no adapter (set `lora:` or llm.lora)")
+            raise ValueError("this run trains LoRA, but the language model has no adapter (set `lora:` or llm.lora)")
         for name, param in model.language_model.named_parameters():
             if "lora_" in name:
                 param.requires_grad_(True)
     if trainable.cross_attention and model.cross_attention is None:
         raise ValueError(
-            "this recipe trains the gated cross-attention blocks, but the model has none (set cross_attention.every)"
+            "this run trains the gated cross-attention blocks, but the model has none (set cross_attention.every)"
         )
     if trainable.cross_attention is not False and model.cross_attention is not None:
         model.cross_attention.requires_grad_(True)
