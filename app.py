@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # before gradio is imported
-from anygpt.base.utils import quiet_import_notices  # noqa: E402
+from anygpt.base.logs import quiet_import_notices  # noqa: E402
 
 if __name__ == "__main__":
     quiet_import_notices()  # before diffusers and transformers are imported

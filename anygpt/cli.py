@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from anygpt.base.errors import AnyGPTError, TrainingError
-from anygpt.base.utils import quiet_import_notices
+from anygpt.base.logs import quiet_import_notices
 
 logger = logging.getLogger("anygpt.cli")
 
@@ -41,7 +41,10 @@ class Command(NamedTuple):
 
 COMMANDS: dict[str, Command] = {
     "generate": Command("anygpt.apps.generate", "generate text and media from a prompt (or a batch of prompts)"),
-    "info": Command("anygpt.apps.info", "list presets, projectors, decoders and encoders"),
+    "info": Command(
+        "anygpt.apps.info",
+        "list presets, projectors, decoders and encoders; --memory: a model's size and GPU memory per plan",
+    ),
     "convert": Command(
         "anygpt.apps.convert",
         "import a foreign checkpoint (NExT-GPT's released model) into a save_pretrained folder",

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import shutil
 import tempfile
@@ -124,15 +123,3 @@ def write_text_atomic(target: str | os.PathLike, text: str) -> Path:
     with atomic_file(target) as tmp:
         tmp.write_text(text)
     return Path(target)
-
-
-# Notices that optional backends print while diffusers and transformers import them (torchao's pytree
-# registrations, bitsandbytes' missing CPU kernels package): for their developers, not for a command's user.
-_IMPORT_NOISE = ("torch.utils._pytree", "bitsandbytes", "diffusers.quantizers", "transformers.quantizers")
-
-
-def quiet_import_notices() -> None:
-    """Silence (below ERROR) the import-time notices of optional backends. For entry points only (the command line,
-    the demo), before the heavy imports; library code never changes logging."""
-    for name in _IMPORT_NOISE:
-        logging.getLogger(name).setLevel(logging.ERROR)
