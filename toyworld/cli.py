@@ -15,6 +15,7 @@ import argparse
 import json
 from pathlib import Path
 
+from anygpt.apps.runtime_args import add_runtime_arguments, runtime_options
 from toyworld import evaluate
 from toyworld.data import WorldSizes, write_world
 from toyworld.recipe import RecipeSettings, install_package, run_recipe
@@ -69,6 +70,7 @@ def _toyworld_arguments(parser: argparse.ArgumentParser) -> None:
     ev.add_argument(
         "--decoders", action="store_true", help="score each decoder alone from its own caption embeddings (a ceiling)"
     )
+    add_runtime_arguments(ev)
 
 
 def run(args: argparse.Namespace) -> int | None:
@@ -92,7 +94,9 @@ def world_data(args: argparse.Namespace) -> None:
 
 def evaluate_model(args: argparse.Namespace) -> int:
     """``anygpt toyworld eval``: prints the table; 1 when the system misses a target."""
-    return evaluate.run(args.model, samples=args.samples, output=args.output, decoders=args.decoders)
+    return evaluate.run(
+        args.model, samples=args.samples, output=args.output, decoders=args.decoders, runtime=runtime_options(args)
+    )
 
 
 def recipe(args: argparse.Namespace) -> None:

@@ -49,6 +49,7 @@ from tqdm.auto import tqdm
 from anygpt.base.modality import MEDIA_MODALITIES, Modality
 from anygpt.base.utils import write_text_atomic
 from anygpt.core.pipeline import AnyGPTPipeline
+from anygpt.core.runtime import RuntimeOptions
 from toyworld import world
 from toyworld.oracles import audio_attributes, caption_attributes, image_attributes, video_attributes
 
@@ -552,17 +553,18 @@ def evaluate_with_table(
 
 
 def run(
-    model: str, *, samples: int = 96, seed: int = HELDOUT_SEED, batch_size: int = 16, device: str | None = None,
-    output: str | os.PathLike | None = None, decoders: bool = False,
+    model: str, *, samples: int = 96, seed: int = HELDOUT_SEED, batch_size: int = 16,
+    runtime: RuntimeOptions | None = None, output: str | os.PathLike | None = None, decoders: bool = False,
 ) -> int:  # fmt: skip
     """Evaluate ``model`` (a folder or preset name), print the Markdown table, write the JSON report to ``output``.
+
+    Args:
+        runtime: where and in which precision the model runs (``--device``, ``--dtype``, ...); None: fp32 on the CPU.
 
     Returns:
         The exit status: 1 when a target is missed (the system evaluation), 0 otherwise.
     """
-    pipe = AnyGPTPipeline.from_pretrained(model)
-    if device:
-        pipe.to(device)
+    pipe = AnyGPTPipeline.from_pretrained(model, runtime=runtime)
     report, table = evaluate_with_table(pipe, decoders=decoders, samples=samples, seed=seed, batch_size=batch_size)
     missed = [] if decoders else failures(report)
     if output is not None:
