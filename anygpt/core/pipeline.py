@@ -16,9 +16,7 @@ import dataclasses
 import hashlib
 import logging
 import os
-from collections.abc import Callable, Container, Mapping, Sequence
-from contextlib import nullcontext
-from dataclasses import dataclass, field
+from collections.abc import Callable, Container, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -26,35 +24,26 @@ import numpy as np
 import torch
 from PIL import Image
 from transformers import (
-    LogitsProcessor,
     LogitsProcessorList,
-    StoppingCriteria,
-    StoppingCriteriaList,
-    StopStringCriteria,
-    TemperatureLogitsWarper,
-    TopPLogitsWarper,
 )
 
 from anygpt.base.errors import GenerationStopped, UnknownModelError, UsageError
-from anygpt.base.media import Audio, Video, load_media
+from anygpt.base.media import Audio, load_media
 from anygpt.base.modality import MEDIA_MODALITIES, Modality
-from anygpt.base.utils import atomic_directory, resolve_dtype
+from anygpt.base.utils import atomic_directory
+from anygpt.core.batch import BatchGenerationMixin
 from anygpt.core.config import PACKAGED_MODELS, AnyGPTConfig, config_from_preset, list_presets
 from anygpt.core.conversation import Conversation, MediaRef, get_template
 from anygpt.core.index import INDEX_FILE, packaged_model_dir, read_index, resolve_part, write_index
 from anygpt.core.lora import check_selection
 from anygpt.core.memory import default_runtime
 from anygpt.core.model import AnyGPTModel
+from anygpt.core.output import AnyGPTOutput
+from anygpt.core.placement import PlacementMixin
 from anygpt.core.request import DECODER_SETTINGS, GenerationRequest, MediaInput, check_media_item
 from anygpt.core.runtime import (
     ModelOffload,
     RuntimeOptions,
-    compile_module,
-    is_quantized,
-    move,
-    offload_in_groups,
-    offload_sequentially,
-    remove_offload_hooks,
 )
 from anygpt.core.tokens import SignalTokenProcessor, repair_signal_groups
 
@@ -64,30 +53,6 @@ __all__ = ["DECODER_SETTINGS", "AnyGPTOutput", "AnyGPTPipeline", "GenerationRequ
 
 StepCallback = Callable[[Any, int, Any, dict[str, Any]], dict[str, Any]]
 """diffusers' ``callback_on_step_end(pipe, step, timestep, callback_kwargs) -> callback_kwargs``."""
-
-
-@dataclass
-class AnyGPTOutput:
-    """What one call produced.
-
-    Attributes:
-        text: the reply text (signal tokens removed).
-        images: generated images.
-        videos: generated clips (uint8 frames (T, H, W, 3) and fps).
-        audios: generated waveforms (float32 and sample rate).
-        token_ids: every token the LLM produced, signal groups included.
-        conditioning: the output projector's conditioning per modality, (G, L, D) or (G, D).
-        stopped: the caller ended the call early while the media were rendered (``on_decode`` returned False or
-            ``should_stop`` returned True): the media rendered before are here, the others are missing.
-    """
-
-    text: str
-    images: list[Image.Image] = field(default_factory=list)
-    videos: list[Video] = field(default_factory=list)
-    audios: list[Audio] = field(default_factory=list)
-    token_ids: list[int] = field(default_factory=list)
-    conditioning: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
-    stopped: bool = False
 
 
 def find_model(name_or_dir: str | os.PathLike) -> tuple[Path | None, AnyGPTConfig, dict | None]:
@@ -112,7 +77,7 @@ def find_model(name_or_dir: str | os.PathLike) -> tuple[Path | None, AnyGPTConfi
     raise UnknownModelError(f"unknown model {name!r}: not a folder, and presets are {', '.join(list_presets())}")
 
 
-class AnyGPTPipeline:
+class AnyGPTPipeline(PlacementMixin, BatchGenerationMixin):
     """Any-to-any generation: a frozen encoder, projectors, an LLM and diffusers decoders.
 
     Args:
@@ -239,202 +204,6 @@ class AnyGPTPipeline:
             write_index(tmp, self.config, self.model.save_trained(tmp))
         logger.info("saved anygpt pipeline to %s", folder)
 
-    def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> AnyGPTPipeline:
-        """Move the model and the decoders (decoders not loaded yet move when they load).
-
-        Raises:
-            UsageError: the pipeline is offloaded (``remove_offload()`` first), or moving or casting a quantized LLM
-                (it is placed when loaded: ``from_pretrained(runtime=...)``).
-        """
-        if self._offload is not None:
-            raise UsageError(
-                f"the pipeline is offloaded ({self._offload}): call remove_offload() before moving it with .to()"
-            )
-        device = None if device is None else torch.device(device)
-        llm = self.model.language_model
-        if is_quantized(llm):
-            here = llm.get_input_embeddings().weight.device
-            if dtype is not None or (device is not None and device != here):
-                move(llm, device, dtype)  # raises: a quantized model is never moved or cast
-        self._move(device, None if dtype is None else resolve_dtype(dtype))
-        return self
-
-    def _move(self, device: torch.device | None, dtype: torch.dtype | None) -> None:
-        """Every component to ``device`` / ``dtype``, a quantized LLM excepted (it stays as loaded)."""
-        modules = [*self._small_modules(), self.model.encoder]
-        if not is_quantized(self.model.language_model):
-            modules.append(self.model.language_model)
-        for module in modules:
-            module.to(device=device, dtype=dtype)
-        for decoder in self.decoders.values():
-            decoder.to(device=device, dtype=dtype)
-
-    # ------------------------------------------------------------------ placement (anygpt.core.runtime)
-    @property
-    def runtime(self) -> RuntimeOptions | None:
-        """The options the pipeline was placed with (None: never placed, on the CPU in the configured dtypes)."""
-        return self._runtime
-
-    @property
-    def offload_plan(self) -> str:
-        """One of ``anygpt.core.runtime.OFFLOAD_PLANS``."""
-        return self._offload or "none"
-
-    def apply_runtime(self, runtime: RuntimeOptions) -> AnyGPTPipeline:
-        """Place the pipeline as ``runtime`` says: dtype, then device or offload plan, then compilation.
-
-        The LLM's quantization is decided when it loads (``from_pretrained(runtime=...)``); a quantized LLM stays on
-        the device it was loaded on whatever the plan. Decoders' quantization applies at their next load.
-        """
-        if self._offload is not None:
-            self.remove_offload()
-        device = None if runtime.device is None else runtime.execution_device
-        for decoder in self.decoders.values():
-            decoder.set_quantization(runtime.quantize, runtime.backend or "torchao")
-        self._move(device if runtime.offload == "none" else None, runtime.torch_dtype)
-        if runtime.offload == "decoders":
-            self.enable_decoder_offload(device)
-        elif runtime.offload == "model":
-            self.enable_model_cpu_offload(device)
-        elif runtime.offload == "sequential":
-            self.enable_sequential_cpu_offload(device)
-        elif runtime.offload == "group":
-            self.enable_group_offload(device)
-        if runtime.compile:
-            compile_module(self.model.language_model)
-            for decoder in self.decoders.values():
-                decoder.set_compile(True)
-        self._runtime = runtime
-        return self
-
-    def enable_decoder_offload(self, device: str | torch.device | None = None) -> AnyGPTPipeline:
-        """The encoder, projectors and LLM on ``device`` for good; each decoder stays loaded in CPU memory and comes
-        onto ``device`` for its own call only (diffusers' ``enable_model_cpu_offload``), leaving it after every use.
-        The fastest plan that keeps a real system under 24 GB (``anygpt.core.memory``).
-
-        Args:
-            device: the accelerator (default: CUDA); ``"cpu"`` attaches the same hooks and moves nothing (tests).
-        """
-        device = self._offload_device(device)
-        self._begin_offload(device)
-        self.model.encoder.to(device)
-        if not is_quantized(self.model.language_model):
-            self.model.language_model.to(device)
-        for decoder in self.decoders.values():
-            decoder.enable_offload("model", device)
-        self._offload = "decoders"
-        return self
-
-    def enable_model_cpu_offload(self, device: str | torch.device | None = None) -> AnyGPTPipeline:
-        """One large component on the accelerator at a time, as diffusers' ``enable_model_cpu_offload``: the encoder
-        and the LLM wait in CPU memory behind accelerate's ``CpuOffload`` hooks and move onto ``device`` when they run
-        (the other one moves off); each decoder uses diffusers' own model offload and leaves the accelerator after
-        every use (it stays loaded). The projectors (and cross-attention blocks) stay on ``device``; so does a
-        quantized LLM. Peak memory: the largest component plus its activations (``anygpt.core.memory``).
-
-        Args:
-            device: the accelerator (default: CUDA). ``"cpu"`` attaches the same hooks and moves nothing (tests).
-        """
-        device = self._offload_device(device)
-        self._begin_offload(device)
-        group = ModelOffload(device)
-        group.add("encoder", self.model.encoder)
-        llm = self.model.language_model
-        if not is_quantized(llm):
-            group.add("llm", llm, also=[llm.get_input_embeddings()])
-        for decoder in self.decoders.values():
-            decoder.enable_offload("model", device, before_use=group.offload_all)
-        self._model_offload = group
-        self._offload = "model"
-        return self
-
-    def enable_sequential_cpu_offload(self, device: str | torch.device | None = None) -> AnyGPTPipeline:
-        """Least memory, slowest: every layer of the encoder, the LLM and the decoders waits in CPU memory and moves
-        onto ``device`` for its forward only (accelerate's ``cpu_offload``; diffusers' ``enable_sequential_cpu_offload``
-        for the decoders). A quantized LLM stays on its device.
-
-        Args:
-            device: the accelerator (default: CUDA); ``"cpu"`` runs the same hooks on the CPU (tests).
-        """
-        device = self._offload_device(device)
-        self._begin_offload(device)
-        offload_sequentially(self.model.encoder, device)
-        if not is_quantized(self.model.language_model):
-            offload_sequentially(self.model.language_model, device)
-        for decoder in self.decoders.values():
-            decoder.enable_offload("sequential", device)
-        self._offload = "sequential"
-        return self
-
-    def enable_group_offload(self, device: str | torch.device | None = None) -> AnyGPTPipeline:
-        """Layers stream onto ``device`` one group at a time, the next prefetched on a CUDA stream (diffusers'
-        ``apply_group_offloading`` for the encoder and the LLM, leaf level; ``enable_group_offload`` at block level
-        for the decoders). Cannot be undone on loaded components (reload the pipeline). A quantized LLM stays on its
-        device.
-
-        Args:
-            device: the accelerator (default: CUDA); ``"cpu"`` runs the same hooks on the CPU (tests).
-        """
-        device = self._offload_device(device)
-        self._begin_offload(device)
-        offload_in_groups(self.model.encoder, device)
-        if not is_quantized(self.model.language_model):
-            offload_in_groups(self.model.language_model, device)
-        for decoder in self.decoders.values():
-            decoder.enable_offload("group", device)
-        self._offload = "group"
-        return self
-
-    def remove_offload(self) -> AnyGPTPipeline:
-        """Detach the offload hooks; every component (decoders too) goes back to plain placement on the CPU.
-
-        Raises:
-            UsageError: group offload, which diffusers cannot undo (load the pipeline again).
-        """
-        if self._offload is None:
-            return self
-        if self._offload == "group":
-            raise UsageError("group offload cannot be undone: load the pipeline again")
-        if self._model_offload is not None:
-            self._model_offload.offload_all()
-            self._model_offload.remove()
-            self._model_offload = None
-        elif self._offload == "sequential":
-            remove_offload_hooks([self.model.encoder, self.model.language_model])
-        self._move(torch.device("cpu"), None)
-        for decoder in self.decoders.values():
-            decoder.enable_offload("none", "cpu")
-        self.model.execution_device = self.model.encoder.execution_device = None
-        self._offload = None
-        return self
-
-    def unload_decoders(self, modalities: list[str | Modality] | None = None) -> None:
-        """Free the memory of loaded decoders (all, or those of ``modalities``); each loads again on its next use."""
-        for modality in self.decoders if modalities is None else [Modality.parse(m) for m in modalities]:
-            self.decoders[modality].unload()
-
-    def _small_modules(self) -> list[torch.nn.Module]:
-        modules: list[torch.nn.Module] = [self.model.input_projectors, self.model.output_projectors]
-        if self.model.cross_attention is not None:
-            modules.append(self.model.cross_attention)
-        return modules
-
-    def _offload_device(self, device: str | torch.device | None) -> torch.device:
-        if device is None:
-            if not torch.cuda.is_available():
-                raise UsageError("offloading moves components to an accelerator, and no CUDA device is available")
-            device = "cuda"
-        return torch.device(device)
-
-    def _begin_offload(self, device: torch.device) -> None:
-        """Drop an earlier plan; the small modules go to ``device`` for good; inputs go to ``device``."""
-        if self._offload is not None:
-            self.remove_offload()
-        for module in self._small_modules():
-            module.to(device)
-        self.model.execution_device = self.model.encoder.execution_device = device
-
-    # ------------------------------------------------------------------ steps
     def check_inputs(self, request: GenerationRequest) -> set[Modality] | None:
         """Check a request against this model; return the forced output modalities (None for ``"auto"``).
 
@@ -590,7 +359,6 @@ class AnyGPTPipeline:
             the produced ids with every signal group complete (forced groups appended), and the key/value cache
             (``signal_conditioning`` reuses its prompt part; None if the model returned none).
         """
-        from transformers import LogitsProcessorList
 
         tokens = self.model.tokens
         allowed = set(self.decoders) if forced is None else set()
@@ -933,180 +701,6 @@ class AnyGPTPipeline:
             getattr(result, modality.plural).extend(outputs)
 
     # ------------------------------------------------------------------ batched calls
-    @torch.no_grad()
-    def run_batch(
-        self,
-        requests: Sequence[GenerationRequest],
-        *,
-        conversations: Sequence[Conversation | None] | None = None,
-        streamers: Sequence[Any] | None = None,
-        show_progress: bool = False,
-    ) -> list[AnyGPTOutput]:
-        """Answer several requests together (a server's batch): the LLM prefills and decodes every reply in one
-        loop over a left-padded batch, then each decoder runs once for the media of the batch that share its
-        settings, each item with its own generator (``seed + offset``, as ``run`` seeds it).
-
-        Each request keeps its own modalities, decoding settings (``max_new_tokens``, ``temperature``, ``top_p``,
-        sampling with a generator seeded by its ``seed``), decoder settings and conversation. What cannot share a
-        batch is split: requests running different LoRA adapters form separate batches (a batch of one is a plain
-        ``run`` call); a model with gated cross-attention gets one media context per row; a reply with several
-        signal groups of one modality is rendered by its own decoder call (its groups share one generator, as in
-        ``run``).
-
-        Equality with ``run``: each row's tokens are chosen by the same rule, with the same sampling draws and
-        decoder noise as ``run``'s for the same seeds, but the numbers are not always bit-identical. The padded
-        rows' attention sums run in another order, so logits and conditioning can differ in the last bits (measured
-        on the CPU with ``tiny``: up to ~3e-7 in the prompt's logits, ~1e-6 in the decoder conditioning), which a
-        greedy choice between two nearly equal logits would show; and a decoder's batched denoiser rounds
-        differently from its single call (images differ by up to 1 of 255 levels). Rows of equal prompt length are
-        not padded: their tokens and conditioning are bit-identical to ``run``'s. ``tests/test_serve.py`` checks
-        the tokens, the conditioning (within 1e-5), the media (within 2 levels) and the equal-length case.
-
-        Args:
-            requests: the calls, each validated (``check_inputs``) before any work starts.
-            conversations: one per request (None entries: a fresh one-turn conversation); each gets its user turn
-                and reply as in ``run``. Give each conversation once.
-            streamers: one per request (None entries: none); each receives its own reply's token ids as ``run``'s
-                ``streamer`` does (the prompt's, then one token per step until that reply ends).
-            show_progress: progress bars for decoder work.
-
-        Returns:
-            One ``AnyGPTOutput`` per request, in order.
-
-        Raises:
-            UsageError: lists of different lengths, a conversation given twice, or a bad request (naming its index
-                through ``origin`` when the request has one).
-        """
-        count = len(requests)
-        conversations = list(conversations) if conversations is not None else [None] * count
-        streamers = list(streamers) if streamers is not None else [None] * count
-        if len(conversations) != count or len(streamers) != count:
-            raise UsageError(
-                f"run_batch: {count} requests, {len(conversations)} conversations and {len(streamers)} streamers"
-            )
-        given = [id(c) for c in conversations if c is not None]
-        if len(given) != len(set(given)):
-            raise UsageError("run_batch: a conversation goes on one request at a time; one was given twice")
-        forced = [self.check_inputs(request) for request in requests]
-        selections = [self.select_adapters(r.adapters, f) for r, f in zip(requests, forced, strict=True)]
-        groups: dict[str, list[int]] = {}
-        for index, selection in enumerate(selections):
-            groups.setdefault(repr(selection), []).append(index)
-        results: list[AnyGPTOutput | None] = [None] * count
-        for indices in groups.values():
-            if len(indices) == 1:  # a batch of one is a plain call (bit-identical to ``run``)
-                index = indices[0]
-                results[index] = self.run(
-                    requests[index],
-                    conversation=conversations[index],
-                    streamer=streamers[index],
-                    show_progress=show_progress,
-                )
-                continue
-            if selections[indices[0]] is not None:
-                self.model.set_lora_adapters(*selections[indices[0]])
-            outputs = self._run_rows(
-                [requests[i] for i in indices],
-                [conversations[i] for i in indices],
-                [streamers[i] for i in indices],
-                [forced[i] for i in indices],
-                show_progress,
-            )
-            for index, output in zip(indices, outputs, strict=True):
-                results[index] = output
-        return results
-
-    def _run_rows(
-        self,
-        requests: list[GenerationRequest],
-        conversations: list[Conversation | None],
-        streamers: list[Any],
-        forced: list[set[Modality] | None],
-        show_progress: bool,
-    ) -> list[AnyGPTOutput]:
-        """One batch of requests that run the same LoRA adapters."""
-        added: list[Conversation] = []
-        try:
-            for request, conversation in zip(requests, conversations, strict=True):
-                added.append(self._add_user_turn(conversation, request))
-            replies = self._generate_batch(added, requests, forced, streamers)
-        except BaseException:
-            for conversation in added:
-                conversation.turns.pop()  # the failed user turns are not kept
-            raise
-        finally:
-            if self.model.cross_attention is not None:
-                self.model.cross_attention.set_context(None)
-        results = []
-        signal_ids = self.model.tokens.all_signal_ids
-        for conversation, (generated, conditioning) in zip(added, replies, strict=True):
-            text = self.tokenizer.decode([i for i in generated if i not in signal_ids], skip_special_tokens=True)
-            conversation.add_assistant(text.strip(), generated)
-            results.append(
-                AnyGPTOutput(
-                    text=text.strip(),
-                    token_ids=generated,
-                    conditioning={m.value: c for m, c in conditioning.items()},
-                )
-            )
-        self._render_batch(results, [c for _, c in replies], requests, show_progress)
-        return results
-
-    def _generate_batch(
-        self,
-        conversations: list[Conversation],
-        requests: list[GenerationRequest],
-        forced: list[set[Modality] | None],
-        streamers: list[Any],
-    ) -> list[tuple[list[int], dict[Modality, torch.Tensor]]]:
-        """The LLM's replies to several conversations in one left-padded batch, and their decoder conditioning."""
-        built, contexts = [], []
-        for conversation in conversations:
-            built.append(self.build_inputs(conversation))  # (1, T_i), (1, T_i, H)
-            if self.model.cross_attention is not None:
-                contexts.append(self.model.cross_attention.context)
-        lengths = [ids.shape[1] for ids, _ in built]
-        rows, width = len(built), max(lengths)
-        first = built[0][1]
-        inputs_embeds = first.new_zeros((rows, width, first.shape[-1]))  # (B, T, H), left-padded
-        attention_mask = torch.zeros((rows, width), dtype=torch.long, device=first.device)
-        for row, ((_, embeds), length) in enumerate(zip(built, lengths, strict=True)):
-            inputs_embeds[row, width - length :] = embeds[0]
-            attention_mask[row, width - length :] = 1
-        if self.model.cross_attention is not None:
-            self.model.cross_attention.set_context(*_stack_contexts(contexts))
-        tokens = self.model.tokens
-        processors = [SignalTokenProcessor(tokens, allowed=set(self.decoders) if f is None else set()) for f in forced]
-        sampler = _RowSampler(processors, requests)
-        limits = _RowLimits([r.max_new_tokens for r in requests], self.tokenizer.eos_token_id)
-        stop = list(get_template(self.config.llm.template).stop)
-        if stop:
-            limits.stop_strings = StopStringCriteria(tokenizer=self.tokenizer, stop_strings=stop)
-        streamer = _RowStreamers(streamers, limits) if any(s is not None for s in streamers) else None
-        out = self.model.language_model.generate(
-            inputs_embeds=inputs_embeds,
-            attention_mask=attention_mask,
-            max_new_tokens=max(limits.limits),
-            do_sample=False,  # each sampled row draws from its own generator (_RowSampler)
-            temperature=None,
-            top_p=None,
-            top_k=None,
-            logits_processor=LogitsProcessorList([sampler]),
-            stopping_criteria=StoppingCriteriaList([limits]),
-            pad_token_id=self.tokenizer.pad_token_id,
-            eos_token_id=self.tokenizer.eos_token_id,
-            return_dict_in_generate=True,
-            streamer=streamer,
-        )
-        sequences = out.sequences.tolist()
-        generated = []
-        for row, request in enumerate(requests):
-            end = limits.ends[row] or request.max_new_tokens
-            generated.append(self._complete_reply(sequences[row][:end], forced[row]))
-        cache = getattr(out, "past_key_values", None)
-        conditioning = self._batch_conditioning(built, attention_mask, generated, cache)
-        return list(zip(generated, conditioning, strict=True))
-
     def _complete_reply(self, ids: list[int], forced: set[Modality] | None) -> list[int]:
         """A reply's raw ids made final as ``generate_tokens`` does: cut at EOS and at the template's stop string,
         padding dropped, signal groups repaired, the forced groups appended."""
@@ -1123,98 +717,6 @@ class AnyGPTPipeline:
             if forced is not None and modality in forced:
                 ids.extend(tokens.signal[modality])
         return ids
-
-    def _batch_conditioning(
-        self,
-        built: list[tuple[torch.Tensor, torch.Tensor]],
-        attention_mask: torch.Tensor,
-        generated: list[list[int]],
-        cache: Any,
-    ) -> list[dict[Modality, torch.Tensor]]:
-        """``signal_conditioning`` of the batch's replies: one forward over the replies that hold signal groups,
-        reusing the prompts' key/value cache (right-padded replies after the left-padded prompts)."""
-        signal = self.model.tokens.signal
-        present = [[m for m in self.decoders if set(signal[m]) & set(ids)] for ids in generated]
-        result: list[dict[Modality, torch.Tensor]] = [{} for _ in generated]
-        rows = [row for row, modalities in enumerate(present) if modalities]
-        if not rows:
-            return result
-        width = attention_mask.shape[1]
-        if cache is None or cache.get_seq_length() < width:  # no usable cache: one row at a time
-            for row in rows:
-                input_ids, inputs_embeds = built[row]
-                result[row] = self.signal_conditioning(input_ids, inputs_embeds, generated[row])
-            return result
-        extra = cache.get_seq_length() - width
-        if extra > 0:
-            cache.crop(-extra)  # keep the prompts' part only
-        index = torch.tensor(rows, device=attention_mask.device)
-        if len(rows) < len(generated):
-            cache.batch_select_indices(index)
-        llm = self.model.language_model
-        length = max(len(generated[row]) for row in rows)
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        gen = torch.full((len(rows), length), pad, dtype=torch.long, device=attention_mask.device)
-        gen_mask = torch.zeros_like(gen)
-        for j, row in enumerate(rows):
-            gen[j, : len(generated[row])] = torch.tensor(generated[row])
-            gen_mask[j, : len(generated[row])] = 1
-        prompt_mask = attention_mask[index]
-        positions = prompt_mask.sum(dim=1, keepdim=True) + torch.arange(length, device=gen.device)  # (B', L)
-        gen_embeds = llm.get_input_embeddings()(gen).to(built[0][1].dtype)
-        narrow = self.model.cross_attention.rows(index) if self.model.cross_attention is not None else nullcontext()
-        with narrow:
-            out = llm(
-                inputs_embeds=gen_embeds,
-                attention_mask=torch.cat([prompt_mask, gen_mask], dim=1),
-                position_ids=positions,
-                past_key_values=cache,
-                output_hidden_states=True,
-                use_cache=True,
-            )
-        hidden = out.hidden_states[-1]  # (B', L, H)
-        for j, row in enumerate(rows):
-            ids = torch.tensor([generated[row]], device=gen.device)
-            states = hidden[j : j + 1, : len(generated[row])]
-            result[row] = {m: self.model.signal_conditioning(m, states, ids)[0] for m in present[row]}
-        return result
-
-    def _render_batch(
-        self,
-        results: list[AnyGPTOutput],
-        conditioning: list[dict[Modality, torch.Tensor]],
-        requests: list[GenerationRequest],
-        show_progress: bool,
-    ) -> None:
-        """Each decoder once per set of equal settings for the batch's single-group media, each item with the
-        generator ``run`` gives it (``seed + offset``; a fresh random one without a seed); a reply with several
-        groups of one modality is rendered on its own (its groups share one generator, as in ``run``)."""
-        shared: dict[tuple, list[tuple[int, torch.Tensor, int | None]]] = {}
-        alone: list[tuple[int, Modality, torch.Tensor, int | None]] = []
-        for row, (request, groups) in enumerate(zip(requests, conditioning, strict=True)):
-            for offset, (modality, cond) in enumerate(groups.items()):
-                seed = None if request.seed is None else request.seed + offset
-                if cond.shape[0] == 1:
-                    settings = tuple(sorted(request.decoder_settings(modality).items()))
-                    shared.setdefault((modality, settings), []).append((row, cond, seed))
-                else:
-                    alone.append((row, modality, cond, seed))
-        for (modality, settings), items in shared.items():
-            generators = [torch.Generator(device="cpu") for _ in items]
-            for generator, (_, _, seed) in zip(generators, items, strict=True):
-                generator.manual_seed(seed) if seed is not None else generator.seed()
-            outputs = self.decoders[modality].generate(
-                torch.cat([cond for _, cond, _ in items]),
-                generator=generators,
-                show_progress=show_progress,
-                **dict(settings),
-            )
-            for (row, _, _), output in zip(items, outputs, strict=True):
-                getattr(results[row], modality.plural).append(output)
-        for row, modality, cond, seed in alone:
-            settings = requests[row].decoder_settings(modality)
-            outputs = self.decode(modality, cond, seed=seed, show_progress=show_progress, **settings)
-            getattr(results[row], modality.plural).extend(outputs)
 
 
 def _cut_at_stop(ids: list[int], tokenizer, stop: list[str]) -> list[int]:
@@ -1278,106 +780,3 @@ def _generators_per_prompt(
             raise UsageError(f"generator: a list of {len(generator)} generators for {count} prompts")
         return list(generator)
     return [generator] * count
-
-
-class _RowSampler(LogitsProcessor):
-    """The token choice of each row of a batched ``generate``, made as ``generate_tokens`` makes it for that row
-    alone: the row's ``SignalTokenProcessor``, then for a sampled row (``temperature > 0``) transformers' temperature
-    and top-p warpers and a draw from the row's own generator, seeded with its request's seed as ``run`` seeds the
-    global RNG (a random seed without one). A sampled row's scores come back one-hot, so greedy decoding keeps the
-    draw."""
-
-    def __init__(self, processors: list[SignalTokenProcessor], requests: list[GenerationRequest]):
-        self.processors = processors
-        self.requests = requests
-        self.generators: list[torch.Generator | None] = [None] * len(requests)
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        out = torch.empty_like(scores)
-        for row, (processor, request) in enumerate(zip(self.processors, self.requests, strict=True)):
-            ids = input_ids[row : row + 1]
-            row_scores = processor(ids, scores[row : row + 1])  # (1, V)
-            if request.temperature > 0:
-                if request.temperature != 1.0:
-                    row_scores = TemperatureLogitsWarper(request.temperature)(ids, row_scores)
-                if request.top_p < 1.0:
-                    row_scores = TopPLogitsWarper(request.top_p)(ids, row_scores)
-                probs = torch.nn.functional.softmax(row_scores, dim=-1)
-                token = torch.multinomial(probs, num_samples=1, generator=self._generator(row, scores.device))
-                row_scores = torch.full_like(row_scores, float("-inf"))
-                row_scores[0, token[0, 0]] = 0.0
-            out[row] = row_scores[0]
-        return out
-
-    def _generator(self, row: int, device: torch.device) -> torch.Generator:
-        if self.generators[row] is None:
-            generator = torch.Generator(device=device)
-            seed = self.requests[row].seed
-            generator.manual_seed(seed) if seed is not None else generator.seed()
-            self.generators[row] = generator
-        return self.generators[row]
-
-
-class _RowLimits(StoppingCriteria):
-    """Ends each row of a batched ``generate`` where ``generate_tokens`` would end it alone: at its own
-    ``max_new_tokens``, at EOS, at the template's stop strings (``stop_strings``); ``ends[row]`` is the length at
-    which it ended (None while it runs)."""
-
-    def __init__(self, limits: list[int], eos_token_id: int | None):
-        self.limits = limits
-        self.eos_token_id = eos_token_id
-        self.stop_strings: StoppingCriteria | None = None
-        self.ends: list[int | None] = [None] * len(limits)
-
-    def __call__(self, input_ids: torch.LongTensor, scores: Any, **kwargs: Any) -> torch.BoolTensor:
-        length = input_ids.shape[1]
-        done = torch.tensor([length >= limit for limit in self.limits], device=input_ids.device)
-        if self.eos_token_id is not None:
-            done |= input_ids[:, -1] == self.eos_token_id
-        if self.stop_strings is not None:
-            done |= self.stop_strings(input_ids, scores).to(done.device)
-        for row, end in enumerate(self.ends):
-            if end is None and bool(done[row]):
-                self.ends[row] = length
-        return done
-
-
-class _RowStreamers:
-    """A transformers streamer for a batched ``generate`` that hands each row's tokens to that row's own streamer
-    (None: none) until the row ends, as ``generate`` alone would: the prompt's ids first, then one token a step."""
-
-    def __init__(self, streamers: list[Any], limits: _RowLimits):
-        self.streamers = streamers
-        self.limits = limits
-        self.steps = -1  # the first put holds the prompt's ids
-
-    def put(self, value: torch.Tensor) -> None:
-        self.steps += 1
-        for row, streamer in enumerate(self.streamers):
-            end = self.limits.ends[row]
-            if streamer is not None and (self.steps == 0 or end is None or self.steps <= end):
-                streamer.put(value[row : row + 1])
-
-    def end(self) -> None:
-        for streamer in self.streamers:
-            if streamer is not None:
-                streamer.end()
-
-
-def _stack_contexts(
-    contexts: list[tuple[torch.Tensor, torch.Tensor] | None],
-) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """One gated cross-attention context (B, S, H) and mask (B, S) from each row's own ((1, S_i, H), (1, S_i)), or
-    None for a row without media."""
-    present = [context for context in contexts if context is not None]
-    if not present:
-        return None, None
-    sample = present[0][0]
-    size = max(media.shape[1] for media, _ in present)
-    media = sample.new_zeros((len(contexts), size, sample.shape[-1]))
-    mask = torch.zeros((len(contexts), size), dtype=torch.bool, device=sample.device)
-    for row, context in enumerate(contexts):
-        if context is not None:
-            media[row, : context[0].shape[1]] = context[0][0]
-            mask[row, : context[1].shape[1]] = context[1][0]
-    return media, mask
