@@ -8,8 +8,10 @@ import subprocess
 import sys
 import textwrap
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from anygpt import cli
 from anygpt.apps import generate as generate_command
@@ -309,3 +311,25 @@ def test_a_command_prints_no_import_notices_of_optional_backends():
     )
     assert done.returncode == 0 and "presets: " in done.stdout
     assert done.stderr == ""
+
+
+def test_batch_size_answers_the_same_requests_together(tmp_path, capsys, use_tiny):
+    """``--batch-size 3`` runs ``run_batch`` on the file's requests: same texts and the same files as one by one
+    (greedy tokens are the same; media within the rounding run_batch documents)."""
+    batch = tmp_path / "prompts.jsonl"
+    lines = [{"prompt": p, "modalities": ["image"], "max_new_tokens": 3, "seed": 5} for p in ("a", "bb c", "dd")]
+    batch.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    records = {}
+    for size in (1, 3):
+        out = tmp_path / f"out{size}"
+        assert (
+            cli.main(["generate", "--batch", str(batch), "--out", str(out), "--json", "--batch-size", str(size)]) == 0
+        )
+        records[size] = [json.loads(x) for x in capsys.readouterr().out.splitlines() if x.startswith("{")]
+    assert [r["text"] for r in records[3]] == [r["text"] for r in records[1]]
+    for one, together in zip(records[1], records[3], strict=True):
+        a = np.asarray(Image.open(one["images"][0]), dtype=np.int16)
+        b = np.asarray(Image.open(together["images"][0]), dtype=np.int16)
+        assert a.shape == b.shape and np.abs(a - b).max() <= 2
+    assert cli.main(["generate", "--batch", str(batch), "--batch-size", "0"]) == 2
+    assert "--batch-size: expected an integer >= 1, got 0" in capsys.readouterr().err

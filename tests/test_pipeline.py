@@ -467,6 +467,25 @@ def test_a_list_of_prompts_gives_one_output_per_prompt(tiny_pipe):
         tiny_pipe(["one", 3], **kwargs)
 
 
+def test_a_list_of_prompts_in_batches_matches_one_by_one(tiny_pipe):
+    """``batch_size`` answers the prompts together (``run_batch``): the same tokens as one by one, and media within
+    the rounding of a batched denoiser (documented in ``run_batch``); generators give each prompt its seed."""
+    kwargs = dict(modalities="image", max_new_tokens=3, num_inference_steps=1, show_progress=False)
+    prompts = ["one", "two three", "four"]
+    alone = tiny_pipe(prompts, generator=[torch.Generator().manual_seed(i) for i in (1, 2, 3)], **kwargs)
+    together = tiny_pipe(
+        prompts, generator=[torch.Generator().manual_seed(i) for i in (1, 2, 3)], batch_size=2, **kwargs
+    )
+    assert [o.token_ids for o in together] == [o.token_ids for o in alone]
+    for a, b in zip(alone, together, strict=True):
+        diff = np.abs(np.asarray(a.images[0], dtype=np.int16) - np.asarray(b.images[0], dtype=np.int16))
+        assert diff.max() <= 2
+    with pytest.raises(UsageError, match="batch_size: expected an integer >= 1, got 0"):
+        tiny_pipe(prompts, batch_size=0, **kwargs)
+    with pytest.raises(UsageError, match="takes no streamer"):
+        tiny_pipe(prompts, batch_size=2, on_decode=lambda *a: None, **kwargs)
+
+
 def test_callback_on_step_end_sees_every_denoising_step(tiny_pipe):
     """diffusers' ``callback(pipe, step, timestep, callback_kwargs)``, for every decoder (Stable Diffusion's own
     hook, and ZeroScope / AudioLDM's older ``callback``); what it returns replaces the latents."""

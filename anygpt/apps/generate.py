@@ -109,6 +109,7 @@ def generate_batch(
     pipe: AnyGPTPipeline | None = None,
     modalities: str | None = None,
     runtime: RuntimeOptions | None = None,
+    batch_size: int = 1,
 ) -> list[dict[str, Any]]:
     """Answer many requests with a progress bar; each result is appended to ``out/results.jsonl`` as it finishes.
 
@@ -116,7 +117,11 @@ def generate_batch(
 
     Args:
         modalities: the output modalities of the requests that leave them at ``"auto"``.
+        batch_size: requests answered together (``AnyGPTPipeline.run_batch``); 1 answers them one by one,
+            bit-identical to single calls.
     """
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise UsageError(f"--batch-size: expected an integer >= 1, got {batch_size!r}")
     out = _output_folder(out)
     pipe = pipe if pipe is not None else load_pipeline(model, runtime)
     for request in requests:
@@ -125,14 +130,17 @@ def generate_batch(
         pipe.check_inputs(request)
     out.mkdir(parents=True, exist_ok=True)
     results = []
-    with open(out / "results.jsonl", "a") as log:
-        for request in tqdm(requests, desc="generate", unit="prompt"):
-            result = pipe.run(request, show_progress=False)
-            stem = request.id or _next_stem(out)
-            record = {"id": stem, "prompt": request.prompt, "text": result.text, **write_outputs(result, out, stem)}
-            log.write(json.dumps(record) + "\n")
-            log.flush()
-            results.append(record)
+    with open(out / "results.jsonl", "a") as log, tqdm(total=len(requests), desc="generate", unit="prompt") as bar:
+        for start in range(0, len(requests), batch_size):
+            chunk = requests[start : start + batch_size]
+            answers = [pipe.run(chunk[0], show_progress=False)] if batch_size == 1 else pipe.run_batch(chunk)
+            for request, result in zip(chunk, answers, strict=True):
+                stem = request.id or _next_stem(out)
+                record = {"id": stem, "prompt": request.prompt, "text": result.text, **write_outputs(result, out, stem)}
+                log.write(json.dumps(record) + "\n")
+                log.flush()
+                results.append(record)
+            bar.update(len(chunk))
     return results
 
 
@@ -191,6 +199,9 @@ def add_arguments(command: str, parser: argparse.ArgumentParser) -> None:
     """The options of ``anygpt generate``."""
     parser.add_argument("prompt", nargs="?", help="the prompt text (omit with --batch)")
     parser.add_argument("--batch", help="JSONL file: one request object a line")
+    parser.add_argument(
+        "--batch-size", type=int, default=1, help="with --batch: requests answered together (default 1: one by one)"
+    )
     for modality in MEDIA_MODALITIES:
         parser.add_argument(
             f"--{modality.value}",
@@ -227,7 +238,10 @@ def run(args: argparse.Namespace) -> int:
     if args.batch:
         requests = read_batch(args.batch)
         forced = None if args.modalities == "auto" else args.modalities
-        for record in generate_batch(requests, model=args.model, out=args.out, modalities=forced, runtime=runtime):
+        batch = generate_batch(
+            requests, model=args.model, out=args.out, modalities=forced, runtime=runtime, batch_size=args.batch_size
+        )
+        for record in batch:
             print(json.dumps(record) if args.json else f"{record['id']}: {record['text']!r} -> {_paths(record)}")
         return 0
     if args.prompt is None:

@@ -493,6 +493,7 @@ class AnyGPTPipeline(PlacementMixin, BatchGenerationMixin):
         on_decode: Callable[[Modality, int, int], bool | None] | None = None,
         should_stop: Callable[[], bool] | None = None,
         callback_on_step_end: StepCallback | None = None,
+        batch_size: int = 1,
     ) -> AnyGPTOutput | list[AnyGPTOutput]:
         """Answer ``prompt`` (with optional media) with text and, as the LLM decides or as forced, media.
 
@@ -534,6 +535,10 @@ class AnyGPTPipeline(PlacementMixin, BatchGenerationMixin):
             callback_on_step_end: diffusers' ``callback(pipe, step, timestep, callback_kwargs) -> callback_kwargs``,
                 called after every denoising step of every decoder; ``pipe`` is that decoder's diffusers pipeline
                 (``callback_kwargs`` holds ``"latents"``).
+            batch_size: with a list of prompts, answer up to this many together (``run_batch``: one LLM loop over
+                the batch, each decoder once per batch). 1 (the default) answers them one by one, bit-identical to
+                single calls; a batch gives the same tokens and media within the rounding ``run_batch`` documents,
+                and takes no ``streamer``, ``on_decode``, ``should_stop`` or ``callback_on_step_end``.
 
         Returns:
             ``AnyGPTOutput`` (a list of them for a list of prompts). The conversation holds the user's turn and the
@@ -577,7 +582,20 @@ class AnyGPTPipeline(PlacementMixin, BatchGenerationMixin):
             raise UsageError("prompt: expected a string or a non-empty list of strings, got an empty list")
         requests = [GenerationRequest(prompt=p, **fields) for p in prompt]
         generators = _generators_per_prompt(generator, len(requests))
-        return [self.run(r, generator=g, **hooks) for r, g in zip(requests, generators, strict=True)]
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise UsageError(f"batch_size: expected an integer >= 1, got {batch_size!r}")
+        if batch_size == 1:
+            return [self.run(r, generator=g, **hooks) for r, g in zip(requests, generators, strict=True)]
+        if any(hooks[k] is not None for k in ("streamer", "on_decode", "should_stop", "callback_on_step_end")):
+            raise UsageError("batch_size > 1 takes no streamer, on_decode, should_stop or callback_on_step_end")
+        requests = [
+            dataclasses.replace(r, seed=_seed_of_call(r.seed, g)) for r, g in zip(requests, generators, strict=True)
+        ]
+        outputs: list[AnyGPTOutput] = []
+        for start in range(0, len(requests), batch_size):
+            chunk = requests[start : start + batch_size]
+            outputs.extend(self.run_batch(chunk, show_progress=show_progress))
+        return outputs
 
     @torch.no_grad()
     def run(
