@@ -481,7 +481,9 @@ def test_run_batch_equals_single_calls(tiny_pipe):
                 assert np.abs(_pixels(a) - _pixels(b)).max() <= 2
 
 
-def test_run_batch_of_equal_length_prompts_is_bit_identical_in_the_llm(tiny_pipe):
+def test_run_batch_of_equal_length_prompts_agrees_with_single_calls_in_the_llm(tiny_pipe):
+    """Unpadded rows: the same tokens, and the same conditioning up to the matrix kernels' summation order (with one
+    thread it is bit-identical; with several, how a GEMM splits its work depends on the number of rows)."""
     prompts = ["draw a cat", "draw a dog", "draw a cow"]
     assert len({len(tiny_pipe.tokenizer(p).input_ids) for p in prompts}) == 1
     requests = [
@@ -491,7 +493,7 @@ def test_run_batch_of_equal_length_prompts_is_bit_identical_in_the_llm(tiny_pipe
     together = tiny_pipe.run_batch(requests)
     for single, batched in zip(alone, together, strict=True):
         assert batched.token_ids == single.token_ids
-        assert torch.equal(batched.conditioning["image"], single.conditioning["image"])
+        torch.testing.assert_close(batched.conditioning["image"], single.conditioning["image"], rtol=0, atol=1e-5)
 
 
 def test_run_batch_streams_each_row_and_keeps_conversations(tiny_pipe):

@@ -60,8 +60,9 @@ class BatchGenerationMixin:
         on the CPU with ``tiny``: up to ~3e-7 in the prompt's logits, ~1e-6 in the decoder conditioning), which a
         greedy choice between two nearly equal logits would show; and a decoder's batched denoiser rounds
         differently from its single call (images differ by up to 1 of 255 levels). Rows of equal prompt length are
-        not padded: their tokens and conditioning are bit-identical to ``run``'s. ``tests/test_serve.py`` checks
-        the tokens, the conditioning (within 1e-5), the media (within 2 levels) and the equal-length case.
+        not padded: their tokens are ``run``'s and so is their conditioning, bit for bit with one thread (with
+        several, a matrix kernel may split its sums by the number of rows). ``tests/test_serve.py`` checks the
+        tokens, the conditioning (within 1e-5), the media (within 2 levels) and the equal-length case.
 
         Args:
             requests: the calls, each validated (``check_inputs``) before any work starts.
