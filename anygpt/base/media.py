@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import os
-import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -23,6 +22,7 @@ import numpy as np
 
 from anygpt.base.errors import MediaError
 from anygpt.base.modality import Modality
+from anygpt.base.utils import atomic_file
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -419,14 +419,8 @@ def _atomic_output(path: str | os.PathLike, kind: str) -> Iterator[Path]:
     target = Path(path).expanduser()
     if target.is_dir():
         raise MediaError(f"cannot write {kind} {target}: expected a file path, found a directory")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex[:12]}.tmp{target.suffix}")
-    try:
+    with atomic_file(target, suffix=target.suffix) as tmp:  # the suffix tells the writers the format
         yield tmp
-        os.replace(tmp, target)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def _as_uint8(array: np.ndarray, what: str) -> np.ndarray:
