@@ -51,6 +51,11 @@ COMMANDS: dict[str, Command] = {
         logs=True,
     ),
     "serve": Command("anygpt.apps.serve", "serve a model over HTTP (OpenAI-compatible)", logs=True),
+    "eval": Command(
+        "anygpt.apps.eval",
+        "evaluate a model: FID/KID/CLIP score, FAD, CLIPSIM/FVD, COCO caption metrics, VQAv2, the toy world",
+        logs=True,
+    ),
     "train": Command(
         "training.cli", "run a training stage from a YAML config (0: Q-Former pretraining, 1, 2 or 3)", logs=True
     ),
