@@ -68,6 +68,9 @@ from anygpt.core.lora import ADAPTER_WEIGHTS_FILE
 from anygpt.core.model import TOKEN_ROWS_FILE
 from anygpt.core.pipeline import find_model
 from anygpt.core.tokens import SignalTokenConfig, add_modality_tokens, signal_token_strings
+from decoders import build_decoder
+from encoders import ImageBindEncoder
+from projectors import build_input_projector, build_output_projector
 
 logger = logging.getLogger(__name__)
 
@@ -460,9 +463,6 @@ def _take_input_projectors(
     state: dict[str, torch.Tensor], config: AnyGPTConfig, hidden: int, problems: _Problems
 ) -> dict[str, torch.nn.Module]:
     """``llama_proj`` as the linear input projector of every input modality, built as ``AnyGPTModel.build`` does."""
-    from encoders import ImageBindEncoder
-    from projectors import build_input_projector
-
     with torch.device("meta"):  # only its sizes and token layout: no weights
         encoder = ImageBindEncoder(config.encoder)
     weights = {name: state.pop(f"{INPUT_PROJECTOR}.{name}", None) for name in ("weight", "bias")}
@@ -488,9 +488,6 @@ def _take_output_projectors(
     state: dict[str, torch.Tensor], config: AnyGPTConfig, hidden: int, problems: _Problems
 ) -> dict[str, torch.nn.Module]:
     """Each ``TextFcLayer`` as the transformer output projector of its modality (renamed, same function)."""
-    from decoders import build_decoder
-    from projectors import build_output_projector
-
     modules = {}
     for modality in config.output_modalities:
         spec = build_decoder(config.decoders[modality.value]).spec  # nothing is loaded

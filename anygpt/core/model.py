@@ -40,6 +40,8 @@ from anygpt.core.tokens import (
     init_added_token_rows,
     splice_features,
 )
+from encoders import build_imagebind_encoder
+from projectors import build_input_projector, build_output_projector, get_input_projector_class
 
 logger = logging.getLogger(__name__)
 
@@ -114,9 +116,6 @@ class AnyGPTModel(nn.Module):
                 return cls.build(
                     config, decoder_specs, tokenizer_dir=tokenizer_dir, runtime=runtime, empty_weights=True
                 )
-        from encoders import build_imagebind_encoder
-        from projectors import build_input_projector, build_output_projector, get_input_projector_class
-
         encoder = build_imagebind_encoder(config.encoder, seed=config.seed, empty_weights=empty_weights)
         llm, tokenizer = build_language_model(
             config.llm, tokenizer_dir=tokenizer_dir, runtime=runtime, empty_weights=empty_weights
