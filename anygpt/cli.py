@@ -2,7 +2,9 @@
 
     anygpt generate PROMPT [--image P]... [--model NAME|DIR] [--out DIR] [--device cuda --dtype bfloat16] [--json]
     anygpt generate --batch prompts.jsonl --out DIR
+    anygpt chat [--model NAME|DIR] [--out DIR]      (an interactive terminal chat; /help lists its commands)
     anygpt info [presets|projectors|decoders|encoders]
+    anygpt --version
     anygpt train | cache | toyworld | data | convert | serve ...      (anygpt --help lists them)
 
 A command module exposes ``COMMANDS: dict[str, str]`` (name -> one-line help), ``add_arguments(command, parser)`` and
@@ -22,6 +24,7 @@ import importlib.util
 import logging
 import sys
 from collections.abc import Sequence
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import NamedTuple
 
@@ -41,6 +44,7 @@ class Command(NamedTuple):
 
 COMMANDS: dict[str, Command] = {
     "generate": Command("anygpt.apps.generate", "generate text and media from a prompt (or a batch of prompts)"),
+    "chat": Command("anygpt.apps.terminal_chat", "chat in the terminal: several turns, media attached with /image"),
     "info": Command(
         "anygpt.apps.info",
         "list presets, projectors, decoders and encoders; --memory: a model's size and GPU memory per plan",
@@ -92,6 +96,7 @@ def build_parser(argv: Sequence[str]) -> tuple[argparse.ArgumentParser, object |
     arguments added). Returns the parser and that module (None when no known command is chosen)."""
     parser = argparse.ArgumentParser(prog="anygpt", description="Any-to-any multimodal generation.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    parser.add_argument("--version", action="version", version=f"anygpt {anygpt_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     chosen = _chosen_command(argv)
     module = None
@@ -104,6 +109,14 @@ def build_parser(argv: Sequence[str]) -> tuple[argparse.ArgumentParser, object |
                 raise AnyGPTError(f"command {name!r}: {command.module} does not define {' and '.join(missing)}")
             module.add_arguments(name, subparser)
     return parser, module
+
+
+def anygpt_version() -> str:
+    """The installed distribution's version (read from its metadata: nothing of the project is imported)."""
+    try:
+        return version("anygpt")
+    except PackageNotFoundError:  # run from a source tree that was not installed
+        return "unknown (not installed)"
 
 
 def _chosen_command(argv: Sequence[str]) -> str | None:

@@ -333,3 +333,37 @@ def test_batch_size_answers_the_same_requests_together(tmp_path, capsys, use_tin
         assert a.shape == b.shape and np.abs(a - b).max() <= 2
     assert cli.main(["generate", "--batch", str(batch), "--batch-size", "0"]) == 2
     assert "--batch-size: expected an integer >= 1, got 0" in capsys.readouterr().err
+
+
+def test_version_reads_the_metadata_and_imports_nothing_heavy():
+    from importlib.metadata import version
+
+    code = textwrap.dedent(
+        """
+        import contextlib, io, sys
+        from anygpt.cli import main
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            try:
+                main(["--version"])
+            except SystemExit as stop:
+                assert stop.code == 0
+        print(out.getvalue().strip())
+        print("IMPORTED", sorted(m for m in sys.modules if m.startswith(("torch", "anygpt.core", "anygpt.apps"))))
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.splitlines() == [f"anygpt {version('anygpt')}", "IMPORTED []"]
+
+
+def test_info_presets_says_what_each_model_is(capsys):
+    from anygpt.apps.info import PRESET_SUMMARIES
+    from anygpt.core.config import DEFAULT_MODEL, list_presets
+
+    assert set(PRESET_SUMMARIES) == set(list_presets())  # a new preset needs its line
+    assert cli.main(["info", "presets"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("presets: ") and len(lines) == 1 + len(list_presets())
+    for name, line in zip(list_presets(), lines[1:], strict=True):
+        assert line.split()[0] == f"{name}:" and PRESET_SUMMARIES[name] in line and "->" in line
+        assert line.endswith("(default)") == (name == DEFAULT_MODEL)

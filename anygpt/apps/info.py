@@ -17,6 +17,13 @@ COMMANDS = {"info": "list presets, projectors, decoders and encoders; --memory: 
 
 TOPICS = ("all", "presets", "projectors", "input_projectors", "output_projectors", "decoders", "encoders")
 
+PRESET_SUMMARIES = {
+    "toyworld": "trained on the toy world, shipped: ImageBind 64-d -> 4-layer Llama -> SD/ZeroScope/AudioLDM 64 px",
+    "tiny": "random, for tests (noise out): ImageBind 32-d -> 2-layer Llama -> tiny SD/ZeroScope/AudioLDM",
+    "nextgpt-7b": "NExT-GPT, local backbones: ImageBind-huge -> Vicuna-7B + LoRA -> SD 1.5/ZeroScope/AudioLDM",
+}
+"""``anygpt info presets``: what each model name is, in a line (every name of ``list_presets`` has one)."""
+
 
 def info(topic: str = "all") -> dict[str, list[str]]:
     """The registered names of ``topic`` (one of ``TOPICS``).
@@ -38,6 +45,17 @@ def info(topic: str = "all") -> dict[str, list[str]]:
     if topic not in table:
         raise UsageError(f"info: unknown topic {topic!r}; expected one of {', '.join(TOPICS)}")
     return {topic: table[topic]}
+
+
+def describe_presets() -> str:
+    """One line per model name: what it is (encoder -> LLM -> decoders in a few words)."""
+    names = list_presets()
+    width = max(map(len, names)) + 1
+    lines = ["presets: the names --model takes (or a folder written by save_pretrained)"]
+    for name in names:
+        default = " (default)" if name == DEFAULT_MODEL else ""
+        lines.append(f"  {name + ':':<{width}} {PRESET_SUMMARIES.get(name, '(no summary)')}{default}")
+    return "\n".join(lines)
 
 
 def describe_connectors() -> str:
@@ -103,6 +121,9 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if any(v is not None for v in (args.dtype, args.offload, args.quantize)) or args.model != DEFAULT_MODEL:
         raise UsageError("info: --model, --dtype, --offload and --quantize go with --memory")
+    if args.topic == "presets":
+        print(describe_presets())
+        return 0
     for key, names in info(args.topic).items():
         print(f"{key}: {', '.join(names)}")
     if args.topic == "projectors":
