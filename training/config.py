@@ -3,12 +3,47 @@
 Every section is a dataclass; an unknown key, a value of the wrong type or a path that does not exist is a
 ``ConfigError`` naming the key (``train.batch_size``) and the file. Paths inside a config file resolve relative to
 that file, never to the working directory. ``--set key=value`` overrides use the same dotted names.
+
+Every number has a range (``RANGES``), checked when the config loads, before any model is built; NaN and infinity are
+never numbers, a ``bool`` is never an integer:
+
+==========================================  ==================  ====================================================
+key                                         range               note
+==========================================  ==================  ====================================================
+optim.lr                                    (0, 1]              AdamW's step size; finite
+optim.weight_decay                          [0, 1]
+optim.eps                                   (0, 1]
+optim.betas                                 two in [0, 1)
+optim.warmup_steps                          0 .. 10**8, null
+optim.warmup_ratio                          [0, 1)
+optim.max_grad_norm                         (0, 10**6], null
+train.batch_size                            1 .. 65536          examples per process per micro-batch
+train.gradient_accumulation_steps           1 .. 65536
+train.max_steps                             1 .. 10**8, null    optimizer steps
+train.epochs                                (0, 10**6]
+train.seed                                  0 .. 2**32-1        numpy's seed range (torch's is wider)
+train.log_every                             1 .. 10**8
+train.save_every                            0 .. 10**8          0: only at the end
+train.keep_checkpoints                      1 .. 10**4
+data.max_length                             8 .. 131072         token positions of one example
+loss weights (caption_embedding_weight,     [0, 10**6]
+diffusion.weight, blip2.itc/itm/itg,
+modality_weights.*)
+loss.diffusion.min_snr_gamma                (0, 10**6]
+loss.blip2.max_text_length                  2 .. 4096
+model options (see below)                   finite numbers;     model sizes (layers, heads, rank, latents...)
+                                            integers |n| <= 2**20
+==========================================  ==================  ====================================================
+
+The model options are ``lora``, ``cross_attention`` and ``input_projector.options`` / ``output_projector.options``;
+a number written as YAML text there (``1e9``: YAML 1.1 reads it as a string) is refused too.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -25,6 +60,36 @@ from projectors import list_input_projectors, list_output_projectors
 from training.data.records import DatasetSpec
 
 STAGES = (0, 1, 2, 3)
+
+RANGES: dict[str, tuple[type, float, float, bool, bool]] = {
+    # key: (int or float, low, high, low included, high included); see the module's table
+    "optim.lr": (float, 0, 1, False, True),
+    "optim.weight_decay": (float, 0, 1, True, True),
+    "optim.eps": (float, 0, 1, False, True),
+    "optim.warmup_steps": (int, 0, 10**8, True, True),
+    "optim.warmup_ratio": (float, 0, 1, True, False),
+    "optim.max_grad_norm": (float, 0, 10**6, False, True),
+    "train.batch_size": (int, 1, 65536, True, True),
+    "train.gradient_accumulation_steps": (int, 1, 65536, True, True),
+    "train.max_steps": (int, 1, 10**8, True, True),
+    "train.epochs": (float, 0, 10**6, False, True),
+    "train.seed": (int, 0, 2**32 - 1, True, True),
+    "train.log_every": (int, 1, 10**8, True, True),
+    "train.save_every": (int, 0, 10**8, True, True),
+    "train.keep_checkpoints": (int, 1, 10**4, True, True),
+    "data.max_length": (int, 8, 131072, True, True),
+    "loss.caption_embedding_weight": (float, 0, 10**6, True, True),
+    "loss.diffusion.weight": (float, 0, 10**6, True, True),
+    "loss.diffusion.min_snr_gamma": (float, 0, 10**6, False, True),
+    "loss.blip2.itc": (float, 0, 10**6, True, True),
+    "loss.blip2.itm": (float, 0, 10**6, True, True),
+    "loss.blip2.itg": (float, 0, 10**6, True, True),
+    "loss.blip2.max_text_length": (int, 2, 4096, True, True),
+}
+"""The range of every numeric key (None is allowed where the field's default is None)."""
+MAX_OPTION_INT = 2**20
+"""The largest integer (in absolute value) in the free-form model options: ``lora``, ``cross_attention`` and the
+connectors' ``options`` (layers, heads, rank, latents, hidden sizes)."""
 
 
 @dataclass
@@ -216,6 +281,18 @@ class TrainConfig:
         def fail(key: str, message: str) -> None:
             raise ConfigError(f"{where}: {key}: {message}")
 
+        for key, bounds in RANGES.items():
+            _check_range(self, key, bounds, fail)
+        for name, weight in self.loss.modality_weights.items():
+            _check_range(weight, f"loss.modality_weights.{name}", (float, 0, 10**6, True, True), fail)
+        for i, beta in enumerate(self.optim.betas):
+            _check_range(beta, f"optim.betas[{i}]", (float, 0, 1, True, False), fail)
+        _check_options(self.lora, "lora", fail)
+        _check_options(self.cross_attention, "cross_attention", fail)
+        for key in ("input_projector", "output_projector"):
+            choice = getattr(self, key)
+            if choice is not None:
+                _check_options(choice.options, f"{key}.options", fail)
         if not Path(self.data_root).is_dir():
             fail("data_root", f"folder not found: {self.data_root}")
         if self.stage not in STAGES:
@@ -224,8 +301,6 @@ class TrainConfig:
             fail("data.datasets", "a stage needs at least one dataset")
         if self.data.sampling not in ("round_robin", "mixed"):
             fail("data.sampling", f"expected 'round_robin' or 'mixed', got {self.data.sampling!r}")
-        if self.data.max_length < 8:
-            fail("data.max_length", f"must be >= 8, got {self.data.max_length}")
         if self.data.pair_task not in (None, "caption", "generate"):
             fail("data.pair_task", f"expected 'caption', 'generate' or null, got {self.data.pair_task!r}")
         if not self.data.caption_prompts:
@@ -246,51 +321,21 @@ class TrainConfig:
             fail("trainable.token_rows", f"expected none, signal or all, got {self.trainable.token_rows!r}")
         if self.loss.distance not in ("l2", "mse"):
             fail("loss.distance", f"expected 'l2' or 'mse', got {self.loss.distance!r}")
-        for name, weight in self.loss.modality_weights.items():
+        for name in self.loss.modality_weights:
             try:
                 modality = Modality.parse(name)
             except ValueError:
                 modality = None
             if modality not in MEDIA_MODALITIES:
                 fail(f"loss.modality_weights.{name}", "not an output media modality (image, video, audio)")
-            if weight < 0:
-                fail(f"loss.modality_weights.{name}", f"must be >= 0, got {weight}")
-        if self.loss.caption_embedding_weight < 0:
-            fail("loss.caption_embedding_weight", "must be >= 0")
-        if self.loss.diffusion.min_snr_gamma <= 0:
-            fail("loss.diffusion.min_snr_gamma", "must be > 0")
-        if self.loss.diffusion.weight < 0:
-            fail("loss.diffusion.weight", "must be >= 0")
         blip2 = self.loss.blip2
-        for name in ("itc", "itm", "itg"):
-            if getattr(blip2, name) < 0:
-                fail(f"loss.blip2.{name}", f"must be >= 0, got {getattr(blip2, name)}")
         if not (blip2.itc or blip2.itm or blip2.itg):
             fail("loss.blip2", "itc, itm and itg are all 0: nothing would train")
-        if blip2.max_text_length < 2:
-            fail("loss.blip2.max_text_length", f"must be >= 2, got {blip2.max_text_length}")
-        if self.optim.lr <= 0:
-            fail("optim.lr", f"must be > 0, got {self.optim.lr}")
         if len(self.optim.betas) != 2 or not all(0 <= b < 1 for b in self.optim.betas):
             fail("optim.betas", f"expected two numbers in [0, 1), got {self.optim.betas}")
         if self.optim.schedule not in ("cosine", "linear", "constant"):
             fail("optim.schedule", f"expected cosine, linear or constant, got {self.optim.schedule!r}")
-        if self.optim.warmup_steps is not None and self.optim.warmup_steps < 0:
-            fail("optim.warmup_steps", "must be >= 0")
-        if not 0 <= self.optim.warmup_ratio < 1:
-            fail("optim.warmup_ratio", "must be in [0, 1)")
-        if self.optim.max_grad_norm is not None and self.optim.max_grad_norm <= 0:
-            fail("optim.max_grad_norm", "must be > 0 or null")
         run = self.train
-        for key in ("batch_size", "gradient_accumulation_steps", "log_every"):
-            if getattr(run, key) < 1:
-                fail(f"train.{key}", f"must be >= 1, got {getattr(run, key)}")
-        if run.max_steps is not None and run.max_steps < 1:
-            fail("train.max_steps", f"must be >= 1, got {run.max_steps}")
-        if run.max_steps is None and run.epochs <= 0:
-            fail("train.epochs", f"must be > 0, got {run.epochs}")
-        if run.save_every < 0 or run.keep_checkpoints < 1:
-            fail("train.save_every / train.keep_checkpoints", "save_every >= 0 and keep_checkpoints >= 1")
         if run.device not in (None, "cpu"):
             fail(
                 "train.device",
@@ -367,6 +412,49 @@ def load_config(
     _resolve_paths(config, base)
     config.validate()
     return config
+
+
+def _check_range(owner: Any, key: str, bounds: tuple, fail) -> None:
+    """Check the number at dotted ``key`` of ``owner`` (or ``owner`` itself when it is a number) against ``bounds``."""
+    kind, low, high, low_in, high_in = bounds
+    value = owner
+    if dataclasses.is_dataclass(owner):
+        for part in key.split("."):
+            value = getattr(value, part)
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int | float) or (kind is int and not isinstance(value, int)):
+        fail(key, f"expected {'an integer' if kind is int else 'a number'}, got {value!r}")
+    if isinstance(value, float) and not math.isfinite(value):
+        fail(key, f"must be a finite number, got {value!r}")
+    show = {2**32 - 1: "2**32-1", 10**8: "10**8", 10**6: "10**6", 10**4: "10**4"}
+    interval = f"{'[' if low_in else '('}{show.get(low, low)}, {show.get(high, high)}{']' if high_in else ')'}"
+    if value < low or (value == low and not low_in):
+        fail(key, f"must be {'>=' if low_in else '>'} {low} (range {interval}), got {value!r}")
+    if value > high or (value == high and not high_in):
+        fail(key, f"must be {'<=' if high_in else '<'} {show.get(high, high)} (range {interval}), got {value!r}")
+
+
+def _check_options(value: Any, key: str, fail) -> None:
+    """Free-form model options: finite numbers, integers within ``MAX_OPTION_INT``, no number written as text."""
+    if isinstance(value, dict):
+        for name, item in value.items():
+            _check_options(item, f"{key}.{name}", fail)
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            _check_options(item, f"{key}[{i}]", fail)
+    elif isinstance(value, float) and not math.isfinite(value):
+        fail(key, f"must be a finite number, got {value!r}")
+    elif isinstance(value, int) and not isinstance(value, bool) and abs(value) > MAX_OPTION_INT:
+        fail(key, f"must be an integer of at most {MAX_OPTION_INT} (2**20: a model size) in size, got {value!r}")
+    elif isinstance(value, float) and abs(value) > MAX_OPTION_INT:
+        fail(key, f"must be a number of at most {MAX_OPTION_INT} (2**20) in size, got {value!r}")
+    elif isinstance(value, str):
+        try:
+            float(value)
+        except ValueError:
+            return
+        fail(key, f"expected a number, got the text {value!r} (YAML reads 1e9 as text: write 1.0e+9 or an integer)")
 
 
 def _apply_override(data: dict, item: str, source: str) -> None:

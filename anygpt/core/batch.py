@@ -4,8 +4,9 @@ concurrent requests with it."""
 
 from __future__ import annotations
 
+import functools
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from typing import Any
 
@@ -30,10 +31,23 @@ from anygpt.core.tokens import SignalTokenProcessor
 logger = logging.getLogger(__name__)
 
 
+def serialized(method: Callable) -> Callable:
+    """Run a pipeline method holding the pipeline's re-entrant call lock (``_call_lock``) for the whole call, so
+    that calls from several threads run one after the other and never share the scheduler, adapters or RNGs."""
+
+    @functools.wraps(method)
+    def locked(self, *args: Any, **kwargs: Any) -> Any:
+        with self._call_lock:
+            return method(self, *args, **kwargs)
+
+    return locked
+
+
 class BatchGenerationMixin:
     """``run_batch`` and its steps, mixed into ``AnyGPTPipeline`` (they use its single-call steps: ``check_inputs``,
     ``build_inputs``, ``decode``, ``_add_user_turn``, ``_complete_reply``)."""
 
+    @serialized
     @torch.no_grad()
     def run_batch(
         self,

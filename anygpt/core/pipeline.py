@@ -16,6 +16,7 @@ import dataclasses
 import hashlib
 import logging
 import os
+import threading
 from collections.abc import Callable, Container, Mapping
 from pathlib import Path
 from typing import Any
@@ -31,7 +32,7 @@ from anygpt.base.errors import GenerationStopped, UnknownModelError, UsageError
 from anygpt.base.media import Audio, load_media
 from anygpt.base.modality import MEDIA_MODALITIES, Modality
 from anygpt.base.utils import atomic_directory
-from anygpt.core.batch import BatchGenerationMixin
+from anygpt.core.batch import BatchGenerationMixin, serialized
 from anygpt.core.config import PACKAGED_MODELS, AnyGPTConfig, config_from_preset, list_presets
 from anygpt.core.conversation import Conversation, MediaRef, get_template
 from anygpt.core.index import INDEX_FILE, packaged_model_dir, read_index, resolve_part, write_index
@@ -46,6 +47,7 @@ from anygpt.core.runtime import (
     RuntimeOptions,
 )
 from anygpt.core.tokens import SignalTokenProcessor, repair_signal_groups
+from decoders import build_decoder
 
 logger = logging.getLogger(__name__)
 
@@ -84,9 +86,14 @@ class AnyGPTPipeline(PlacementMixin, BatchGenerationMixin):
         model: the encoder / projectors / LLM system.
         decoders: ``decoders.Decoder`` per output modality. Each loads its diffusers pipeline on first use and
             keeps it.
+
+    Threads: ``__call__``, ``run`` and ``run_batch`` hold the pipeline's lock for the whole call, so calls from
+    several threads run one after the other (each as if alone: its seed, its adapters, the shared schedulers);
+    batching concurrent requests is the server's work (``run_batch``).
     """
 
     def __init__(self, model: AnyGPTModel, decoders: dict[Modality, Any]):
+        self._call_lock = threading.RLock()  # re-entrant: __call__ -> run_batch -> run
         self.model = model
         self.decoders = {Modality.parse(k): v for k, v in decoders.items()}
         self._runtime: RuntimeOptions | None = None
@@ -125,8 +132,6 @@ class AnyGPTPipeline(PlacementMixin, BatchGenerationMixin):
         cls, config: AnyGPTConfig, tokenizer_dir: str | os.PathLike | None, runtime: RuntimeOptions | None
     ) -> AnyGPTPipeline:
         """Build the components; ``runtime`` decides only how the LLM loads (dtype, quantization, device map)."""
-        from decoders import build_decoder
-
         decoders = {Modality(m): build_decoder(c) for m, c in config.decoders.items()}
         specs = {m: d.spec for m, d in decoders.items()}
         model = AnyGPTModel.build(config, specs, tokenizer_dir=tokenizer_dir, runtime=runtime)
@@ -190,7 +195,8 @@ class AnyGPTPipeline(PlacementMixin, BatchGenerationMixin):
         """Write the trained parts and one JSON index into ``folder`` (atomically: all or nothing).
 
         Frozen backbones (encoder, LLM base weights, decoders) are not written: the index refers to them by preset,
-        hub id or path.
+        hub id or path, and to a model shipped in the package (``toyworld``) by name (``packaged:toyworld/llm``), never
+        by a path into the install, so the folder loads on any machine with anygpt installed.
         """
         folder = Path(folder).expanduser()
         if folder.exists() and not folder.is_dir():
@@ -216,6 +222,12 @@ class AnyGPTPipeline(PlacementMixin, BatchGenerationMixin):
         """
         request.validate()
         where = request.origin
+        context = getattr(getattr(self.model.language_model, "config", None), "max_position_embeddings", None)
+        if isinstance(context, int) and request.max_new_tokens >= context:
+            raise UsageError(
+                f"{where}max_new_tokens must be below the LLM's context of {context} tokens "
+                f"(max_position_embeddings, the prompt included), got {request.max_new_tokens}"
+            )
         for modality in MEDIA_MODALITIES:
             if request.media(modality) and modality.value not in self.config.input_modalities:
                 raise UsageError(
@@ -465,6 +477,7 @@ class AnyGPTPipeline(PlacementMixin, BatchGenerationMixin):
         )
 
     # ------------------------------------------------------------------ the call
+    @serialized
     @torch.no_grad()
     def __call__(
         self,
@@ -597,6 +610,7 @@ class AnyGPTPipeline(PlacementMixin, BatchGenerationMixin):
             outputs.extend(self.run_batch(chunk, show_progress=show_progress))
         return outputs
 
+    @serialized
     @torch.no_grad()
     def run(
         self,

@@ -4,6 +4,27 @@ The pipeline's keyword call (``pipe(prompt, images=..., seed=...)``), the comman
 engine all build one of these and hand it to ``AnyGPTPipeline.run``; ``to_dict`` / ``from_dict`` are its JSON form
 (one line of a batch file, the body of a server request).
 
+Every number has a range, checked here before any model loads (a ``bool`` is never an integer; NaN and infinity
+are never numbers; a value out of range is a ``UsageError`` naming the field, the range and the value):
+
+=====================  ========================================  ==============================================
+field                  range                                     why the bound
+=====================  ========================================  ==============================================
+seed                   integer 0 .. 2**63-1, or None             torch generators take a signed 64-bit seed
+max_new_tokens         integer 1 .. 8192 (and within the LLM's   one reply; ``check_inputs`` also refuses more
+                       context, ``check_inputs``)                than the LLM's ``max_position_embeddings``
+temperature            0 (greedy) or 1e-3 .. 100                 below 1e-3 the logits overflow to inf / NaN
+top_p                  (0, 1]                                    a probability mass
+num_inference_steps    integer 1 .. 1000, or None                diffusers schedulers train on 1000 timesteps
+guidance_scale         0 .. 100, or None                         classifier-free guidance weights in use: 1..20
+height, width          multiples of 8 in 8 .. 4096, or None      the VAE downsamples by 8; 4096 bounds memory
+num_frames             integer 1 .. 256, or None                 video decoders make 16..64 frames
+audio_seconds          (0, 60], or None                          audio decoders make clips of seconds
+=====================  ========================================  ==============================================
+
+``decoder_overrides`` take the same ranges per decoder. ``prompt`` is a string that encodes as UTF-8 (a lone
+surrogate, as a shell gives for bytes that are not UTF-8, is refused naming ``prompt``).
+
 Example:
     >>> request = GenerationRequest("draw a red circle", modalities=["image"], seed=0, num_inference_steps=25)
     >>> GenerationRequest.from_dict(request.to_dict()) == request
@@ -43,6 +64,14 @@ ALIASES = {"steps": "num_inference_steps", "guidance": "guidance_scale", "frames
 _MEDIA_TYPES = {Modality.IMAGE: Image.Image, Modality.VIDEO: Video, Modality.AUDIO: Audio}
 _ID = re.compile(r"[A-Za-z0-9._-]+")
 MAX_SEED = 2**63 - 1
+"""The largest ``seed`` (a signed 64-bit integer, what ``torch.Generator.manual_seed`` takes)."""
+MAX_NEW_TOKENS = 8192
+MIN_TEMPERATURE, MAX_TEMPERATURE = 1e-3, 100.0
+MAX_INFERENCE_STEPS = 1000
+MAX_GUIDANCE_SCALE = 100.0
+MAX_SIDE = 4096
+MAX_FRAMES = 256
+MAX_AUDIO_SECONDS = 60.0
 
 
 @dataclass
@@ -54,17 +83,24 @@ class GenerationRequest:
     item that is neither a path nor the modality's object.
 
     Attributes:
-        prompt: the user's text; any characters.
+        prompt: the user's text; any characters that encode as UTF-8.
         images, audios, videos: file paths or ``PIL.Image`` / ``Audio`` / ``Video`` objects (one item or None is
             accepted and stored as a list).
         modalities: ``"auto"`` (the LLM decides by emitting signal tokens), or the output modalities to force, as a
             list or a comma-separated string (stored as a list of names; ``[]``: text only).
         adapters: LoRA adapter(s) to run the LLM with: a name, a list or comma-separated string of names (their
             mean), ``{name: weight}``, or None (the pipeline's default, ``AnyGPTPipeline.select_adapters``).
-        seed: makes LLM sampling and every decoder deterministic; None: not reproducible.
-        max_new_tokens, temperature (0 = greedy), top_p: LLM decoding.
-        num_inference_steps, guidance_scale, height, width, num_frames, audio_seconds: decoder settings shared by
-            every decoder (None: each decoder's default).
+        seed: makes LLM sampling and every decoder deterministic (0 .. 2**63-1); None: not reproducible.
+        max_new_tokens: the reply's length limit in tokens (1 .. 8192, and within the LLM's context).
+        temperature: LLM sampling temperature: 0 (greedy) or 1e-3 .. 100.
+        top_p: nucleus sampling mass, in (0, 1].
+        num_inference_steps: denoising steps (1 .. 1000).
+        guidance_scale: classifier-free guidance weight (0 .. 100).
+        height, width: pixels of images and video frames (multiples of 8 in 8 .. 4096).
+        num_frames: frames of a video (1 .. 256).
+        audio_seconds: length of an audio clip (greater than 0, at most 60).
+            The decoder settings (``num_inference_steps`` to ``audio_seconds``) are shared by every decoder; None:
+            each decoder's default.
         decoder_overrides: per output modality, decoder settings that replace the shared ones for that decoder,
             e.g. ``{"image": {"num_inference_steps": 30}}`` (stored keyed by the modality's name, None values
             dropped).
@@ -103,16 +139,26 @@ class GenerationRequest:
             UsageError: a field of the wrong type or out of range, naming it, what was expected and what was found.
             MediaError: a media item that is neither a file path nor the modality's object.
         """
-        if not isinstance(self.prompt, str):
-            self._fail("prompt", self.prompt, "a string")
+        self._check_prompt()
         for modality in MEDIA_MODALITIES:
             setattr(self, modality.plural, self._media_list(modality))
         self.modalities = self._modalities()
         self._check_adapters()
         self._check_int("seed", self.seed, minimum=0, maximum=MAX_SEED, optional=True)
-        self._check_int("max_new_tokens", self.max_new_tokens, minimum=1)
-        self._check_number("temperature", self.temperature, ">= 0 (0 = greedy)", lambda v: v >= 0)
-        self._check_number("top_p", self.top_p, "in (0, 1]", lambda v: 0 < v <= 1)
+        self._check_int("max_new_tokens", self.max_new_tokens, minimum=1, maximum=MAX_NEW_TOKENS)
+        self._check_number(
+            "temperature",
+            self.temperature,
+            [
+                (_nonnegative, ">= 0 (0 = greedy)"),
+                (
+                    lambda v: v == 0 or v >= MIN_TEMPERATURE,
+                    f">= {MIN_TEMPERATURE:g} or 0 (greedy; a smaller one overflows the logits)",
+                ),
+                (lambda v: v <= MAX_TEMPERATURE, f"<= {MAX_TEMPERATURE:g}"),
+            ],
+        )
+        self._check_number("top_p", self.top_p, [(lambda v: 0 < v <= 1, "in (0, 1]")])
         self._check_decoder_settings({name: getattr(self, name) for name in DECODER_SETTINGS})
         self.decoder_overrides = self._overrides()
         if self.id is not None and not (isinstance(self.id, str) and _ID.fullmatch(self.id)):
@@ -123,29 +169,61 @@ class GenerationRequest:
             raise TypeError(f"origin must be a string, got {type(self.origin).__name__}")
 
     def _fail(self, name: str, value: Any, expected: str) -> None:
-        raise UsageError(f"{self.origin}{name} must be {expected}, got {value!r}")
+        raise UsageError(f"{self.origin}{name} must be {expected}, got {_short(value)}")
 
-    def _check_int(self, name: str, value: Any, *, minimum: int, maximum: int | None = None, optional=False) -> None:
+    def _check_prompt(self) -> None:
+        if not isinstance(self.prompt, str):
+            self._fail("prompt", self.prompt, "a string")
+        try:
+            self.prompt.encode("utf-8")
+        except UnicodeEncodeError as error:
+            raise UsageError(
+                f"{self.origin}prompt must be UTF-8 text, got a character that is not "
+                f"({self.prompt[error.start]!r} at position {error.start}: bytes that are not UTF-8, "
+                "as a shell passes them; re-encode the text as UTF-8)"
+            ) from None
+
+    def _check_int(self, name: str, value: Any, *, minimum: int, maximum: int, optional: bool = False) -> None:
+        """An integer in [minimum, maximum]; the message says the bound that failed."""
         if value is None and optional:
             return
-        if isinstance(value, bool) or not isinstance(value, int) or value < minimum or (maximum and value > maximum):
-            expected = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
-            self._fail(name, value, expected + (f" and <= {maximum}" if maximum else ""))
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            self._fail(name, value, "a positive integer" if minimum == 1 else f"an integer >= {minimum}")
+        if value > maximum:
+            self._fail(name, value, f"an integer <= {'2**63-1' if maximum == MAX_SEED else maximum}")
 
-    def _check_number(self, name: str, value: Any, expected: str, ok, optional: bool = False) -> None:
+    def _check_number(self, name: str, value: Any, rules: list[tuple[Any, str]], optional: bool = False) -> None:
+        """A finite number passing every ``(ok, expected)`` rule; the message says the first rule that failed (a
+        value of another type, NaN or infinity: the first rule's)."""
         if value is None and optional:
             return
-        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or not ok(value):
-            self._fail(name, value, f"a finite number {expected}")
+        # an int is compared exactly (math.isfinite would overflow converting a huge one to float)
+        number = isinstance(value, int | float) and not isinstance(value, bool)
+        if not number or (isinstance(value, float) and not math.isfinite(value)):
+            self._fail(name, value, f"a finite number {rules[0][1]}")
+        for ok, expected in rules:
+            if not ok(value):
+                self._fail(name, value, f"a finite number {expected}")
 
     def _check_decoder_settings(self, settings: Mapping[str, Any], where: str = "") -> None:
-        for name in ("num_inference_steps", "num_frames", "height", "width"):
-            self._check_int(where + name, settings.get(name), minimum=1, optional=True)
-        for name in ("height", "width"):
+        for name, maximum in (("num_inference_steps", MAX_INFERENCE_STEPS), ("num_frames", MAX_FRAMES)):
+            self._check_int(where + name, settings.get(name), minimum=1, maximum=maximum, optional=True)
+        for name in ("height", "width"):  # 1..7 fail as not multiples of 8: the range is 8..4096
+            self._check_int(where + name, settings.get(name), minimum=1, maximum=MAX_SIDE, optional=True)
             if settings.get(name) is not None and settings[name] % 8:
                 self._fail(where + name, settings[name], "a multiple of 8 (the VAE's downsampling)")
-        self._check_number(where + "guidance_scale", settings.get("guidance_scale"), ">= 0", _nonnegative, True)
-        self._check_number(where + "audio_seconds", settings.get("audio_seconds"), "> 0", _positive, True)
+        self._check_number(
+            where + "guidance_scale",
+            settings.get("guidance_scale"),
+            [(_nonnegative, ">= 0"), (lambda v: v <= MAX_GUIDANCE_SCALE, f"<= {MAX_GUIDANCE_SCALE:g}")],
+            True,
+        )
+        self._check_number(
+            where + "audio_seconds",
+            settings.get("audio_seconds"),
+            [(_positive, "> 0"), (lambda v: v <= MAX_AUDIO_SECONDS, f"<= {MAX_AUDIO_SECONDS:g} (seconds)")],
+            True,
+        )
 
     def _media_list(self, modality: Modality) -> list[MediaInput]:
         name = modality.plural
@@ -188,7 +266,10 @@ class GenerationRequest:
             return
         if isinstance(adapters, Mapping):
             names_ok = all(isinstance(k, str) for k in adapters)
-            weights_ok = all(isinstance(v, int | float) and not isinstance(v, bool) for v in adapters.values())
+            weights_ok = all(
+                isinstance(v, int) and not isinstance(v, bool) or isinstance(v, float) and math.isfinite(v)
+                for v in adapters.values()
+            )
             if names_ok and weights_ok:
                 return
         elif isinstance(adapters, list | tuple) and all(isinstance(a, str) for a in adapters):
@@ -216,7 +297,7 @@ class GenerationRequest:
             where = f"decoder_overrides[{modality.value!r}]"
             if not isinstance(values, Mapping):
                 self._fail(where, values, "a mapping {setting: value}")
-            unknown = sorted(set(values) - set(DECODER_SETTINGS))
+            unknown = sorted(set(values) - set(DECODER_SETTINGS), key=repr)
             if unknown:
                 valid = ", ".join(DECODER_SETTINGS)
                 raise UsageError(f"{self.origin}{where}: unknown setting {unknown[0]!r}; expected any of {valid}")
@@ -273,7 +354,7 @@ class GenerationRequest:
         if not isinstance(data, Mapping) or not isinstance(data.get("prompt"), str):
             raise UsageError(f"{origin}expected an object with a string 'prompt'")
         allowed = [f.name for f in fields(cls) if f.name != "origin"]
-        unknown = sorted(set(data) - set(allowed) - set(ALIASES))
+        unknown = sorted(set(data) - set(allowed) - set(ALIASES), key=repr)
         if unknown:
             raise UsageError(f"{origin}unknown fields {unknown}; allowed: {sorted(allowed)}")
         values = dict(data)
@@ -299,6 +380,14 @@ def _nonnegative(value: float) -> bool:
 
 def _positive(value: float) -> bool:
     return value > 0
+
+
+def _short(value: Any) -> str:
+    """``value`` for a message: a long string or a huge integer cut to a readable length."""
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 64:
+        return f"an integer of {value.bit_length()} bits ({'-' if value < 0 else ''}~2**{value.bit_length() - 1})"
+    text = repr(value)
+    return text if len(text) <= 80 else f"{text[:60]}... ({len(text)} characters)"
 
 
 def _copy(value: Any) -> Any:
