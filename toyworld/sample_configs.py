@@ -32,7 +32,7 @@ def sample_stage_config(stage: int, datasets: list[dict]) -> dict:
         "model": "tiny",
         "output_dir": f"runs/stage{stage}",
         "cache_dir": "cache",
-        "data": {"sampling": "round_robin", "max_length": 256, "datasets": datasets},
+        "data": {"sampling": "round_robin", "max_length": 512, "datasets": datasets},
         "optim": {"lr": 3e-3, "warmup_steps": 2, "schedule": "cosine"},
         "train": {"batch_size": 4, "max_steps": 30, "save_every": 10, "log_every": 1, "seed": 13},
     }
