@@ -37,7 +37,7 @@ import anygpt.base.media
 import encoders.transforms
 from anygpt.base.media import load_media
 from anygpt.base.modality import Modality
-from anygpt.base.utils import atomic_file, resolve_local_model, write_text_atomic
+from anygpt.base.utils import atomic_file, file_sha256, resolve_local_model, write_text_atomic
 from training.data.records import MediaFile
 
 logger = logging.getLogger(__name__)
@@ -52,14 +52,6 @@ def module_fingerprint(config: dict, module: torch.nn.Module | None) -> str:
             digest.update(str(tuple(tensor.shape)).encode())
             digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()[:16]
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def code_fingerprint(*modules) -> str:

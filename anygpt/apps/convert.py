@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import hashlib
 import json
 import logging
 import os
@@ -60,7 +59,7 @@ from safetensors.torch import save_file
 
 from anygpt.base.errors import CheckpointError, ConfigError, UsageError
 from anygpt.base.modality import MEDIA_MODALITIES, Modality
-from anygpt.base.utils import atomic_directory, resolve_local_model
+from anygpt.base.utils import atomic_directory, file_sha256, resolve_local_model
 from anygpt.core.config import AnyGPTConfig, ProjectorConfig
 from anygpt.core.index import INDEX_FILE, write_index
 from anygpt.core.llm import TINY, LanguageModelConfig, LoraSettings, tokenizer_dir_of
@@ -214,7 +213,7 @@ def convert_nextgpt(
     provenance = {
         "converted_from": "NExT-GPT (legacy code) checkpoint",
         "checkpoint": pt.name,
-        "sha256": _sha256(pt),
+        "sha256": file_sha256(pt),
         "tables": "stage 3" if stage3 else "stage 1/2",
         "lora": None if lora is None else {"r": lora.r, "alpha": lora.alpha},
         "llm": source,
@@ -591,14 +590,6 @@ def _with_zero_rows(table: torch.Tensor, rows: int) -> torch.Tensor:
     """The table with zero rows appended up to ``rows`` (anygpt's placeholders: input-only, never generated)."""
     extra = table.new_zeros((rows - table.shape[0], table.shape[1]))
     return torch.cat([table, extra]).contiguous()
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------- command line

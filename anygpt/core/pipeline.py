@@ -754,6 +754,8 @@ class AnyGPTPipeline(PlacementMixin, BatchGenerationMixin):
 def _cut_at_stop(ids: list[int], tokenizer, stop: list[str]) -> list[int]:
     """``ids`` up to (not including) the first token whose text completes one of the ``stop`` strings, without the
     blank tokens before it (the template's separator)."""
+    if not any(s in tokenizer.decode(ids, skip_special_tokens=False) for s in stop):
+        return ids  # a reply that ended on EOS or the token limit: one decode, not one per prefix
     for end in range(1, len(ids) + 1):
         if any(s in tokenizer.decode(ids[:end], skip_special_tokens=False) for s in stop):
             ids = ids[: end - 1]

@@ -22,7 +22,6 @@ WebVid sample points at three clips that are not there.
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 import logging
 import os
@@ -33,6 +32,7 @@ from typing import Any
 
 from anygpt.base.errors import DatasetError
 from anygpt.base.modality import Modality
+from anygpt.base.utils import file_sha256
 
 logger = logging.getLogger(__name__)
 
@@ -85,7 +85,7 @@ class DataSet:
         return {
             "path": str(self.path),
             "format": self.format,
-            "sha256": _sha256(self.path),
+            "sha256": file_sha256(self.path),
             "samples": len(self.samples),
             "missing_media": list(self.missing),
         }
@@ -413,11 +413,3 @@ def _list(record: Any, key: str, where: str) -> list[Any]:
 
 def _safe_id(value: Any) -> str:
     return str(value).translate(_SAFE)
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
