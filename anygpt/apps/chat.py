@@ -37,7 +37,7 @@ from anygpt.apps.outputs import save_outputs
 from anygpt.base.errors import GenerationStopped, MediaError, UsageError  # GenerationStopped: decoders, the streamer
 from anygpt.base.media import AUDIO_EXTENSIONS, IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, guess_modality
 from anygpt.base.modality import MEDIA_MODALITIES, Modality
-from anygpt.core.conversation import Conversation, Turn
+from anygpt.core.conversation import Conversation, Turn, get_template
 from anygpt.core.pipeline import AnyGPTPipeline
 from anygpt.core.request import GenerationRequest
 from anygpt.core.runtime import RuntimeOptions
@@ -315,16 +315,19 @@ class _QueueStreamer:
     """A transformers streamer that sends decoded text increments to a queue and raises when stop is set.
 
     Unlike ``TextStreamer`` it does not wait for a word boundary: every token's text appears at once (except an
-    incomplete multi-byte character, which waits for the next token).
+    incomplete multi-byte character, and a tail that may begin one of ``end_of_turn``, which wait for the next
+    token). Nothing from an ``end_of_turn`` marker (the chat template's stop strings and role markers) on is sent.
     """
 
-    def __init__(self, tokenizer, events: queue.Queue, stop: threading.Event):
+    def __init__(self, tokenizer, events: queue.Queue, stop: threading.Event, end_of_turn: Sequence[str] = ()):
         self.tokenizer = tokenizer
         self.events = events
         self.stop = stop
+        self.markers = [m for m in end_of_turn if m]
         self.ids: list[int] = []
         self.sent = 0
         self.prompt_skipped = False
+        self.ended = False  # a marker was seen: the reply's text is complete
 
     def put(self, value) -> None:
         if self.stop.is_set():
@@ -336,12 +339,22 @@ class _QueueStreamer:
         text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
         if text.endswith("\ufffd"):
             return
-        if len(text) > self.sent:
-            self.events.put(("text", text[self.sent :]))
-            self.sent = len(text)
+        self._send(text, final=False)
 
     def end(self) -> None:
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        self._send(self.tokenizer.decode(self.ids, skip_special_tokens=True), final=True)
+
+    def _send(self, text: str, *, final: bool) -> None:
+        if self.ended:
+            return
+        for marker in self.markers:
+            at = text.find(marker)
+            if at >= 0:
+                text, self.ended = text[:at], True
+        if not self.ended and not final:  # a tail that may begin a marker waits
+            for marker in self.markers:
+                size = next((n for n in range(min(len(marker) - 1, len(text)), 0, -1) if text.endswith(marker[:n])), 0)
+                text = text[: len(text) - size]
         if len(text) > self.sent:
             self.events.put(("text", text[self.sent :]))
             self.sent = len(text)
@@ -607,7 +620,12 @@ class ChatEngine:
                     output = self.pipe.run(
                         request,
                         conversation=conversation,
-                        streamer=_QueueStreamer(self.pipe.tokenizer, events, stop),
+                        streamer=_QueueStreamer(
+                            self.pipe.tokenizer,
+                            events,
+                            stop,
+                            get_template(self.pipe.config.llm.template).end_of_turn,
+                        ),
                         on_decode=on_decode,
                         should_stop=stop.is_set,
                         show_progress=True,

@@ -23,7 +23,7 @@ from transformers import (
 
 from anygpt.base.errors import UsageError
 from anygpt.base.modality import Modality
-from anygpt.core.conversation import Conversation, get_template
+from anygpt.core.conversation import Conversation
 from anygpt.core.output import AnyGPTOutput
 from anygpt.core.request import GenerationRequest
 from anygpt.core.tokens import SignalTokenProcessor
@@ -45,7 +45,7 @@ def serialized(method: Callable) -> Callable:
 
 class BatchGenerationMixin:
     """``run_batch`` and its steps, mixed into ``AnyGPTPipeline`` (they use its single-call steps: ``check_inputs``,
-    ``build_inputs``, ``decode``, ``_add_user_turn``, ``_complete_reply``)."""
+    ``build_inputs``, ``decode``, ``_add_user_turn``, ``_allowed_signals``, ``_end_of_turn``, ``_complete_reply``)."""
 
     @serialized
     @torch.no_grad()
@@ -192,10 +192,10 @@ class BatchGenerationMixin:
         if self.model.cross_attention is not None:
             self.model.cross_attention.set_context(*_stack_contexts(contexts))
         tokens = self.model.tokens
-        processors = [SignalTokenProcessor(tokens, allowed=set(self.decoders) if f is None else set()) for f in forced]
+        processors = [SignalTokenProcessor(tokens, allowed=self._allowed_signals(f)) for f in forced]
         sampler = _RowSampler(processors, requests)
         limits = _RowLimits([r.max_new_tokens for r in requests], self.tokenizer.eos_token_id)
-        stop = list(get_template(self.config.llm.template).stop)
+        stop = self._end_of_turn()  # the template's stop strings and role markers, as in generate_tokens
         if stop:
             limits.stop_strings = StopStringCriteria(tokenizer=self.tokenizer, stop_strings=stop)
         streamer = _RowStreamers(streamers, limits) if any(s is not None for s in streamers) else None
@@ -356,8 +356,8 @@ class _RowSampler(LogitsProcessor):
 
 class _RowLimits(StoppingCriteria):
     """Ends each row of a batched ``generate`` where ``generate_tokens`` would end it alone: at its own
-    ``max_new_tokens``, at EOS, at the template's stop strings (``stop_strings``); ``ends[row]`` is the length at
-    which it ended (None while it runs)."""
+    ``max_new_tokens``, at EOS, at the end of a turn (``stop_strings``: the template's ``end_of_turn``); ``ends[row]``
+    is the length at which it ended (None while it runs)."""
 
     def __init__(self, limits: list[int], eos_token_id: int | None):
         self.limits = limits

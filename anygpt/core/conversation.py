@@ -32,6 +32,19 @@ class ChatTemplate:
     media_end: str = "\n"  # text between a user turn's media and its text
     stop: tuple[str, ...] = ()  # text that ends an assistant turn besides EOS (generation should stop there)
 
+    @property
+    def end_of_turn(self) -> tuple[str, ...]:
+        """Every text that ends an assistant turn besides EOS: the ``stop`` strings, then the template's own role
+        markers (the user and assistant prefixes, stripped) that no stop string already covers, so a reply never
+        shows the template: ``("USER:", "ASSISTANT:")`` for Vicuna v1, ``("###",)`` for NExT-GPT's v0 (whose
+        ``### Human:`` / ``### Assistant:`` hold its stop string), none for ``plain``."""
+        markers = list(self.stop)
+        for prefix in (self.user, self.assistant):
+            marker = prefix.strip()
+            if marker and not any(s in marker for s in markers):
+                markers.append(marker)
+        return tuple(markers)
+
 
 TEMPLATES: dict[str, ChatTemplate] = {
     "vicuna_v1": ChatTemplate(

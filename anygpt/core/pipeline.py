@@ -363,20 +363,28 @@ class AnyGPTPipeline(PlacementMixin, BatchGenerationMixin):
     ) -> tuple[list[int], Any]:
         """Run the LLM.
 
+        The reply ends at EOS, at the token limit or at the chat template's end of a turn (``end_of_turn``: its stop
+        strings and role markers such as ``USER:``), whatever the mode. With ``forced`` None (``"auto"``) the LLM may
+        start the signal group of any output modality with a decoder; with a set, only the groups of the forced
+        modalities (none for a text-only set), where the LLM places them, and a forced group it did not write is
+        appended after the reply (``_complete_reply``).
+
         Args:
+            forced: the forced output modalities (``check_inputs``), or None for ``"auto"``.
             streamer: optional transformers streamer (e.g. ``TextIteratorStreamer``) that receives the new token ids as
                 they are generated; signal tokens are special tokens, so ``skip_special_tokens=True`` hides them.
+                It sees the raw tokens, the end-of-turn marker that stopped the reply included: a streamer that shows
+                text holds ``end_of_turn`` back, as the server's ``DeltaStreamer`` does.
 
         Returns:
-            the produced ids with every signal group complete (forced groups appended), and the key/value cache
-            (``signal_conditioning`` reuses its prompt part; None if the model returned none).
+            the produced ids, cut at the end of the turn, with every signal group complete (missing forced groups
+            appended), and the key/value cache (``signal_conditioning`` reuses its prompt part; None if the model
+            returned none).
         """
 
-        tokens = self.model.tokens
-        allowed = set(self.decoders) if forced is None else set()
-        processor = SignalTokenProcessor(tokens, allowed=allowed)
+        processor = SignalTokenProcessor(self.model.tokens, allowed=self._allowed_signals(forced))
         sample = temperature > 0
-        stop = list(get_template(self.config.llm.template).stop)  # e.g. NExT-GPT's "###" besides EOS
+        stop = self._end_of_turn()  # e.g. Vicuna's "USER:" / "ASSISTANT:", NExT-GPT's "###", besides EOS
         stopping = {"stop_strings": stop, "tokenizer": self.tokenizer} if stop else {}
         out = self.model.language_model.generate(
             inputs_embeds=inputs_embeds,
@@ -519,7 +527,11 @@ class AnyGPTPipeline(PlacementMixin, BatchGenerationMixin):
                 With a ``seed``, ``pipe(prompts, seed=s)[i]`` equals ``pipe(prompts[i], seed=s)``.
             images, audios, videos: file paths or ``PIL.Image`` / ``Audio`` / ``Video`` objects (one or a list).
             modalities: ``"auto"`` (the LLM decides by emitting signal tokens) or a list / comma-separated string
-                of output modalities that are produced after the text answer.
+                of output modalities: exactly those are produced, each once unless the LLM writes several of its
+                groups. The LLM may write a forced modality's signal group where it would, never another's; a forced
+                group it has not written when the reply ends is appended after the reply's text. ``["text"]`` or
+                ``[]``: a text-only reply. In every mode the reply ends at EOS or the chat template's end of a turn
+                (``ChatTemplate.end_of_turn``), so the template's role markers never show in it.
             adapters: the LoRA adapter(s) this call runs the LLM with, chosen without reloading: a name, a list or
                 comma-separated string of names (combined: the mean of their updates), or ``{name: weight}`` (the
                 weighted sum of their updates); see ``AnyGPTModel.set_lora_adapters``. None: the default of
@@ -732,36 +744,59 @@ class AnyGPTPipeline(PlacementMixin, BatchGenerationMixin):
                 return
             getattr(result, modality.plural).extend(outputs)
 
-    # ------------------------------------------------------------------ batched calls
+    # ------------------------------------------------------------------ reply ids (single and batched calls)
+    def _allowed_signals(self, forced: set[Modality] | None) -> set[Modality]:
+        """The output modalities whose signal groups the LLM may start: every one with a decoder in ``"auto"``
+        mode (``forced`` None), else the forced ones (none for a text-only reply)."""
+        return set(self.decoders) if forced is None else {m for m in self.decoders if m in forced}
+
+    def _end_of_turn(self) -> list[str]:
+        """The text that ends a reply besides EOS: the model's chat template's ``end_of_turn`` (its stop strings
+        and role markers)."""
+        return list(get_template(self.config.llm.template).end_of_turn)
+
     def _complete_reply(self, ids: list[int], forced: set[Modality] | None) -> list[int]:
-        """A reply's raw ids made final as ``generate_tokens`` does: cut at EOS and at the template's stop string,
-        padding dropped, signal groups repaired, the forced groups appended."""
+        """A reply's raw ids made final: cut at EOS and at the end of the turn (``_end_of_turn``; the marker's
+        partial text and the blanks before it removed), padding dropped, signal groups repaired, and, when outputs
+        are forced, each forced modality's group that the reply lacks appended after it, in the decoders' order (a
+        group the LLM wrote itself is not repeated). Used by ``generate_tokens`` and the batched path."""
         tokens = self.model.tokens
         eos = self.tokenizer.eos_token_id
         if eos in ids:
             ids = ids[: ids.index(eos)]
-        stop = list(get_template(self.config.llm.template).stop)
+        stop = self._end_of_turn()
         if stop:
             ids = _cut_at_stop(ids, self.tokenizer, stop)
         ids = [i for i in ids if i != self.tokenizer.pad_token_id]
         ids = repair_signal_groups(ids, tokens)
-        for modality in self.decoders:
-            if forced is not None and modality in forced:
-                ids.extend(tokens.signal[modality])
+        if forced is not None:
+            present = set(ids)
+            for modality in self.decoders:
+                group = tokens.signal[modality]
+                if modality in forced and not present & set(group):
+                    ids.extend(group)
         return ids
 
 
 def _cut_at_stop(ids: list[int], tokenizer, stop: list[str]) -> list[int]:
-    """``ids`` up to (not including) the first token whose text completes one of the ``stop`` strings, without the
-    blank tokens before it (the template's separator)."""
-    if not any(s in tokenizer.decode(ids, skip_special_tokens=False) for s in stop):
+    """``ids`` before the first of the ``stop`` strings (end-of-turn markers) their text holds: without the tokens
+    that hold any of that marker's text (a marker such as ``ASSISTANT:`` spans several tokens) and without the blank
+    tokens before it (the template's separator)."""
+
+    def text(end: int) -> str:
+        return tokenizer.decode(ids[:end], skip_special_tokens=False)
+
+    if not any(s in text(len(ids)) for s in stop):
         return ids  # a reply that ended on EOS or the token limit: one decode, not one per prefix
-    for end in range(1, len(ids) + 1):
-        if any(s in tokenizer.decode(ids[:end], skip_special_tokens=False) for s in stop):
-            ids = ids[: end - 1]
-            while ids and not tokenizer.decode(ids[-1:], skip_special_tokens=False).strip():
-                ids = ids[:-1]
-            break
+    end = next(e for e in range(1, len(ids) + 1) if any(s in text(e) for s in stop))  # the token completing one
+    held = text(end)
+    at = min(held.find(s) for s in stop if s in held)  # where that marker begins
+    keep = end - 1
+    while keep > 0 and len(text(keep)) > at:  # the tokens reaching into the marker go with it
+        keep -= 1
+    ids = ids[:keep]
+    while ids and not tokenizer.decode(ids[-1:], skip_special_tokens=False).strip():
+        ids = ids[:-1]
     return ids
 
 

@@ -87,7 +87,8 @@ class GenerationRequest:
         images, audios, videos: file paths or ``PIL.Image`` / ``Audio`` / ``Video`` objects (one item or None is
             accepted and stored as a list).
         modalities: ``"auto"`` (the LLM decides by emitting signal tokens), or the output modalities to force, as a
-            list or a comma-separated string (stored as a list of names; ``[]``: text only).
+            list or a comma-separated string (stored as a list of names; ``[]`` or ``["text"]``: text only; "text"
+            beside media names is implied and dropped, as in OpenAI's ``modalities=["text", "audio"]``).
         adapters: LoRA adapter(s) to run the LLM with: a name, a list or comma-separated string of names (their
             mean), ``{name: weight}``, or None (the pipeline's default, ``AnyGPTPipeline.select_adapters``).
         seed: makes LLM sampling and every decoder deterministic (0 .. 2**63-1); None: not reproducible.
@@ -251,6 +252,8 @@ class GenerationRequest:
                 modality = Modality.parse(name) if isinstance(name, str) else None
             except ValueError:
                 modality = None
+            if modality is Modality.TEXT:
+                continue  # every reply has text: "text" names no medium to force
             if modality not in MEDIA_MODALITIES:
                 valid = ", ".join(m.value for m in MEDIA_MODALITIES)
                 raise UsageError(

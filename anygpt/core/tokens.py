@@ -233,9 +233,11 @@ class SignalTokenProcessor(LogitsProcessor):
     """Keeps signal groups whole during generation.
 
     Once the first token of a group is produced, the rest of the group is forced in order. Members other than the
-    first can never start on their own. Groups of modalities not in ``allowed`` are never started (used when the
-    caller forces an explicit list of outputs and appends the groups itself). Media placeholders are input-only
-    and never generated (an imported model's vocabulary stays the one it was trained with).
+    first can never start on their own. Groups of modalities not in ``allowed`` are never started; those in it may
+    start wherever the model puts them (None: every group). With forced outputs the pipeline allows exactly the
+    forced modalities (an empty set for a text-only reply) and appends a forced group the model did not write
+    (``AnyGPTPipeline._complete_reply``). Media placeholders are input-only and never generated (an imported model's
+    vocabulary stays the one it was trained with).
     """
 
     def __init__(self, tokens: ModalityTokens, allowed: set[Modality] | None = None):

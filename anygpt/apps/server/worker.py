@@ -73,8 +73,9 @@ class DeltaStreamer:
     """A transformers streamer that passes a reply's new text to ``emit`` as the LLM writes it.
 
     Only text the final reply will start with is passed: leading and trailing blanks and a possible beginning of
-    the chat template's stop string wait for what follows, and nothing after a stop string is passed, so the pieces
-    add up to a prefix of ``AnyGPTOutput.text`` (``sent``); the caller sends the rest when the job ends.
+    one of ``stop`` (the chat template's end of a turn, ``stop_strings``: its stop strings and role markers) wait for
+    what follows, and nothing from a stop string on is passed, so the pieces add up to a prefix of
+    ``AnyGPTOutput.text`` (``sent``); the caller sends the rest when the job ends.
     """
 
     def __init__(self, tokenizer, emit: Callable[[str], None], stop: Sequence[str] = ()):
@@ -365,5 +366,6 @@ class BatchWorker:
 
 
 def stop_strings(pipe: AnyGPTPipeline) -> tuple[str, ...]:
-    """The chat template's stop strings (text that ends a reply besides EOS)."""
-    return get_template(pipe.config.llm.template).stop
+    """The text that ends a reply besides EOS: the chat template's ``end_of_turn`` (its stop strings and role
+    markers such as ``USER:``), which a ``DeltaStreamer`` never passes on."""
+    return get_template(pipe.config.llm.template).end_of_turn
