@@ -88,7 +88,11 @@ def test_dataset_is_read_by_the_stage_configs(world_dir):
 
 def test_dataset_conversations_follow_the_world(world_dir):
     records = json.loads((world_dir / "IT_data" / "MosIT_data" / "toyworld.json").read_text())
-    assert len(records) == 40 + 24 + 12
+    sizes = WorldSizes.quick()
+    assert len(records) == sum(
+        getattr(sizes, k)
+        for k in ("generation", "captioning", "multi_turn", "follow_up", "media_to_media", "out_of_world")
+    )
     for record in records:
         captions = {
             e[f"{m}_name"]: e["caption"] for m in ("image", "video", "audio") for e in record.get(f"{m}_list", [])

@@ -16,9 +16,10 @@ import json
 from pathlib import Path
 
 from anygpt.apps.runtime_args import add_runtime_arguments, runtime_options
+from anygpt.core.index import packaged_model_dir
 from toyworld import evaluate
 from toyworld.data import WorldSizes, write_world
-from toyworld.recipe import RecipeSettings, install_package, run_recipe
+from toyworld.recipe import PARTS, RecipeSettings, install_package, run_recipe, seed_decoders
 from toyworld.sample_configs import write_sample
 
 __all__ = ["COMMANDS", "add_arguments", "run"]
@@ -56,6 +57,11 @@ def _toyworld_arguments(parser: argparse.ArgumentParser) -> None:
         "alone (2 on a 2-core machine: small models use two cores poorly, so two parts side by side finish sooner)",
     )  # fmt: skip
     recipe.add_argument("--seed", type=int, default=0)
+    recipe.add_argument(
+        "--decoders-from", metavar="MODEL",
+        help="keep the decoders of this packaged toy-world model (a folder, or `toyworld` for the shipped one) "
+        "instead of training them: retrains the data, encoder, language model and stages 1-3 only",
+    )  # fmt: skip
     recipe.add_argument(
         "--install", action="store_true", help="copy the packaged model into the anygpt package (for its developers)"
     )
@@ -103,6 +109,14 @@ def recipe(args: argparse.Namespace) -> None:
     """``anygpt toyworld recipe OUT``: the recipe's parts (those not done yet); prints the summary."""
     settings = RecipeSettings.quick(args.seed) if args.quick else RecipeSettings(seed=args.seed)
     only = [p.strip() for p in args.only.split(",")] if args.only else None
+    if args.decoders_from:
+        model = Path(args.decoders_from)
+        if not (model / "anygpt_index.json").is_file():  # not a model folder: a packaged model's name
+            model = packaged_model_dir(args.decoders_from)
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        seed_decoders(args.out, model)
+        trained_before = {"image-decoder", "video-decoder", "audio-decoder"}  # what the seeded parts were made from
+        only = [p for p in (only or PARTS) if p not in trained_before]
     run_recipe(args.out, settings, only=only, until=args.until, jobs=args.jobs)
     print((Path(args.out) / "summary.md").read_text())
     if args.install:

@@ -38,7 +38,6 @@ import torch.nn.functional as F
 import torchaudio
 from diffusers import AudioLDMPipeline, DDIMScheduler, StableDiffusionPipeline, TextToVideoSDPipeline
 from diffusers.models.transformers.transformer_temporal import TransformerTemporalModel
-from PIL import Image
 from safetensors.torch import save_file
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from tokenizers import decoders as bpe_decoders
@@ -82,6 +81,7 @@ class ComponentSettings:
     encoder_batch: int = 24
     encoder_lr: float = 1e-3
     encoder_pool: int = 768
+    encoder_varied: float = 0.67  # the share of the pool rendered another way (world.vary)
     # language model
     llm_vocab: int = 640
     llm_hidden: int = 128
@@ -736,9 +736,10 @@ def train_encoder(out: Path, settings: ComponentSettings) -> dict[str, Any]:
     pools: dict[Modality, tuple[torch.Tensor, torch.Tensor]] = {}
     for modality in (Modality.IMAGE, Modality.VIDEO, Modality.AUDIO):
         items = [world.draw_item(rng, modality) for _ in range(s.encoder_pool)]
-        rendered = [i.render() for i in items]
-        if modality is Modality.IMAGE:
-            rendered = [Image.fromarray(r) for r in rendered]
+        # two in three rendered another way (frame size, shade, clip length and speed...): the encoder should learn
+        # the world, not one renderer
+        items = [world.vary(i, rng) if rng.random() < s.encoder_varied else i for i in items]
+        rendered = [world.media_input(i) for i in items]
         x = torch.stack([encoder.preprocess(modality, r) for r in tqdm(rendered, desc=f"preprocess {modality.value}")])
         pools[modality] = (x.half(), torch.tensor([index[i.caption] for i in items]))
 
@@ -762,13 +763,16 @@ def train_encoder(out: Path, settings: ComponentSettings) -> dict[str, Any]:
     accuracy = {}
     with torch.no_grad():
         text = F.normalize(encoder(Modality.TEXT, text_ids).embeds, dim=-1)
-        for modality in pools:  # retrieval accuracy on fresh media
-            items = [world.draw_item(rng, modality) for _ in range(48)]
-            emb = F.normalize(encoder.encode(modality, [world.media_input(i) for i in items]).embeds, dim=-1)
-            predicted = (emb @ text.T).argmax(-1)
-            accuracy[modality.value] = float(
-                np.mean([captions[p] == i.caption for p, i in zip(predicted.tolist(), items, strict=True)])
-            )
+        for modality in pools:  # retrieval accuracy on fresh media, as the world renders them and held-out renderings
+            for label, split in ((modality.value, None), (f"{modality.value}_heldout_rendering", "heldout")):
+                items = [world.draw_item(rng, modality) for _ in range(48)]
+                if split is not None:
+                    items = [world.vary(i, rng, split) for i in items]
+                emb = F.normalize(encoder.encode(modality, [world.media_input(i) for i in items]).embeds, dim=-1)
+                predicted = (emb @ text.T).argmax(-1)
+                accuracy[label] = float(
+                    np.mean([captions[p] == i.caption for p, i in zip(predicted.tolist(), items, strict=True)])
+                )
     logger.info("encoder retrieval accuracy on fresh media: %s", accuracy)
     out.mkdir(parents=True, exist_ok=True)
     save_file({k: v.detach().half().contiguous() for k, v in model.state_dict().items()}, out / "imagebind.safetensors")

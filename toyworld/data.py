@@ -63,10 +63,16 @@ class WorldSizes:
     captioning: int = 1500
     multi_turn: int = 600
     chat: int = 600
+    follow_up: int = 900  # two turns: the second changes an attribute ("now make it blue") or asks for another medium
+    media_to_media: int = 900  # an image or clip in, an image or clip out ("make this move left")
+    out_of_world: int = 450  # requests for what the world lacks, answered honestly
+    casual: float = 0.5  # the share of generation requests typed casually (world.casual)
+    varied: float = 0.67  # the share of media files rendered another way (world.vary, the training settings)
 
     @classmethod
     def quick(cls) -> WorldSizes:
-        return cls(images=24, videos=16, audios=12, generation=40, captioning=24, multi_turn=12, chat=16)
+        return cls(images=24, videos=16, audios=12, generation=40, captioning=24, multi_turn=12, chat=16,
+                   follow_up=9, media_to_media=9, out_of_world=6)  # fmt: skip
 
 
 def _chat_pairs() -> list[tuple[str, str]]:
@@ -127,7 +133,8 @@ class _Library:
 
 
 def _plan_media(rng: np.random.Generator, sizes: WorldSizes) -> dict[Modality, list[Any]]:
-    """Media items, cycling through every caption so each appears about equally often."""
+    """Media items, cycling through every caption so each appears about equally often; ``sizes.varied`` of them
+    rendered another way (:func:`world.vary`)."""
     counts = {Modality.IMAGE: sizes.images, Modality.VIDEO: sizes.videos, Modality.AUDIO: sizes.audios}
     combos = {
         Modality.IMAGE: [{"colour": c, "shape": s} for c in world.COLOURS for s in world.SHAPES],
@@ -140,6 +147,7 @@ def _plan_media(rng: np.random.Generator, sizes: WorldSizes) -> dict[Modality, l
         plan[modality] = [
             replace(world.draw_item(rng, modality), **combos[modality][order[i % len(order)]]) for i in range(n)
         ]
+        plan[modality] = [world.vary(item, rng) if rng.random() < sizes.varied else item for item in plan[modality]]
     return plan
 
 
@@ -183,14 +191,50 @@ def _mosit(turns: list[tuple[str, str]], used: dict[Modality, dict[str, Any]]) -
     return record
 
 
-def _generation_turns(rng, library: _Library, used, count: int | None = None) -> list[tuple[str, str]]:
-    request = world.draw_request(rng, count or int(rng.choice(_REQUEST_SIZES)))
+def _generation_turns(
+    rng, library: _Library, used, count: int | None = None, casual: float = 0.0
+) -> list[tuple[str, str]]:
+    count = count or int(rng.choice(_REQUEST_SIZES))
+    request = world.draw_casual_request(rng, count) if rng.random() < casual else world.draw_request(rng, count)
+    return _answer(request.prompt, request.reply(), library, used)
+
+
+def _answer(prompt: str, reply: list[tuple[str, Any]], library: _Library, used) -> list[tuple[str, str]]:
+    """The turns of a request answered with ``reply``'s words, each followed by a library file of its item."""
     parts = []
-    for text, item in request.reply():
+    for text, item in reply:
         name = library.name_for(item)
         used[item.modality][name] = item
         parts.append(f"{text} <{_TAG[item.modality]}>{name}</{_TAG[item.modality]}>")
-    return [("human", request.prompt), ("gpt", " ".join(parts))]
+    return [("human", prompt), ("gpt", " ".join(parts))]
+
+
+def _follow_up_turns(rng, library: _Library, used, casual: float) -> list[tuple[str, str]]:
+    """A generation turn, then a second one: the last item changed ("now make it blue", two in three) or a request
+    for another medium."""
+    first = world.draw_casual_request(rng) if rng.random() < casual else world.draw_request(rng)
+    turns = _answer(first.prompt, first.reply(), library, used)
+    if rng.random() < 2 / 3:
+        second = world.draw_follow_up(rng, first.items[-1])
+    else:
+        others = [m for m in (Modality.IMAGE, Modality.AUDIO, Modality.VIDEO) if m not in first.modalities]
+        modality = others[int(rng.integers(len(others)))] if others else Modality.IMAGE
+        item = world.draw_item(rng, modality)
+        words = world.GENERATE[modality][int(rng.integers(len(world.GENERATE[modality])))].format(item.caption)
+        second = world.Request(world.casual(rng, words) if rng.random() < casual else words, (item,))
+    return turns + _answer(second.prompt, second.reply(), library, used)
+
+
+def _media_turns(rng, library: _Library, used) -> list[tuple[str, str]]:
+    """An image or a clip from the library in, another medium (or the same, changed) out."""
+    modality = (Modality.IMAGE, Modality.VIDEO)[int(rng.integers(2))]
+    name, source = library.random(modality)
+    used[modality][name] = source
+    request = world.draw_media_request(rng, source)
+    tag = _TAG[modality]
+    media = f"<{tag}>{name}</{tag}>"
+    prompt = f"{media} {request.prompt}" if rng.random() < 0.8 else f"{request.prompt} {media}"
+    return _answer(prompt, request.reply(), library, used)
 
 
 def _captioning_turns(rng, library: _Library, used, modality: Modality | None = None) -> list[tuple[str, str]]:
@@ -209,7 +253,15 @@ def _conversations(rng: np.random.Generator, library: _Library, sizes: WorldSize
     records = []
     for _ in range(sizes.generation):
         used = {m: {} for m in _FOLDERS}
-        records.append(_mosit(_generation_turns(rng, library, used), used))
+        records.append(_mosit(_generation_turns(rng, library, used, casual=sizes.casual), used))
+    for _ in range(sizes.follow_up):
+        used = {m: {} for m in _FOLDERS}
+        records.append(_mosit(_follow_up_turns(rng, library, used, sizes.casual), used))
+    for _ in range(sizes.media_to_media):
+        used = {m: {} for m in _FOLDERS}
+        records.append(_mosit(_media_turns(rng, library, used), used))
+    for _ in range(sizes.out_of_world):
+        records.append(_mosit([("human", world.draw_out_of_world(rng)), ("gpt", world.OUT_OF_WORLD_REPLY)], {}))
     for i in range(sizes.captioning):
         used = {m: {} for m in _FOLDERS}
         modality = [Modality.IMAGE, Modality.VIDEO, Modality.AUDIO][i % 3]

@@ -35,6 +35,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import sys
 import time
 from collections.abc import Collection, Mapping, Sequence
@@ -48,6 +49,7 @@ from tqdm.auto import tqdm
 
 from anygpt.base.modality import MEDIA_MODALITIES, Modality
 from anygpt.base.utils import write_text_atomic
+from anygpt.core.conversation import Conversation
 from anygpt.core.pipeline import AnyGPTPipeline
 from anygpt.core.runtime import RuntimeOptions
 from toyworld import world
@@ -60,6 +62,7 @@ __all__ = [
     "HELDOUT_SEED",
     "METRICS",
     "TARGETS",
+    "TASKS",
     "CaptionCase",
     "evaluate",
     "evaluate_decoders",
@@ -84,10 +87,28 @@ TARGETS: dict[str, float] = {
     "image_to_text.shape": 0.80,
     "audio_to_text.pitch": 0.90,
     "video_to_text.direction": 0.80,
+    # the output forced (modalities=[medium]) on a request for that medium: the auto rows' targets
+    "forced_image.colour": 0.90,
+    "forced_image.shape": 0.75,
+    "forced_audio.pitch": 0.90,
+    "forced_video.direction": 0.80,
+    "forced_video.colour": 0.85,
+    "clean_replies": 1.00,
+    "casual_phrasing": 0.95,
+    "second_turn": 0.95,
+    "media_to_media": 0.80,
+    # media -> text on renderings training never used (world.vary's held-out settings)
+    "heldout_rendering.image_to_text.colour": 0.90,
+    "heldout_rendering.image_to_text.shape": 0.80,
+    "heldout_rendering.audio_to_text.pitch": 0.90,
+    "heldout_rendering.video_to_text.direction": 0.80,
 }
 """The quality targets: the fraction of held-out samples each metric must get right."""
 
-INFO_METRICS: tuple[str, ...] = ("text_to_audio.style", "audio_to_text.style", "video_to_text.colour")
+INFO_METRICS: tuple[str, ...] = (
+    "text_to_audio.style", "audio_to_text.style", "video_to_text.colour", "forced_audio.style", "out_of_world",
+    "heldout_rendering.audio_to_text.style", "heldout_rendering.video_to_text.colour",
+)  # fmt: skip
 """Metrics reported without a target."""
 
 METRICS: tuple[str, ...] = (*TARGETS, *INFO_METRICS)
@@ -104,7 +125,24 @@ _CAPTIONED = {
     Modality.AUDIO: ("audio_to_text", ("pitch", "style")),
     Modality.VIDEO: ("video_to_text", ("direction", "colour")),
 }
+_FORCED = {
+    Modality.IMAGE: ("forced_image", ("colour", "shape")),
+    Modality.AUDIO: ("forced_audio", ("pitch", "style")),
+    Modality.VIDEO: ("forced_video", ("direction", "colour")),
+}
+_RENDERED_CAPTIONED = {m: (f"heldout_rendering.{task}", attrs) for m, (task, attrs) in _CAPTIONED.items()}
 _ORACLES = {Modality.IMAGE: image_attributes, Modality.AUDIO: audio_attributes, Modality.VIDEO: video_attributes}
+TASKS: tuple[str, ...] = (
+    "generation", "captioning", "forced", "casual", "second_turn", "media_to_media", "out_of_world", "renderings",
+)  # fmt: skip
+"""What :func:`evaluate` can run: ``generation`` (text -> media, routing), ``captioning`` (media -> text),
+``forced`` (a request for one medium with ``modalities=[medium]``), ``casual`` (requests typed as people type),
+``second_turn`` ("now make it blue" after the model's own first reply, or a request for another medium),
+``media_to_media`` ("make this move left" with an image), ``out_of_world`` ("draw a cat": honest refusal, no media),
+``renderings`` (media -> text on held-out renderings). ``clean_replies`` is scored on every generation reply."""
+_CLEAN = re.compile(r"([A-Z][^.!?]*[.!?]\s*)+")  # whole sentences
+_SENTENCE = re.compile(r"Here is ([a-z ]+)\.")
+_MARKERS = ("USER", "ASSISTANT", "</s>", "###", "Human:")
 _REQUEST_SIZES = (1, 2, 1, 3, 1, 2)  # cycled: the 1 / 2 / 3-item mix of world.draw_request's default
 _MAX_EXAMPLES = 5  # wrong answers kept per task in a report
 
@@ -120,6 +158,7 @@ class CaptionCase:
 
     item: world.Item
     question: str
+    heldout_rendering: bool = False  # rendered with world.vary's held-out settings (scored as heldout_rendering.*)
 
 
 def heldout_requests(n: int, seed: int = HELDOUT_SEED) -> list[world.Request]:
@@ -171,6 +210,78 @@ def heldout_items(n: int, seed: int = HELDOUT_SEED) -> list[CaptionCase]:
     return cases
 
 
+def heldout_rendered_items(n: int, seed: int = HELDOUT_SEED) -> list[CaptionCase]:
+    """As :func:`heldout_items`, each item rendered with :func:`world.vary`'s held-out settings (frame sizes,
+    frame counts, frame rates, clip lengths the training never used; other shades, paths and sizes)."""
+    rng = np.random.default_rng([seed, 8])
+    return [CaptionCase(world.vary(c.item, rng, "heldout"), c.question, True) for c in heldout_items(n, seed)]
+
+
+def heldout_single_requests(n: int, seed: int = HELDOUT_SEED) -> list[world.Request]:
+    """``n`` one-item requests per medium (images, then sounds, then clips), phrased as :func:`world.draw_request`."""
+    rng = np.random.default_rng([seed, 3])
+    requests = []
+    for modality in (Modality.IMAGE, Modality.AUDIO, Modality.VIDEO):
+        for _ in range(n):
+            item = world.draw_item(rng, modality)
+            prompt = world.GENERATE[modality][int(rng.integers(len(world.GENERATE[modality])))].format(item.caption)
+            requests.append(world.Request(prompt, (item,)))
+    return requests
+
+
+def heldout_casual_requests(n: int, seed: int = HELDOUT_SEED) -> list[world.Request]:
+    """``n`` requests of 1, 2 and 3 items typed as people type them (:func:`world.draw_casual_request`)."""
+    rng = np.random.default_rng([seed, 4])
+    return [world.draw_casual_request(rng, _REQUEST_SIZES[i % len(_REQUEST_SIZES)]) for i in range(n)]
+
+
+@dataclass(frozen=True)
+class TwoTurns:
+    """A one-item request, then a second turn about its item (or for another medium)."""
+
+    first: world.Request
+    second: world.Request
+
+
+def heldout_two_turns(n: int, seed: int = HELDOUT_SEED) -> list[TwoTurns]:
+    """``n`` two-turn conversations: two in three change an attribute of the first turn's item ("now make it
+    blue"), one in three asks for another medium."""
+    rng = np.random.default_rng([seed, 5])
+    cases = []
+    for i in range(n):
+        first = world.draw_casual_request(rng, 1) if i % 2 else world.draw_request(rng, 1)
+        if i % 3 < 2:
+            second = world.draw_follow_up(rng, first.items[0])
+        else:
+            others = [m for m in MEDIA_MODALITIES if m not in first.modalities]
+            modality = others[int(rng.integers(len(others)))]
+            item = world.draw_item(rng, modality)
+            phrasings = world.GENERATE[modality]
+            second = world.Request(phrasings[int(rng.integers(len(phrasings)))].format(item.caption), (item,))
+        cases.append(TwoTurns(first, second))
+    return cases
+
+
+def heldout_media_requests(n: int, seed: int = HELDOUT_SEED) -> list[world.MediaRequest]:
+    """``n`` media -> media requests (:func:`world.draw_media_request`), half the source items rendered with the
+    held-out settings."""
+    rng = np.random.default_rng([seed, 6])
+    cases = []
+    for i in range(n):
+        source = world.draw_item(rng, (Modality.IMAGE, Modality.VIDEO)[i % 2])
+        request = world.draw_media_request(rng, source)
+        if i % 4 >= 2:
+            request = world.MediaRequest(world.vary(source, rng, "heldout"), request.prompt, request.items)
+        cases.append(request)
+    return cases
+
+
+def heldout_out_of_world(n: int, seed: int = HELDOUT_SEED) -> list[str]:
+    """``n`` requests for things the world lacks, from the held-out list (:data:`world.OUT_OF_WORLD`)."""
+    rng = np.random.default_rng([seed, 7])
+    return [world.draw_out_of_world(rng, "heldout") for _ in range(n)]
+
+
 # ------------------------------------------------------------------------------------------------------------
 # Evaluation
 # ------------------------------------------------------------------------------------------------------------
@@ -217,7 +328,7 @@ def evaluate(
     progress: bool = True,
     max_new_tokens: int = 128,
     decoder_settings: Mapping[str, Any] | None = None,
-    tasks: Collection[str] = ("generation", "captioning"),
+    tasks: Collection[str] = TASKS,
 ) -> dict[str, Any]:
     """Score a pipeline on held-out toy-world requests and media.
 
@@ -231,8 +342,7 @@ def evaluate(
         max_new_tokens: LLM reply length limit.
         decoder_settings: settings passed to every decoder (``num_inference_steps``, ``guidance_scale``,
             ``height``, ``width``, ``num_frames``, ``audio_seconds``); None keeps each decoder's defaults.
-        tasks: ``generation`` (text -> media and routing) and/or ``captioning`` (media -> text); the metrics of a
-            task left out are None.
+        tasks: some of :data:`TASKS` (default all); the metrics of a task left out are None.
 
     Returns:
         A JSON-safe report: ``{"metrics": {name: {"value", "correct", "total", "target"}}, "meta": {...},
@@ -242,17 +352,31 @@ def evaluate(
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    unknown = set(tasks) - {"generation", "captioning"}
+    unknown = set(tasks) - set(TASKS)
     if unknown or not tasks:
-        raise ValueError(f"tasks: expected generation and/or captioning, got {sorted(tasks)}")
+        raise ValueError(f"tasks: expected some of {', '.join(TASKS)}, got {sorted(tasks)}")
     start = time.perf_counter()
     settings = dict(decoder_settings or {})
     requests = heldout_requests(samples, seed) if "generation" in tasks else []
     cases = heldout_items(samples, seed) if "captioning" in tasks else []
+    if "renderings" in tasks:
+        cases += heldout_rendered_items(samples, seed)
+    forced = heldout_single_requests(samples, seed) if "forced" in tasks else []
+    casual = heldout_casual_requests(samples, seed) if "casual" in tasks else []
+    two_turns = heldout_two_turns(samples, seed) if "second_turn" in tasks else []
+    media = heldout_media_requests(samples, seed) if "media_to_media" in tasks else []
+    outside = heldout_out_of_world(samples, seed) if "out_of_world" in tasks else []
     tally = _Tally()
-    bar = tqdm(total=len(requests) + len(cases), desc="toy-world eval", unit="step", disable=not progress)
+    total = len(requests) + len(cases) + len(forced) + len(casual) + len(two_turns) + len(media) + len(outside)
+    bar = tqdm(total=total, desc="toy-world eval", unit="step", disable=not progress)
     try:
         queued = _generate(pipe, requests, tally, bar, seed=seed, max_new_tokens=max_new_tokens)
+        llm = {"seed": seed, "max_new_tokens": max_new_tokens}
+        queued += _generate_forced(pipe, forced, tally, bar, start=len(queued), **llm)
+        _ask_casual(pipe, casual, tally, bar, **llm)
+        _ask_two_turns(pipe, two_turns, tally, bar, **llm)
+        queued += _ask_media(pipe, media, tally, bar, start=len(queued), **llm)
+        _ask_outside(pipe, outside, tally, bar, **llm)
         _render(pipe, queued, tally, bar, seed=seed, batch_size=batch_size, settings=settings)
         _caption(pipe, cases, tally, bar, seed=seed, max_new_tokens=max_new_tokens)
     finally:
@@ -274,6 +398,7 @@ def evaluate(
             "seconds": round(time.perf_counter() - start, 3),
             "requests": len(requests),
             "caption_items": len(cases),
+            "tasks": [t for t in TASKS if t in tasks],
             "batch_size": batch_size,
             "max_new_tokens": max_new_tokens,
             "decoder_settings": {k: v for k, v in settings.items() if v is not None},
@@ -365,14 +490,16 @@ class _Queued:
     prompt: str
     item: world.Item
     conditioning: torch.Tensor  # (1, L, D), or (1, D) for pooled conditioning
+    task: str | None = None  # None: text -> medium (_GENERATED); "forced"; "media_to_media" (one figure, all right)
 
 
-def _reply(pipe: Any, prompt: str, *, seed: int, max_new_tokens: int, **media: Any) -> Any:
-    """The pipeline's greedy reply with ``modalities="auto"``, decoders skipped (their conditioning is kept)."""
+def _reply(pipe: Any, prompt: str, *, seed: int, max_new_tokens: int, modalities: Any = "auto", **media: Any) -> Any:
+    """The pipeline's greedy reply (``modalities="auto"`` unless given), decoders skipped (their conditioning is
+    kept)."""
     return pipe(
         prompt,
         **media,
-        modalities="auto",
+        modalities=modalities,
         seed=seed,
         temperature=0.0,
         max_new_tokens=max_new_tokens,
@@ -390,6 +517,7 @@ def _generate(
     for i, request in enumerate(requests):
         out = _reply(pipe, request.prompt, seed=seed + i, max_new_tokens=max_new_tokens)
         emitted = {Modality.parse(m) for m in out.conditioning}
+        _score_clean(tally, request.prompt, out)
         routed = emitted == request.modalities
         tally.add("routing", routed)
         if not routed:
@@ -410,6 +538,139 @@ def _generate(
                 queued.append(_Queued(len(queued), request.prompt, item, conditioning[:1].detach()))
         bar.update()
     return queued
+
+
+def _score_clean(tally: _Tally, prompt: str, out: Any) -> bool:
+    """A clean reply: whole sentences only (no fragment such as ", and make a clip"), nothing of the chat template,
+    and one "Here is ..." sentence per medium produced (no media without words, no words without media)."""
+    text = out.text.strip()
+    clean = (
+        not any(m in text for m in _MARKERS)
+        and (not text or bool(_CLEAN.fullmatch(text)))
+        and len(_SENTENCE.findall(text)) == len(out.conditioning)
+    )
+    tally.add("clean_replies", clean)
+    if not clean:
+        tally.example("clean_replies", prompt=prompt, reply=out.text)
+    return clean
+
+
+def _words_right(request: world.Request | world.MediaRequest, out: Any) -> bool:
+    """The reply produced exactly the requested media, and its sentences name each item's attributes in order."""
+    emitted = {Modality.parse(m) for m in out.conditioning}
+    said = _SENTENCE.findall(out.text)
+    if emitted != {item.modality for item in request.items} or len(said) != len(request.items):
+        return False
+    return all(
+        caption_attributes(words).get(key) == value
+        for words, item in zip(said, request.items, strict=True)
+        for key, value in item.attributes().items()
+    )
+
+
+def _generate_forced(
+    pipe: Any, requests: list[world.Request], tally: _Tally, bar: Any, *, seed: int, max_new_tokens: int, start: int
+) -> list[_Queued]:
+    """Ask for one medium with that medium forced (``modalities=[medium]``); queue what was produced."""
+    queued: list[_Queued] = []
+    bar.set_postfix_str("forced")
+    for i, request in enumerate(requests):
+        (item,) = request.items
+        if item.modality not in pipe.decoders:
+            bar.update()
+            continue
+        out = _reply(pipe, request.prompt, seed=seed + i, max_new_tokens=max_new_tokens, modalities=[item.modality])
+        _score_clean(tally, request.prompt, out)
+        conditioning = out.conditioning.get(item.modality.value)
+        if conditioning is None:
+            task, attributes = _FORCED[item.modality]
+            tally.score(task, attributes, item.attributes(), {})
+        else:
+            index = start + len(queued)
+            queued.append(_Queued(index, request.prompt, item, conditioning[:1].detach(), task="forced"))
+        bar.update()
+    return queued
+
+
+def _ask_casual(
+    pipe: Any, requests: list[world.Request], tally: _Tally, bar: Any, *, seed: int, max_new_tokens: int
+) -> None:
+    """Requests typed as people type them: right when the reply makes the requested media and names them right."""
+    bar.set_postfix_str("casual")
+    for i, request in enumerate(requests):
+        out = _reply(pipe, request.prompt, seed=seed + i, max_new_tokens=max_new_tokens)
+        _score_clean(tally, request.prompt, out)
+        right = _words_right(request, out)
+        tally.add("casual_phrasing", right)
+        if not right:
+            tally.example("casual_phrasing", prompt=request.prompt, expected=request.reply()[0][0], reply=out.text)
+        bar.update()
+
+
+def _ask_two_turns(
+    pipe: Any, cases: list[TwoTurns], tally: _Tally, bar: Any, *, seed: int, max_new_tokens: int
+) -> None:
+    """Two turns in one conversation (the model's own first reply kept): the second reply is scored."""
+    bar.set_postfix_str("second turns")
+    for i, case in enumerate(cases):
+        conversation = Conversation()
+        pipe(
+            case.first.prompt, conversation=conversation, seed=seed + i, temperature=0.0,
+            max_new_tokens=max_new_tokens, show_progress=False, on_decode=_skip_decoders,
+        )  # fmt: skip
+        out = pipe(
+            case.second.prompt, conversation=conversation, seed=seed + i, temperature=0.0,
+            max_new_tokens=max_new_tokens, show_progress=False, on_decode=_skip_decoders,
+        )  # fmt: skip
+        _score_clean(tally, case.second.prompt, out)
+        right = _words_right(case.second, out)
+        tally.add("second_turn", right)
+        if not right:
+            first = conversation.turns[1].text if len(conversation.turns) > 1 else ""
+            tally.example(
+                "second_turn", first=case.first.prompt, first_reply=first, prompt=case.second.prompt,
+                expected=case.second.reply()[0][0], reply=out.text,
+            )  # fmt: skip
+        bar.update()
+
+
+def _ask_media(
+    pipe: Any, cases: list[world.MediaRequest], tally: _Tally, bar: Any, *, seed: int, max_new_tokens: int, start: int
+) -> list[_Queued]:
+    """An image or clip in, another out: queue the produced item (scored when rendered, all attributes right)."""
+    queued: list[_Queued] = []
+    readable = {Modality.parse(m) for m in pipe.config.input_modalities}
+    bar.set_postfix_str("media -> media")
+    for i, case in enumerate(cases):
+        (item,) = case.items
+        if case.source.modality not in readable or item.modality not in pipe.decoders:
+            bar.update()
+            continue
+        media = {case.source.modality.plural: [world.media_input(case.source)]}
+        out = _reply(pipe, case.prompt, seed=seed + i, max_new_tokens=max_new_tokens, **media)
+        _score_clean(tally, case.prompt, out)
+        emitted = {Modality.parse(m) for m in out.conditioning}
+        if emitted != {item.modality}:
+            tally.add("media_to_media", False)
+            tally.example("media_to_media", prompt=case.prompt, source=case.source.caption, expected=item.caption,
+                          reply=out.text)  # fmt: skip
+        else:
+            conditioning = out.conditioning[item.modality.value][:1].detach()
+            queued.append(_Queued(start + len(queued), case.prompt, item, conditioning, task="media_to_media"))
+        bar.update()
+    return queued
+
+
+def _ask_outside(pipe: Any, prompts: list[str], tally: _Tally, bar: Any, *, seed: int, max_new_tokens: int) -> None:
+    """Requests for what the world lacks: right when the reply says what the model can make and makes nothing."""
+    bar.set_postfix_str("out of world")
+    for i, prompt in enumerate(prompts):
+        out = _reply(pipe, prompt, seed=seed + i, max_new_tokens=max_new_tokens)
+        right = not out.conditioning and "I can only" in out.text
+        tally.add("out_of_world", right)
+        if not right:
+            tally.example("out_of_world", prompt=prompt, reply=out.text)
+        bar.update()
 
 
 def _render(
@@ -439,8 +700,16 @@ def _render(
             outputs = decoder.generate(embeds, generator=generators, show_progress=False, **settings)
             for q, media in zip(batch, outputs, strict=True):
                 found = _ORACLES[modality](media)
-                if not tally.score(task, attributes, q.item.attributes(), found):
-                    tally.example(task, prompt=q.prompt, expected=q.item.caption, found=_describe(found))
+                if q.task == "media_to_media":
+                    right = all(found.get(k) == v for k, v in q.item.attributes().items() if k != "style")
+                    tally.add("media_to_media", right)
+                    if not right:
+                        found_words = _describe(found)
+                        tally.example("media_to_media", prompt=q.prompt, expected=q.item.caption, found=found_words)
+                    continue
+                name, names = _FORCED[modality] if q.task == "forced" else (task, attributes)
+                if not tally.score(name, names, q.item.attributes(), found):
+                    tally.example(name, prompt=q.prompt, expected=q.item.caption, found=_describe(found))
             bar.update(len(batch))
 
 
@@ -457,7 +726,7 @@ def _caption(pipe: Any, cases: list[CaptionCase], tally: _Tally, bar: Any, *, se
             out = _reply(
                 pipe, case.question, seed=seed + i, max_new_tokens=max_new_tokens, **{modality.plural: [media]}
             )
-            task, attributes = _CAPTIONED[modality]
+            task, attributes = (_RENDERED_CAPTIONED if case.heldout_rendering else _CAPTIONED)[modality]
             found = caption_attributes(out.text)
             if not tally.score(task, attributes, case.item.attributes(), found):
                 tally.example(task, question=case.question, expected=case.item.caption, found=out.text)

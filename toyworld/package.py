@@ -25,7 +25,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from anygpt.base.utils import atomic_directory, atomic_file
 from anygpt.core.index import INDEX_FILE, read_index, write_index
 from decoders import build_decoder
-from decoders.clip_tokenizer import restrict_clip_tokenizer
+from decoders.clip_tokenizer import clip_vocab_and_merges, restrict_clip_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -52,9 +52,14 @@ def restrict_text_encoder(pipe, texts: list[str]) -> int:
     (:func:`decoders.clip_tokenizer.restrict_clip_tokenizer`); the embedding keeps the matching rows. The pipeline's
     caption encoding of every text is unchanged (checked).
 
+    A tokenizer restricted already (a smaller vocabulary than CLIP's; e.g. a decoder taken from a packaged model)
+    is kept as it is.
+
     Returns:
         the new vocabulary size.
     """
+    if len(pipe.tokenizer) < len(clip_vocab_and_merges()[0]):
+        return len(pipe.tokenizer)
     encoder = pipe.text_encoder
     with torch.no_grad():
         before = _encode(pipe, texts)

@@ -208,6 +208,48 @@ def _run_part(out: Path, name: str, fn: Callable[[Path], dict[str, Any]], *, see
     return info
 
 
+# The decoder parts a packaged model can stand in for: the folder of each under the package's ``decoders/``.
+SEEDABLE = {"image-decoder-refine": "image", "video-decoder-refine": "video", "audio-vocoder": "audio"}
+
+
+def seed_decoders(out: str | os.PathLike, model: str | os.PathLike) -> list[str]:
+    """Take the decoders of a packaged toy-world model (``anygpt/models/toyworld`` or a package part's
+    ``toyworld`` folder) as the recipe's finished decoder parts, so that a retraining of the world's language, its
+    encoder and stages 1-3 keeps the decoders as they are (they are frozen in stages 1-3, and nothing they learnt
+    depends on the conversations or the encoder once trained).
+
+    Each ``out/<part>`` gets the decoder's diffusers folder and a ``part.json`` that says where it came from; such a
+    part has no recorded inputs, so it is never stale (the recipe does not train the decoders again). Parts already
+    done are left as they are.
+
+    Returns:
+        the parts written.
+    """
+    out, model = Path(out).expanduser().resolve(), Path(model).expanduser().resolve()
+    written = []
+    for part, folder in SEEDABLE.items():
+        source = model / "decoders" / folder
+        if not (source / "model_index.json").is_file():
+            raise ValueError(f"{source}: no diffusers model_index.json; expected a packaged toy-world model folder")
+        if (out / part / PART_FILE).is_file():
+            continue
+        tmp = out / f".{part}.partial"
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        shutil.copytree(source, tmp)
+        info = {
+            "part": part,
+            "seconds": 0.0,
+            "finished": time.time(),
+            "seeded_from": str(model),
+            "metrics": {"note": f"the decoder of the packaged model {model.name} (trained by an earlier recipe run)"},
+        }
+        (tmp / PART_FILE).write_text(json.dumps(info, indent=2) + "\n")
+        os.replace(tmp, out / part)
+        written.append(part)
+    return written
+
+
 def _check_settings(out: Path, settings: RecipeSettings) -> None:
     """A recipe folder belongs to one set of settings (``OUT/recipe.json``): a quick run's parts are never reused
     by a full run, nor one seed's by another's."""

@@ -108,8 +108,10 @@ def render_motion(
     size: int = IMAGE_SIZE,
     side: int = 16,
     offset: int = 0,
+    start: float = 0.0,
+    end: float = 1.0,
 ) -> np.ndarray:
-    """A filled square crossing a white frame in one direction.
+    """A filled square moving across a white frame in one direction, at constant speed.
 
     Args:
         colour: RGB fill.
@@ -118,6 +120,8 @@ def render_motion(
         size: frame side in pixels.
         side: the square's side in pixels.
         offset: shift of the square across its path (pixels from the middle).
+        start, end: where the path begins and ends, as fractions of the way from one edge to the other
+            (the defaults cross the whole frame; ``0.2, 0.7`` covers half of it, more slowly).
 
     Returns:
         uint8 frames, shape (frames, size, size, 3).
@@ -128,8 +132,10 @@ def render_motion(
     video = np.full((frames, size, size, 3), 255, dtype=np.uint8)
     travel = size - side
     across = int(np.clip((size - side) // 2 + offset, 0, travel))
+    if not 0.0 <= start < end <= 1.0:
+        raise ValueError(f"start and end must satisfy 0 <= start < end <= 1, got {start}, {end}")
     for i in range(frames):
-        along = round(i * travel / max(1, frames - 1))
+        along = round((start + (end - start) * i / max(1, frames - 1)) * travel)
         x = along if dx > 0 else travel - along if dx < 0 else across
         y = along if dy > 0 else travel - along if dy < 0 else across
         video[i, y : y + side, x : x + side] = colour
