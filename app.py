@@ -9,8 +9,7 @@ files are served where they are written, never copied, and nothing outside it is
 time: the queue's concurrency limit is 1 for every event that calls the model, and the engine holds a lock. Stop and
 Clear never wait behind the model and are never refused by a full queue.
 
-API (``gradio_client``): ``/chat`` (send a message), ``/retry``, ``/stop``, ``/clear``; see the README section "Chat
-demo".
+API (``gradio_client``): ``/chat`` (send a message), ``/retry``, ``/stop``, ``/clear``; see docs/demo.md.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 Registered through lmms-eval's ``lmms_eval.models`` entry point (``lmms_entry.manifest``); this module is imported
 by lmms-eval only (it needs ``lmms-eval``, an optional extra: ``pip install 'anygpt[lmms]'`` in an environment of
-its own, see the README).
+its own, see docs/evaluation.md).
 
 Model arguments (``--model_args key=value,...``):
     pretrained: a preset name or a ``save_pretrained`` folder (default ``toyworld``).
