@@ -2,6 +2,7 @@
 
     anygpt serve [--model NAME|DIR] [--host 127.0.0.1] [--port 8000] [--api-key KEY] [--device cuda --dtype float16]
         [--max-batch-size 8] [--batch-wait-ms 10] [--queue-size 64] [--max-request-mb 64]
+        [--max-videos 100] [--video-dir DIR]
     anygpt serve --replicas N [--min-replicas A --max-replicas B] [--gpus-per-replica 1]     (Ray Serve)
 
 One process serves on loopback by default, with uvicorn; ``--replicas`` (or autoscaling bounds) runs the same app as
@@ -54,6 +55,18 @@ def add_arguments(command: str, parser: argparse.ArgumentParser) -> None:
         help="what a request without 'modalities' gets: auto (the model decides), or a comma list such as 'text' "
         "(text-only replies, for evaluation harnesses) or 'text,image'",
     )
+    parser.add_argument(
+        "--max-videos",
+        type=int,
+        default=100,
+        help="/v1/videos jobs kept; past it the oldest finished ones are dropped with their MP4s (default 100)",
+    )
+    parser.add_argument(
+        "--video-dir",
+        default=None,
+        help="where the server makes its private folder of /v1/videos MP4s, removed when it stops "
+        "(default: the system's temporary folder)",
+    )
     add_runtime_arguments(parser)
     ray = parser.add_argument_group("scale-out on Ray Serve (the serve-ray extra)")
     ray.add_argument("--replicas", type=int, default=None, help="serve N replicas of the app with Ray Serve")
@@ -82,6 +95,8 @@ def server_options(args: argparse.Namespace) -> ServerOptions:
         max_request_bytes=max(1, int(args.max_request_mb * 2**20)),
         feature_cache_size=args.feature_cache,
         default_modalities=_modalities(args.default_modalities),
+        max_videos=args.max_videos,
+        video_dir=args.video_dir,
     )
 
 

@@ -38,11 +38,38 @@ Routes (``anygpt.apps.server.app``):
 ``POST /v1/images/generations``
     DALL-E's shape: ``{prompt, n, size, response_format: "b64_json", seed, num_inference_steps, guidance_scale}`` ->
     ``{"created", "data": [{"b64_json": <PNG>}]}``; image ``i`` is ``seed + i``'s, what a chat request with
-    ``modalities: ["text", "image"]`` renders. ``response_format: "url"`` is refused (the server serves no files).
+    ``modalities: ["text", "image"]`` renders. ``response_format: "url"`` is refused (the server serves no files
+    but its own video jobs' MP4s, below).
+``POST /v1/videos``, ``GET /v1/videos``, ``GET`` / ``DELETE /v1/videos/{id}``, ``GET /v1/videos/{id}/content``
+    OpenAI's Videos API, the subset SGLang's diffusion server serves, so ``client.videos.create / retrieve / list /
+    download_content / delete`` of the ``openai`` package work unchanged (``anygpt.apps.server.videos``). Create
+    takes a JSON body or the ``openai`` client's multipart form: ``prompt``, ``model``, ``size`` ("WxH", as the
+    images route reads and checks it; default: the video decoder's), ``seconds`` (a number or OpenAI's string,
+    ``"4"``: ``max(1, round(seconds * fps))`` frames at the decoder's fps) or ``num_frames`` (not both; default:
+    the decoder's), ``seed``, ``num_inference_steps``, ``guidance_scale``, ``decoder_overrides``, ``adapters``
+    (nested fields need a JSON body); ``input_reference`` is refused. It queues a video-forced request (what a chat
+    request with ``modalities: ["text", "video"]`` renders) in the worker's queue, as the other routes do (429 /
+    503 when full / stopped), and answers at once with the Video object: ``{"id": "video_<32 hex>", "object":
+    "video", "status": "queued", "progress": 0, "created_at", "completed_at": null, "model", "prompt", "seconds":
+    "<frames / fps>", "size": "WxH", "error": null, "expires_at": null, "remixed_from_video_id": null}``. Its
+    ``status`` goes ``queued`` -> ``in_progress`` (the worker took it) -> ``completed`` (``progress`` 100, the MP4
+    written) or ``failed`` (``error: {"code": "invalid_request" | "internal_error" | "no_video", "message"}``; the
+    server goes on serving). ``GET /v1/videos`` lists them (``limit`` 1..100, default 20; ``order`` ``desc``,
+    the default, or ``asc``; ``after``: an id) as ``{"object": "list", "data", "first_id", "last_id",
+    "has_more"}``. ``/content`` is the H.264 MP4 (``video/mp4``; ``variant`` other than ``video`` is 400); before
+    the job completed it is 404 with code ``video_not_ready`` (what OpenAI answers), 404 ``video_failed`` for a
+    failed job. ``DELETE`` answers ``{"id", "object": "video.deleted", "deleted": true}`` in any state (a queued
+    job is dropped, a running one's result discarded) and removes the MP4. An unknown or malformed id is 404
+    ``video_not_found``; a model without a video decoder answers ``POST /v1/videos`` with 400
+    ``video_not_supported``. Jobs are kept in memory, at most ``--max-videos`` (default 100): past it the oldest
+    finished ones are dropped with their files. MP4s are written atomically into the server's private folder
+    (made under ``--video-dir`` or the system's temporary folder, removed when the server stops) and served only
+    from there, found by the job, never by a path from the client. With Ray Serve each replica keeps its own
+    jobs: ask the replica that made a job (one replica, or sticky sessions) for it.
 
 Errors are OpenAI's ``{"error": {"message", "type", "param", "code"}}``: 400 for a bad field or an unreadable media
 part (``param`` names it, e.g. ``messages[0].content[1]``), 401 for a missing or wrong key (``--api-key``), 404 for
-another model's name or an unknown route, 413 for a body over ``--max-request-mb``, 429 when ``--queue-size``
+another model's name, an unknown route or video id, 413 for a body over ``--max-request-mb``, 429 when ``--queue-size``
 requests already wait (``Retry-After: 1``), 503 while the worker is not running, 500 for a failure of the model
 (logged). A bad request is refused before it reaches the model; a batch that fails is answered again one request
 at a time, so only the request that breaks the model fails.

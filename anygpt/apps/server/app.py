@@ -2,7 +2,8 @@
 
 ``build_app(pipe, options)`` returns an ASGI app that uvicorn serves (``anygpt serve``) and that Ray Serve wraps as a
 deployment (``anygpt.apps.server.ray_serve``). Its lifespan starts and stops the ``BatchWorker`` that owns the
-pipeline; request handlers only validate, read media (in a thread pool) and wait for the worker.
+pipeline, and the ``VideoStore`` of ``/v1/videos``; request handlers only validate, read media (in a thread pool)
+and wait for the worker.
 """
 
 from __future__ import annotations
@@ -23,12 +24,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from anygpt.apps.server import protocol
-from anygpt.apps.server.protocol import ChatCompletionRequest, ImageGenerationRequest
+from anygpt.apps.server.protocol import ChatCompletionRequest, ImageGenerationRequest, VideoCreateRequest
+from anygpt.apps.server.videos import VideoRecord, VideoStore
 from anygpt.apps.server.worker import BatchWorker, DeltaStreamer, Job, JobResult, stop_strings
 from anygpt.base.errors import AnyGPTError, UsageError
 from anygpt.base.modality import MEDIA_MODALITIES, Modality
@@ -54,6 +56,10 @@ class ServerOptions:
         default_modalities: what a chat request without ``modalities`` gets: None, the model decides; else the
             wire form, e.g. ``("text",)`` for text-only replies (evaluation harnesses that read ``content`` as a
             string).
+        max_videos: the most ``/v1/videos`` jobs kept; past it the oldest finished ones are dropped with their
+            MP4 files (``anygpt.apps.server.videos``).
+        video_dir: where the server makes its private folder of MP4 files (removed when it stops); None: the
+            system's temporary folder.
     """
 
     model_name: str
@@ -64,6 +70,8 @@ class ServerOptions:
     max_request_bytes: int = 64 * 2**20
     feature_cache_size: int = 64
     default_modalities: tuple[str, ...] | None = None
+    max_videos: int = 100
+    video_dir: str | None = None
 
     def __post_init__(self) -> None:
         if self.default_modalities is not None:
@@ -74,7 +82,9 @@ class ServerOptions:
             raise UsageError(f"model_name must be a non-empty string, got {self.model_name!r}")
         if self.api_key is not None and not (isinstance(self.api_key, str) and self.api_key):
             raise UsageError("api_key must be a non-empty string or None")
-        for name in ("max_batch_size", "queue_size", "max_request_bytes"):
+        if self.video_dir is not None and not (isinstance(self.video_dir, str) and self.video_dir):
+            raise UsageError(f"video_dir must be a non-empty string or None, got {self.video_dir!r}")
+        for name in ("max_batch_size", "queue_size", "max_request_bytes", "max_videos"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise UsageError(f"{name} must be a positive integer, got {value!r}")
@@ -100,18 +110,22 @@ def build_app(pipe: AnyGPTPipeline, options: ServerOptions, *, worker: BatchWork
     )
     replica = f"{socket.gethostname()}:{os.getpid()}"
     stops = stop_strings(pipe)
+    videos = VideoStore(options.max_videos, options.video_dir)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        videos.start()
         worker.start()
         try:
             yield
         finally:
             await run_in_threadpool(worker.close)
+            await run_in_threadpool(videos.close)
 
     app = FastAPI(title="anygpt", version="1", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.worker = worker
     app.state.pipe = pipe
+    app.state.videos = videos
     app.add_middleware(_Gate, api_key=options.api_key, max_bytes=options.max_request_bytes)
 
     @app.exception_handler(StarletteHTTPException)
@@ -196,6 +210,89 @@ def build_app(pipe: AnyGPTPipeline, options: ServerOptions, *, worker: BatchWork
             images.extend(media[Modality.IMAGE])
         return protocol.images_response(images)
 
+    # ------------------------------------------------------------------ /v1/videos (OpenAI's Videos API)
+    @app.post("/v1/videos")
+    async def create_video(request: Request):
+        decoder = pipe.decoders.get(Modality.VIDEO)
+        if decoder is None:
+            makes = ", ".join(m.value for m in pipe.decoders) or "text only"
+            message = f"this model has no video decoder (it generates {makes}): /v1/videos needs one"
+            return _error(400, message, "invalid_request_error", code="video_not_supported")
+        with worker.incoming():
+            body, problem = await _read_video_body(request, options)
+            if problem is not None:
+                return problem
+            fps = float(decoder.config.fps)
+            try:
+                generation = protocol.video_request(body, fps=fps)
+                pipe.check_inputs(generation)
+            except (AnyGPTError, ValueError) as error:
+                return _bad_request(error)
+            future = _submit(worker, Job(generation))
+        if isinstance(future, JSONResponse):
+            return future
+        settings = generation.decoder_settings(Modality.VIDEO)
+        width = settings.get("width") or decoder.config.width
+        height = settings.get("height") or decoder.config.height
+        frames = settings.get("num_frames") or decoder.config.num_frames
+        record = VideoRecord(
+            id=videos.new_id(),
+            prompt=body.prompt,
+            model=body.model or options.model_name,
+            size=f"{width}x{height}",
+            seconds=f"{frames / fps:g}",
+            created_at=int(time.time()),
+            future=future,
+        )
+        return videos.add(record)
+
+    @app.get("/v1/videos")
+    async def list_videos(request: Request):
+        query = request.query_params
+        limit, order, after = query.get("limit", "20"), query.get("order", "desc"), query.get("after")
+        if not (limit.isdigit() and 1 <= int(limit) <= 100):
+            return _invalid("limit", f"expected an integer from 1 to 100, got {limit!r}")
+        if order not in ("asc", "desc"):
+            return _invalid("order", f"expected 'asc' or 'desc', got {order!r}")
+        try:
+            data, has_more = videos.page(after=after, limit=int(limit), order=order)
+        except KeyError:
+            return _invalid("after", f"no video {after!r} on this server")
+        first, last = (data[0]["id"], data[-1]["id"]) if data else (None, None)
+        return {"object": "list", "data": data, "first_id": first, "last_id": last, "has_more": has_more}
+
+    @app.get("/v1/videos/{video_id}")
+    async def retrieve_video(video_id: str):
+        described = videos.describe(video_id)
+        return _video_not_found(video_id) if described is None else described
+
+    @app.get("/v1/videos/{video_id}/content")
+    async def video_content(video_id: str, request: Request):
+        variant = request.query_params.get("variant", "video")
+        if variant != "video":
+            return _invalid("variant", f"only the MP4 video is served (variant 'video'), got {variant!r}")
+        found = videos.content(video_id)
+        if found is None:
+            return _video_not_found(video_id)
+        state, path, error = found
+        if state == "failed":
+            message = f"Video {video_id} failed ({error['message']}): it has no content"
+            return _error(404, message, "invalid_request_error", param="video_id", code="video_failed")
+        if path is None:
+            message = f"Video {video_id} is not ready yet (status {state}); poll GET /v1/videos/{video_id}"
+            return _error(404, message, "invalid_request_error", param="video_id", code="video_not_ready")
+        try:
+            data = await run_in_threadpool(path.read_bytes)
+        except FileNotFoundError:  # deleted (or dropped) while it was asked for
+            return _video_not_found(video_id)
+        return Response(data, media_type="video/mp4")
+
+    @app.delete("/v1/videos/{video_id}")
+    async def delete_video(video_id: str):
+        if not await run_in_threadpool(videos.delete, video_id):
+            return _video_not_found(video_id)
+        return {"id": video_id, "object": "video.deleted", "deleted": True}
+
     return app
 
 
@@ -206,6 +303,33 @@ async def _read(request: Request, model: type, options: ServerOptions) -> tuple[
         data = json.loads(await request.body())
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         return None, _error(400, f"body: expected a JSON object ({error})", "invalid_request_error")
+    return _validate(data, model, options)
+
+
+_UPLOADED = object()
+"""What a form's uploaded file stands for in a ``/v1/videos`` body (refused, naming its field)."""
+
+
+async def _read_video_body(request: Request, options: ServerOptions) -> tuple[Any, JSONResponse | None]:
+    """``POST /v1/videos``: a JSON body, or a form (what the ``openai`` client sends: multipart, string values)."""
+    kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if kind not in ("multipart/form-data", "application/x-www-form-urlencoded"):
+        return await _read(request, VideoCreateRequest, options)
+    try:
+        async with request.form() as form:
+            data = {key: value if isinstance(value, str) else _UPLOADED for key, value in form.multi_items()}
+    except StarletteHTTPException as error:  # a malformed form (a body over the limit still gets 413)
+        return None, _error(400, f"body: cannot read the form ({error.detail})", "invalid_request_error")
+    if data.get("input_reference") is _UPLOADED:
+        data["input_reference"] = "<file>"
+    files = [key for key, value in data.items() if value is _UPLOADED]
+    if files:
+        return None, _invalid(files[0], "expected a text field, got a file")
+    return _validate(data, VideoCreateRequest, options)
+
+
+def _validate(data: Any, model: type, options: ServerOptions) -> tuple[Any, JSONResponse | None]:
+    """``data`` validated as ``model`` and naming the served model (or none), or the 400/404 response."""
     try:
         body = protocol.parse_body(model, data)
     except UsageError as error:
@@ -318,6 +442,16 @@ def _usage(result: JobResult) -> dict[str, int]:
 
 def _error(status: int, message: str, type: str, *, param: str | None = None, code: str | None = None) -> JSONResponse:
     return JSONResponse(protocol.error_body(message, type=type, param=param, code=code), status_code=status)
+
+
+def _invalid(param: str, message: str) -> JSONResponse:
+    """400 for the field ``param``: ``"<param>: <message>"``."""
+    return _error(400, f"{param}: {message}", "invalid_request_error", param=param, code="invalid_value")
+
+
+def _video_not_found(video_id: str) -> JSONResponse:
+    message = f"No video found with id {video_id!r}"
+    return _error(404, message, "invalid_request_error", param="video_id", code="video_not_found")
 
 
 def _bad_request(error: BaseException) -> JSONResponse:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import math
 import re
 import tempfile
 import time
@@ -31,12 +32,13 @@ from anygpt.apps.outputs import save_outputs
 from anygpt.base.errors import MediaError, UsageError
 from anygpt.base.media import load_media
 from anygpt.base.modality import MEDIA_MODALITIES, Modality
-from anygpt.core.request import GenerationRequest
+from anygpt.core.request import MAX_FRAMES, GenerationRequest
 
 __all__ = [
     "ChatCompletionRequest",
     "HistoryTurn",
     "ImageGenerationRequest",
+    "VideoCreateRequest",
     "chat_chunk",
     "chat_request",
     "chat_response",
@@ -45,6 +47,7 @@ __all__ = [
     "images_response",
     "parse_body",
     "validation_message",
+    "video_request",
 ]
 
 AUDIO_EXPIRES_S = 3600
@@ -203,6 +206,23 @@ class ImageGenerationRequest(_DecoderFields):
     user: str | None = None
 
 
+class VideoCreateRequest(_DecoderFields):
+    """``POST /v1/videos`` (OpenAI's Videos API, the subset SGLang serves): a JSON body, or the form fields the
+    ``openai`` client sends (``client.videos.create``: multipart, every value a string). ``size`` is the frames'
+    "WxH" (default: the video decoder's), ``seconds`` the clip's length (a number or a string such as ``"4"``;
+    ``round(seconds * fps)`` frames at the decoder's fps) or ``num_frames`` the frames (not both; default: the
+    decoder's). ``input_reference`` is refused (text to video only)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str
+    model: str | None = None
+    seconds: str | float | None = None
+    seed: int | None = Field(None, ge=0, le=2**63 - 1)
+    input_reference: Any = None  # refused by ``video_request`` with a message naming it
+    user: str | None = None
+
+
 def parse_body(model: type[BaseModel], data: Any) -> Any:
     """``model`` validated from a decoded JSON body.
 
@@ -317,6 +337,41 @@ def image_requests(body: ImageGenerationRequest) -> list[GenerationRequest]:
         )
         for i in range(body.n)
     ]
+
+
+def video_request(body: VideoCreateRequest, *, fps: float) -> GenerationRequest:
+    """The video-forced request of ``POST /v1/videos``: what a chat request with ``modalities: ["text", "video"]``
+    renders. ``seconds`` becomes ``num_frames = max(1, round(seconds * fps))`` (``fps``: the video decoder's).
+
+    Raises:
+        UsageError: a bad field, naming it (``size``, ``seconds``, ``num_frames``, ``input_reference``, ...).
+    """
+    if body.input_reference is not None:
+        raise UsageError("input_reference: reference images or videos are not supported (text to video only)")
+    fields = _common_fields(body)
+    if body.seconds is not None:
+        if body.num_frames is not None:
+            raise UsageError("seconds: give seconds or num_frames, not both")
+        seconds = _seconds(body.seconds)
+        frames = max(1, round(seconds * fps))
+        if frames > MAX_FRAMES:
+            raise UsageError(
+                f"seconds: {seconds:g} s is {frames} frames at the model's {fps:g} fps; at most {MAX_FRAMES} frames "
+                f"({MAX_FRAMES / fps:g} s)"
+            )
+        fields["num_frames"] = frames
+    return _request(prompt=body.prompt, modalities=["video"], seed=body.seed, **fields)
+
+
+def _seconds(value: str | float) -> float:
+    """``seconds`` as a positive, finite number (OpenAI's clients send a string such as ``"4"``)."""
+    try:
+        seconds = float(value.strip() if isinstance(value, str) else value)
+    except ValueError:
+        seconds = math.nan
+    if isinstance(value, bool) or not math.isfinite(seconds) or seconds <= 0:
+        raise UsageError(f"seconds: expected a positive number of seconds such as '4', got {value!r}")
+    return seconds
 
 
 def output_modalities(modalities: Sequence[str] | None) -> str | list[str]:
