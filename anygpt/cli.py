@@ -13,7 +13,9 @@ imports none of them and ``anygpt generate`` imports nothing of the training sid
 installed is left out.
 
 Errors: bad input (``AnyGPTError``, ``ValueError``, ``TypeError``, ``OSError``) prints one line and exits 2; a
-training that cannot go on (``TrainingError``) exits 1; Ctrl-C exits 130.
+training that cannot go on (``TrainingError``) exits 1; Ctrl-C exits 130. For the commands in
+``SIGTERM_AS_INTERRUPT`` a SIGTERM (``kill``, a job scheduler, ``timeout``) is handled as Ctrl-C is: the command's
+clean-ups run (temporary files are removed) and it exits 143.
 """
 
 from __future__ import annotations
@@ -22,8 +24,11 @@ import argparse
 import importlib
 import importlib.util
 import logging
+import signal
 import sys
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import NamedTuple
@@ -71,6 +76,34 @@ COMMANDS: dict[str, Command] = {
     ),
     "data": Command("toyworld.cli", "datasets: write a small synthetic sample dataset", logs=True),
 }
+
+
+SIGTERM_AS_INTERRUPT: frozenset[str] = frozenset({"generate"})
+"""Commands whose run a SIGTERM interrupts as Ctrl-C does (raising :class:`Terminated`, a ``KeyboardInterrupt``)."""
+
+
+class Terminated(KeyboardInterrupt):
+    """Raised in the main thread by SIGTERM while a command of ``SIGTERM_AS_INTERRUPT`` runs, so that the ``finally``
+    clean-ups and ``except BaseException`` handlers run as they do for Ctrl-C."""
+
+
+@contextmanager
+def _sigterm_as_interrupt(enabled: bool) -> Iterator[None]:
+    """While in the block, SIGTERM raises :class:`Terminated` (once: a second SIGTERM is ignored, so that it cannot
+    interrupt the clean-ups of the first); the previous handler is restored after."""
+    if not enabled or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def available_commands() -> dict[str, Command]:
@@ -144,7 +177,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     _quiet_libraries(verbose=args.verbose, logs=COMMANDS[args.command].logs)
     try:
-        status = module.run(args)
+        with _sigterm_as_interrupt(args.command in SIGTERM_AS_INTERRUPT):
+            status = module.run(args)
     except TrainingError as err:
         print(f"anygpt: training stopped: {err}", file=sys.stderr)
         return 1
@@ -152,6 +186,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         logger.debug("error details", exc_info=True)
         print(f"anygpt: error: {err}".splitlines()[0], file=sys.stderr)
         return 2
+    except Terminated:
+        print("anygpt: terminated", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
         print("anygpt: interrupted", file=sys.stderr)
         return 130

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from anygpt.base.media import Audio, Video, resample, to_mono
+from anygpt.base.media import Audio, Video, resample, to_mono, validate_audio, validate_image, validate_video
 from encoders.meta import import_imagebind
 
 logger = logging.getLogger(__name__)
@@ -72,19 +72,27 @@ def image_transform(image, size: int = IMAGE_SIZE) -> torch.Tensor:
     """Resize the short side to ``size`` (bicubic), centre-crop, scale to [0, 1] and normalise with CLIP's
     statistics.
 
+    The resize keeps the aspect ratio, so its cost grows with the long side: an image whose long side is more than
+    ``anygpt.base.media.MAX_ASPECT_RATIO`` (20) times its short side, or of more than ``MAX_IMAGE_PIXELS``, is
+    refused before anything is resized (not cropped or letterboxed: the centre crop would show a sliver of it).
+
     Args:
         image: a ``PIL.Image.Image`` (converted to RGB if needed) or a uint8 array (H, W, 3).
         size: output side.
 
     Returns:
         float32 tensor (3, size, size).
+
+    Raises:
+        MediaError: the image's size is past those limits (see ``anygpt.base.media.check_frame_size``).
     """
     from PIL import Image
 
+    if not isinstance(image, np.ndarray | Image.Image):
+        raise TypeError(f"image_transform expects a PIL image or a uint8 array, got {type(image).__name__}")
+    validate_image(image, "image")
     if isinstance(image, np.ndarray):
         image = Image.fromarray(image)
-    if not isinstance(image, Image.Image):
-        raise TypeError(f"image_transform expects a PIL image or a uint8 array, got {type(image).__name__}")
     if image.mode != "RGB":
         image = image.convert("RGB")
     return _image_pipeline(size)(image)
@@ -178,12 +186,17 @@ def audio_transform(
 
     Returns:
         float32 tensor (num_clips, 1, num_mel_bins, target_frames).
+
+    Raises:
+        MediaError: samples that are NaN, infinite or beyond ``anygpt.base.media.MAX_AUDIO_AMPLITUDE``, or a rate or
+            length past the limits (see ``anygpt.base.media.validate_audio``).
     """
     if not isinstance(audio, Audio):
         raise TypeError(f"audio_transform expects anygpt.base.media.Audio, got {type(audio).__name__}")
     mono = to_mono(audio)
     if mono.waveform.size == 0:
         raise ValueError("audio_transform got an empty waveform (0 samples)")
+    validate_audio(audio, "audio")
     mono = resample(Audio(np.asarray(mono.waveform, dtype=np.float32), int(mono.sample_rate)), sample_rate)
     waveform = torch.from_numpy(np.ascontiguousarray(mono.waveform, dtype=np.float32)).unsqueeze(0)  # (1, T)
     duration = waveform.shape[1] / sample_rate
@@ -247,6 +260,11 @@ def video_transform(
 
     Returns:
         float32 tensor (num_clips * num_crops, 3, frames_per_clip, size, size), clip-major.
+
+    Raises:
+        MediaError: frames whose long side is more than ``anygpt.base.media.MAX_ASPECT_RATIO`` (20) times the short
+            side or of more than ``MAX_FRAME_PIXELS`` (the resize keeps the aspect ratio, so its memory grows with
+            the long side: refused before anything is resized), or float frames that are not finite.
     """
     if not isinstance(video, Video):
         raise TypeError(f"video_transform expects anygpt.base.media.Video, got {type(video).__name__}")
@@ -258,6 +276,7 @@ def video_transform(
     fps = float(video.fps)
     if not fps > 0:
         raise ValueError(f"video_transform expects a positive fps, got {video.fps}")
+    validate_video(video, "video")
     total = frames.shape[0]
     duration = float(total) / fps
     crops = [1] if num_crops == 1 else [0, 1, 2]

@@ -25,6 +25,7 @@ from anygpt.apps.outputs import save_outputs
 from anygpt.apps.runtime_args import add_runtime_arguments, runtime_options
 from anygpt.base.errors import UsageError
 from anygpt.base.modality import MEDIA_MODALITIES
+from anygpt.base.utils import sweep_stale_temporaries
 from anygpt.core.config import DEFAULT_MODEL
 from anygpt.core.pipeline import AnyGPTPipeline
 from anygpt.core.request import GenerationRequest
@@ -183,9 +184,11 @@ def _resolve_media(data: dict[str, Any], folder: Path) -> dict[str, Any]:
 
 
 def _output_folder(out: str | os.PathLike) -> Path:
+    """``--out`` as a folder path, checked, and cleared of the temporaries of killed earlier runs."""
     out = Path(out).expanduser()
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out}: expected a folder, found a file")
+    sweep_stale_temporaries(out)
     return out
 
 

@@ -3,7 +3,35 @@
 Readers return plain values (``PIL.Image.Image``, :class:`Audio`, :class:`Video`) and raise
 :class:`MediaError` with a one-line message naming the file, what was expected and what was found. Writers are
 atomic: they write a temporary file in the destination folder and ``os.replace`` it into place, so a failed
-write never leaves a half-written file.
+write never leaves a half-written file (and one killed outright leaves a temporary that
+``anygpt.base.utils.sweep_stale_temporaries`` removes later).
+
+Limits. The readers refuse, from the file's header and before decoding it, media that are valid but would take
+unbounded memory or time on the way to an encoder; the ``validate_*`` functions apply the same limits (and the
+content checks) to media objects handed over directly (``validate_media(modality, value, "images[0]")``):
+
+=======================  =====================================  =================================================
+limit                    value                                  why
+=======================  =====================================  =================================================
+MAX_ASPECT_RATIO         20 (long side / short side)            vision encoders resize the short side to 224
+                                                                keeping the aspect ratio: a 1 x 60000 image
+                                                                would become 224 x 13 million pixels
+MAX_IMAGE_PIXELS         2**27 (134 million; a 100-megapixel    about 400 MB decoded
+                         camera's photo passes)
+MAX_FRAME_PIXELS         4096 x 4096 per video frame            4K UHD and DCI 4K pass; 8K is refused
+MAX_VIDEO_BYTES          4 GiB of frames kept                   without ``max_frames`` (with it, at most
+                                                                ``max_frames`` frames of MAX_FRAME_PIXELS)
+MAX_VIDEO_DECODE_PIXELS  2**38 (frames x width x height)        every frame is decoded to find those kept: about
+                                                                an hour of 1080p at 30 fps (minutes of decoding)
+MAX_AUDIO_SAMPLES        2**28 (all channels)                   1 GiB of float32: 46 min of 48 kHz stereo
+MAX_AUDIO_SECONDS        4 hours                                the encoder resamples to 16 kHz first
+sample rate              1000 .. 768000 Hz                      rates audio is recorded at
+MAX_AUDIO_AMPLITUDE      16 (full scale is 1)                   a float file may go past full scale a little;
+                                                                far past, it holds no normalised audio
+=======================  =====================================  =================================================
+
+Content: decoded samples and pixels must be finite (float audio and float frames; 8-bit pixels always are), and a
+WAV file must hold the samples its header announces (a truncated file is refused, not read short).
 
 Heavy libraries (soundfile, PyAV, imageio-ffmpeg, torchaudio) are imported on first use.
 """
@@ -34,9 +62,19 @@ __all__ = [
     "IMAGE_EXTENSIONS",
     "AUDIO_EXTENSIONS",
     "VIDEO_EXTENSIONS",
+    "MAX_ASPECT_RATIO",
+    "MAX_AUDIO_AMPLITUDE",
+    "MAX_AUDIO_SAMPLES",
+    "MAX_AUDIO_SECONDS",
+    "MAX_FRAME_PIXELS",
+    "MAX_IMAGE_PIXELS",
+    "MAX_SAMPLE_RATE",
     "MAX_VIDEO_BYTES",
+    "MAX_VIDEO_DECODE_PIXELS",
+    "MIN_SAMPLE_RATE",
     "MediaError",
     "Video",
+    "check_frame_size",
     "guess_modality",
     "load_audio",
     "load_image",
@@ -47,6 +85,10 @@ __all__ = [
     "save_image",
     "save_video",
     "to_mono",
+    "validate_audio",
+    "validate_image",
+    "validate_media",
+    "validate_video",
 ]
 
 
@@ -76,6 +118,30 @@ VIDEO_EXTENSIONS: frozenset[str] = frozenset({".mp4", ".m4v", ".mov", ".mkv", ".
 
 MAX_VIDEO_BYTES: int = 4 * 2**30
 """Largest decoded video (frames x height x width x 3 bytes) ``load_video`` returns without ``max_frames``."""
+
+MAX_ASPECT_RATIO: float = 20.0
+"""Largest long side / short side of an image or a video frame (encoders resize the short side keeping the ratio)."""
+
+MAX_IMAGE_PIXELS: int = 2**27
+"""Most pixels (width x height) of an image: 134 million, about 400 MB decoded."""
+
+MAX_FRAME_PIXELS: int = 4096 * 4096
+"""Most pixels (width x height) of one video frame: 4K passes, 8K does not."""
+
+MAX_VIDEO_DECODE_PIXELS: int = 2**38
+"""Most frames x width x height ``load_video`` decodes from one file (about an hour of 1080p at 30 fps)."""
+
+MAX_AUDIO_SAMPLES: int = 2**28
+"""Most decoded audio samples (all channels together): 1 GiB of float32."""
+
+MAX_AUDIO_SECONDS: float = 4 * 3600.0
+"""Longest audio recording, in seconds."""
+
+MIN_SAMPLE_RATE, MAX_SAMPLE_RATE = 1000, 768000
+"""The range of audio sample rates (Hz)."""
+
+MAX_AUDIO_AMPLITUDE: float = 16.0
+"""Largest absolute sample value after the loader's normalisation (full scale is 1; a float file may exceed it)."""
 
 _EXTENSIONS = {
     Modality.IMAGE: IMAGE_EXTENSIONS,
@@ -145,6 +211,226 @@ def _check_file(path: str | os.PathLike, kind: str) -> Path:
 
 
 # ------------------------------------------------------------------------------------------------------------
+# Limits and content checks
+# ------------------------------------------------------------------------------------------------------------
+
+
+def _size_problem(width: int, height: int, *, max_pixels: int, what: str) -> str | None:
+    """What is wrong with a picture of ``width`` x ``height`` pixels (``"expected ..., found ..."``), or None."""
+    if width < 1 or height < 1:
+        return f"expected {what} of at least 1x1 pixels, found {width}x{height}"
+    ratio = max(width, height) / min(width, height)
+    if ratio > MAX_ASPECT_RATIO:
+        shown = f"{ratio:,.0f}" if ratio >= 100 else f"{ratio:.1f}"
+        return (
+            f"expected {what} with an aspect ratio of at most {MAX_ASPECT_RATIO:g}:1 (vision encoders resize the "
+            f"short side to 224 pixels), found {width}x{height} pixels ({shown}:1); crop or pad it first"
+        )
+    if width * height > max_pixels:
+        return (
+            f"expected {what} of at most {max_pixels:,} pixels, found {width}x{height} = {width * height:,}; "
+            "downscale it first"
+        )
+    return None
+
+
+def check_frame_size(width: int, height: int, where: str, *, video: bool = False) -> None:
+    """Refuse a picture whose size an encoder cannot take in bounded memory.
+
+    Args:
+        width: pixels across.
+        height: pixels down.
+        where: what the picture is, first in the message (a file's ``"cannot read image PATH"``, ``"images[0]"``).
+        video: a video frame (at most ``MAX_FRAME_PIXELS``) rather than an image (at most ``MAX_IMAGE_PIXELS``).
+
+    Raises:
+        MediaError: an empty picture, a long side more than ``MAX_ASPECT_RATIO`` times the short side, or too many
+            pixels; naming ``where``, the limit and the size found.
+    """
+    problem = _size_problem(
+        int(width),
+        int(height),
+        max_pixels=MAX_FRAME_PIXELS if video else MAX_IMAGE_PIXELS,
+        what="video frames" if video else "an image",
+    )
+    if problem:
+        raise MediaError(f"{where}: {problem}")
+
+
+def _finite_problem(values: np.ndarray, what: str) -> str | None:
+    """``"expected finite ..., found N NaN or infinite ..."`` for float values that are not all finite, else None.
+
+    The normal case allocates nothing (a NaN or an infinity shows in the minimum or the maximum).
+    """
+    if not np.issubdtype(values.dtype, np.floating) or values.size == 0:
+        return None
+    if np.isfinite(values.min()) and np.isfinite(values.max()):
+        return None
+    bad = int(values.size - np.count_nonzero(np.isfinite(values)))
+    return f"expected finite {what}, found {bad:,} NaN or infinite of {values.size:,}"
+
+
+def _audio_problem(waveform: np.ndarray) -> str | None:
+    """What is wrong with decoded samples (not finite, or beyond ``MAX_AUDIO_AMPLITUDE``), or None."""
+    problem = _finite_problem(waveform, "samples")
+    if problem:
+        return problem
+    if not np.issubdtype(waveform.dtype, np.floating) or waveform.size == 0:
+        return None
+    peak = float(max(waveform.max(), -waveform.min()))
+    if peak > MAX_AUDIO_AMPLITUDE:
+        return (
+            f"expected samples within +-{MAX_AUDIO_AMPLITUDE:g} (full scale is 1), found a peak of {peak:.4g}; "
+            "scale the samples to [-1, 1]"
+        )
+    return None
+
+
+def _audio_size_problem(frames: int, channels: int, sample_rate: float) -> str | None:
+    """What is wrong with an audio recording's rate or length, or None."""
+    if not MIN_SAMPLE_RATE <= sample_rate <= MAX_SAMPLE_RATE:
+        return f"expected a sample rate of {MIN_SAMPLE_RATE} to {MAX_SAMPLE_RATE} Hz, found {sample_rate:g} Hz"
+    if frames * channels > MAX_AUDIO_SAMPLES:
+        return (
+            f"expected at most {MAX_AUDIO_SAMPLES:,} samples (all channels), found {frames:,} x {channels} "
+            "channel(s); cut the recording first"
+        )
+    if frames / sample_rate > MAX_AUDIO_SECONDS:
+        return (
+            f"expected at most {MAX_AUDIO_SECONDS / 3600:g} hours of audio, found {frames / sample_rate / 3600:.3g} "
+            "hours; cut the recording first"
+        )
+    return None
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float | np.integer | np.floating) and not isinstance(value, bool | np.bool_)
+
+
+def validate_image(image: Image.Image | np.ndarray, where: str) -> None:
+    """Check an image handed over as an object (what :func:`load_image` checks of a file).
+
+    Args:
+        image: a ``PIL.Image.Image``, or pixels (H, W) / (H, W, C) as an array.
+        where: what it is, first in the message (``"images[0]"``).
+
+    Raises:
+        MediaError: a size past the limits (see :func:`check_frame_size`), non-numeric or non-finite pixels.
+    """
+    from PIL import Image
+
+    if isinstance(image, Image.Image):
+        check_frame_size(*image.size, where)
+        if image.mode in ("F", "I;16F"):  # float pixels may be NaN
+            problem = _finite_problem(np.asarray(image), "pixels")
+            if problem:
+                raise MediaError(f"{where}: {problem}")
+        return
+    pixels = np.asarray(image)
+    if pixels.ndim not in (2, 3) or not (np.issubdtype(pixels.dtype, np.number) and pixels.dtype.kind != "c"):
+        raise MediaError(f"{where}: expected pixels (H, W[, C]) of numbers, found shape {pixels.shape} {pixels.dtype}")
+    check_frame_size(pixels.shape[1], pixels.shape[0], where)
+    problem = _finite_problem(pixels, "pixels")
+    if problem:
+        raise MediaError(f"{where}: {problem}")
+
+
+def validate_audio(audio: Audio, where: str) -> None:
+    """Check an :class:`Audio` handed over as an object (what :func:`load_audio` checks of a file).
+
+    Args:
+        audio: the waveform (T,) or (C, T) and its sample rate.
+        where: what it is, first in the message (``"audios[0]"``).
+
+    Raises:
+        MediaError: a waveform that is not real numbers (T,) or (C, T) with at least one sample, a sample rate or
+            length past the limits, samples that are NaN or infinite, or beyond ``MAX_AUDIO_AMPLITUDE``.
+    """
+    waveform = np.asarray(audio.waveform)
+    if not (np.issubdtype(waveform.dtype, np.number) and waveform.dtype.kind != "c"):
+        raise MediaError(f"{where}: expected a waveform of real numbers, found dtype {waveform.dtype}")
+    if waveform.ndim not in (1, 2) or waveform.size == 0:
+        raise MediaError(f"{where}: expected a waveform (T,) or (C, T) with samples, found shape {waveform.shape}")
+    rate = audio.sample_rate
+    if not _is_number(rate) or not np.isfinite(rate):
+        raise MediaError(f"{where}: expected a sample rate in Hz, found {rate!r}")
+    channels = 1 if waveform.ndim == 1 else waveform.shape[0]
+    problem = _audio_size_problem(waveform.shape[-1], channels, float(rate)) or _audio_problem(waveform)
+    if problem:
+        raise MediaError(f"{where}: {problem}")
+
+
+def validate_video(video: Video, where: str) -> None:
+    """Check a :class:`Video` handed over as an object (what :func:`load_video` checks of a file).
+
+    Args:
+        video: frames (T, H, W, 3) and their rate.
+        where: what it is, first in the message (``"videos[0]"``).
+
+    Raises:
+        MediaError: frames that are not numbers (T, H, W, 3) with T >= 1, a frame size past the limits (see
+            :func:`check_frame_size`), non-finite pixels, or a frame rate that is not a positive finite number.
+    """
+    frames = np.asarray(video.frames)
+    numeric = np.issubdtype(frames.dtype, np.number) and frames.dtype.kind != "c"
+    if frames.ndim != 4 or frames.shape[-1] != 3 or frames.shape[0] == 0 or not numeric:
+        raise MediaError(
+            f"{where}: expected frames (T, H, W, 3) with T >= 1, found shape {frames.shape} {frames.dtype}"
+        )
+    check_frame_size(frames.shape[2], frames.shape[1], where, video=True)
+    fps = video.fps
+    if not _is_number(fps) or not (np.isfinite(fps) and fps > 0):
+        raise MediaError(f"{where}: expected a positive frame rate, found {fps!r}")
+    problem = _finite_problem(frames, "pixels")
+    if problem:
+        raise MediaError(f"{where}: {problem}")
+
+
+def validate_media(modality: Modality | str, value: object, where: str) -> None:
+    """:func:`validate_image`, :func:`validate_audio` or :func:`validate_video` by ``modality``; other modalities
+    and values of another type pass (the caller checks types)."""
+    modality = Modality.parse(modality)
+    if modality is Modality.AUDIO and isinstance(value, Audio):
+        validate_audio(value, where)
+    elif modality is Modality.VIDEO and isinstance(value, Video):
+        validate_video(value, where)
+    elif modality is Modality.IMAGE and not isinstance(value, str | os.PathLike | Audio | Video):
+        validate_image(value, where)
+
+
+def _wav_truncation(path: Path) -> str | None:
+    """For a RIFF/WAVE file whose ``data`` chunk announces more bytes than the file holds, what was found; else None.
+
+    A size of 0 or 0xFFFFFFFF (a stream written without going back to the header) announces nothing.
+    """
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(12)
+            if len(head) < 12 or head[:4] != b"RIFF" or head[8:12] != b"WAVE":
+                return None
+            offset = 12
+            for _ in range(1000):  # chunks before the samples: fmt, fact, LIST, ...
+                f.seek(offset)
+                chunk = f.read(8)
+                if len(chunk) < 8:
+                    return None
+                declared = int.from_bytes(chunk[4:8], "little")
+                if chunk[:4] == b"data":
+                    held = size - offset - 8
+                    if declared not in (0, 0xFFFFFFFF) and declared > held:
+                        return (
+                            f"expected the {declared:,} bytes of samples its header announces, found {held:,} "
+                            "(a truncated file)"
+                        )
+                    return None
+                offset += 8 + declared + (declared & 1)
+    except OSError:
+        return None
+    return None
+
+
+# ------------------------------------------------------------------------------------------------------------
 # Readers
 # ------------------------------------------------------------------------------------------------------------
 
@@ -173,7 +459,11 @@ def guess_modality(path: str | os.PathLike) -> Modality:
 def load_image(path: str | os.PathLike) -> Image.Image:
     """Read an image file as RGB.
 
-    EXIF orientation is applied; transparent pixels are composited onto white.
+    EXIF orientation is applied; transparent pixels are composited onto white. The size is checked from the header
+    before the pixels are decoded: an image whose long side is more than ``MAX_ASPECT_RATIO`` (20) times its short
+    side, or of more than ``MAX_IMAGE_PIXELS``, is refused rather than cropped or letterboxed, since encoders resize
+    the short side keeping the aspect ratio and a crop would silently show the model a sliver of the picture: crop or
+    pad such an image to the part that matters first.
 
     Args:
         path: an image file PIL can read (JPEG, PNG, WebP, GIF (first frame), BMP, TIFF).
@@ -182,13 +472,15 @@ def load_image(path: str | os.PathLike) -> Image.Image:
         A fully loaded ``PIL.Image.Image`` in mode ``"RGB"``.
 
     Raises:
-        MediaError: when the file is missing, a directory, or not a readable image.
+        MediaError: when the file is missing, a directory, not a readable image, or past the size limits (naming the
+            file, the limit and the size found).
     """
     from PIL import Image, ImageOps
 
     p = _check_file(path, "image")
     try:
         with Image.open(p) as opened:
+            check_frame_size(*opened.size, f"cannot read image {p}")  # from the header: nothing decoded yet
             opened.load()
             image = ImageOps.exif_transpose(opened)
             if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
@@ -196,6 +488,8 @@ def load_image(path: str | os.PathLike) -> Image.Image:
                 background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
                 image = Image.alpha_composite(background, rgba)
             return image.convert("RGB")
+    except MediaError:
+        raise
     except Exception as e:  # PIL raises many types (UnidentifiedImageError, OSError, DecompressionBombError, ...)
         raise MediaError(f"cannot read image {p}: expected an image file, found {_sniff(p)} ({_one_line(e)})") from e
 
@@ -207,21 +501,34 @@ def load_audio(path: str | os.PathLike) -> Audio:
         path: the audio file.
 
     Returns:
-        :class:`Audio` with float32 samples in [-1, 1]: shape (T,) for a mono file, (C, T) otherwise, and the
-        file's sample rate.
+        :class:`Audio` with float32 samples, in [-1, 1] for integer formats: shape (T,) for a mono file, (C, T)
+        otherwise, and the file's sample rate.
 
     Raises:
-        MediaError: when the file is missing, a directory, unreadable, not audio, or holds no samples.
+        MediaError: when the file is missing, a directory, unreadable, not audio, holds no samples, is a WAV file
+            shorter than its header says (truncated), has a sample rate or length past the limits (checked from the
+            header, before decoding), or samples that are NaN, infinite or beyond ``MAX_AUDIO_AMPLITUDE``.
     """
     import soundfile as sf
 
     p = _check_file(path, "audio")
     try:
+        info = sf.info(str(p))
+        problem = _wav_truncation(p)
+        if problem is None and 0 < info.frames < 2**62:  # libsndfile says 2**63-1 for "unknown"
+            problem = _audio_size_problem(int(info.frames), int(info.channels), float(info.samplerate))
+        if problem:
+            raise MediaError(f"cannot read audio {p}: {problem}")
         data, sample_rate = sf.read(str(p), dtype="float32", always_2d=True)  # (T, C)
+    except MediaError:
+        raise
     except Exception as e:  # soundfile raises LibsndfileError, RuntimeError, TypeError, ...
         raise MediaError(f"cannot read audio {p}: expected an audio file, found {_sniff(p)} ({_one_line(e)})") from e
     if data.shape[0] == 0 or data.shape[1] == 0:
         raise MediaError(f"cannot read audio {p}: expected audio samples, found an empty recording (0 samples)")
+    problem = _audio_size_problem(data.shape[0], data.shape[1], float(sample_rate)) or _audio_problem(data)
+    if problem:
+        raise MediaError(f"cannot read audio {p}: {problem}")
     waveform = np.ascontiguousarray(data.T)  # (C, T)
     if waveform.shape[0] == 1:
         waveform = waveform[0]
@@ -256,6 +563,7 @@ def _decode_frames(path: Path, keep: set[int] | None, size: tuple[int, int]) -> 
         for frame in container.decode(stream):
             if width <= 0 or height <= 0:
                 width, height = frame.width, frame.height
+                check_frame_size(width, height, f"cannot read video {path}", video=True)
             if keep is None or count in keep:
                 frames.append(frame.to_ndarray(format="rgb24", width=width, height=height))
             count += 1
@@ -269,16 +577,24 @@ def load_video(path: str | os.PathLike, *, max_frames: int | None = None) -> Vid
         path: the video file (MP4, MOV, MKV, WebM, AVI, ...); its first video stream is read, audio is
             ignored.
         max_frames: if set, keep at most this many frames, evenly spaced over the whole clip (first and last
-            included); only those frames are converted to RGB, so memory stays bounded for long videos.
+            included); only those frames are converted to RGB, so memory stays bounded for long videos (at most
+            ``max_frames`` frames of ``MAX_FRAME_PIXELS``).
 
     Returns:
         :class:`Video` with uint8 frames (T, H, W, 3) and ``fps``: the file's frame rate, or, when frames were
         dropped for ``max_frames``, the effective rate of the frames kept (so ``T / fps`` is still the
         duration).
 
+    The limits are checked from the header before any frame is decoded. Frames whose long side is more than
+    ``MAX_ASPECT_RATIO`` (20) times their short side, or of more than ``MAX_FRAME_PIXELS``, are refused rather than
+    cropped (encoders resize the short side keeping the aspect ratio; crop or pad such a video first); so is a
+    video of more than ``MAX_VIDEO_DECODE_PIXELS`` (frames x width x height): every frame is decoded to keep the
+    chosen ones, so that bounds the time spent (trim a longer video first).
+
     Raises:
         MediaError: when the file is missing, a directory, unreadable, a still image or audio-only, has no
-            frames, or would decode to more than ``MAX_VIDEO_BYTES`` without ``max_frames``.
+            frames, has frames or a length past the limits above, or would decode to more than
+            ``MAX_VIDEO_BYTES`` without ``max_frames``.
     """
     import av
 
@@ -301,8 +617,15 @@ def load_video(path: str | os.PathLike, *, max_frames: int | None = None) -> Vid
             raise MediaError(f"cannot read video {p}: expected a video, found a still image ({format_name})")
         if fps is None:
             raise MediaError(f"cannot read video {p}: expected a frame rate in the file, found none")
+        if width > 0 and height > 0:  # else checked on the first frame decoded
+            check_frame_size(width, height, f"cannot read video {p}", video=True)
         if total <= 0:
             total = _count_packets(p)
+        if total * max(width, 1) * max(height, 1) > MAX_VIDEO_DECODE_PIXELS:
+            raise MediaError(
+                f"cannot read video {p}: expected at most {MAX_VIDEO_DECODE_PIXELS:,} pixels to decode (frames x "
+                f"width x height), found {total:,} frames of {width}x{height}; trim the video first"
+            )
         if max_frames is None:
             if total * width * height * 3 > MAX_VIDEO_BYTES:
                 raise MediaError(

@@ -1,16 +1,30 @@
-"""Small shared helpers: dtype names, locating real checkpoints offline, atomic file and folder writes."""
+"""Small shared helpers: dtype names, locating real checkpoints offline, atomic file and folder writes, and the sweep
+of temporaries that a killed writer left behind."""
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+
+logger = logging.getLogger(__name__)
+
+TEMPORARY_MARKER = ".anygpt-tmp-"
+"""What names the temporaries of :func:`atomic_file` and :func:`atomic_directory`:
+``.NAME.anygpt-tmp-<pid>-<random><suffix>`` beside the target ``NAME``, ``<pid>`` the writing process."""
+
+_TEMPORARY_NAME = re.compile(
+    r"\.(?P<name>.+)" + re.escape(TEMPORARY_MARKER) + r"(?P<pid>[0-9]+)-[a-z0-9_]{8}(?P<suffix>.*)", re.DOTALL
+)
+_TEMPORARY_NAME_BYTES = 150  # of the target's name kept in a temporary's name (file names hold 255 bytes)
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -74,15 +88,17 @@ def _is_repo_id(source: str) -> bool:
 def atomic_directory(target: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary folder beside ``target``; on success it replaces ``target`` in one rename.
 
-    On failure the temporary folder is removed and ``target`` is left as it was.
+    On failure (any exception, ``KeyboardInterrupt`` included) the temporary folder is removed and ``target`` is left as
+    it was. The folder is named ``.NAME.anygpt-tmp-<pid>-<random>`` (see :data:`TEMPORARY_MARKER`): one left by a
+    killed process is removed by :func:`sweep_stale_temporaries`.
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the result should follow the user's umask
+    tmp = Path(tempfile.mkdtemp(prefix=_temporary_prefix(target), dir=target.parent))
     try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the result should follow the user's umask
         yield tmp
         if target.exists():
             backup = target.with_name(f".{target.name}.old-{os.getpid()}")
@@ -100,23 +116,104 @@ def atomic_directory(target: str | os.PathLike) -> Iterator[Path]:
 def atomic_file(target: str | os.PathLike, *, suffix: str = "") -> Iterator[Path]:
     """Yield a temporary path beside ``target``; on success it replaces ``target`` in one rename.
 
-    ``suffix`` keeps the extension a writer looks at (e.g. ".png"). On failure the temporary file is removed and
-    ``target`` is left as it was, so a reader never sees a half-written file.
+    ``suffix`` keeps the extension a writer looks at (e.g. ".png"). On failure (any exception, ``KeyboardInterrupt``
+    included) the temporary file is removed and ``target`` is left as it was, so a reader never sees a half-written
+    file. The temporary is named ``.NAME.anygpt-tmp-<pid>-<random><suffix>`` (see :data:`TEMPORARY_MARKER`): one left
+    by a killed process is removed by :func:`sweep_stale_temporaries`.
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=f".tmp{suffix}", dir=target.parent)
-    os.close(fd)
+    fd, name = tempfile.mkstemp(prefix=_temporary_prefix(target), suffix=suffix, dir=target.parent)
     tmp = Path(name)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; the result should follow the user's umask
     try:
+        os.close(fd)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; the result should follow the user's umask
         yield tmp
         os.replace(tmp, target)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def _temporary_prefix(target: Path) -> str:
+    """``.NAME.anygpt-tmp-<pid>-``: what a temporary beside ``target`` is named before its random part."""
+    name = target.name.encode("utf-8", "surrogateescape")[:_TEMPORARY_NAME_BYTES].decode("utf-8", "ignore")
+    return f".{name}{TEMPORARY_MARKER}{os.getpid()}-"
+
+
+def temporary_owner(name: str) -> int | None:
+    """The id of the process that made the temporary named ``name`` (:func:`atomic_file`, :func:`atomic_directory`),
+    or None when ``name`` is not such a temporary's name."""
+    match = _TEMPORARY_NAME.fullmatch(name)
+    return int(match["pid"]) if match else None
+
+
+def process_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists on this machine and is not a zombie (a process of another user counts).
+
+    Off POSIX systems the answer is always True: nothing is known, so nothing is swept.
+    """
+    if os.name != "posix":
+        return True
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    except (OverflowError, OSError):
+        return False
+    try:  # Linux: a zombie has exited and only waits for its parent to read its status
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return True
+    return state not in ("Z", "X")
+
+
+def sweep_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
+    """Remove the temporaries that killed writers left in ``folder``: the files and folders named
+    ``.NAME.anygpt-tmp-<pid>-<random>...`` (:func:`atomic_file`, :func:`atomic_directory`) whose process ``<pid>`` is
+    gone. Everything else is kept: other files, temporaries of running processes (this one included), symbolic
+    links. Only ``folder`` itself is looked at, not its subfolders; a folder that does not exist holds nothing.
+
+    A temporary written on another machine into a shared folder is judged by a process id of this machine: sweep a
+    shared folder only while no other machine writes into it.
+
+    Returns:
+        The paths removed.
+    """
+    folder = Path(folder)
+    try:
+        entries = list(os.scandir(folder))
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    removed = []
+    for entry in entries:
+        pid = temporary_owner(entry.name)
+        if pid is None or process_alive(pid):
+            continue
+        path = Path(entry.path)
+        try:
+            if entry.is_symlink():
+                continue
+            if entry.is_dir():
+                shutil.rmtree(path)
+            elif entry.is_file():
+                path.unlink()
+            else:
+                continue
+        except FileNotFoundError:  # another process swept it first
+            continue
+        except OSError as err:
+            logger.warning("cannot remove %s, left by process %d: %s", path, pid, err)
+            continue
+        logger.info("removed %s, left by process %d that is gone", path, pid)
+        removed.append(path)
+    return removed
 
 
 def write_text_atomic(target: str | os.PathLike, text: str) -> Path:

@@ -43,7 +43,7 @@ from typing import Any
 from PIL import Image
 
 from anygpt.base.errors import MediaError, UsageError
-from anygpt.base.media import Audio, Video
+from anygpt.base.media import Audio, Video, validate_media
 from anygpt.base.modality import MEDIA_MODALITIES, Modality
 
 MediaInput = str | os.PathLike | Image.Image | Audio | Video
@@ -370,11 +370,15 @@ class GenerationRequest:
 
 
 def check_media_item(modality: Modality, item: Any, where: str) -> None:
-    """Raise ``MediaError`` (``where`` first) unless ``item`` is a file path or the modality's media object."""
+    """Raise ``MediaError`` (``where`` first) unless ``item`` is a file path or the modality's media object whose
+    content passes ``anygpt.base.media.validate_media`` (finite samples and pixels, sizes within the limits a file
+    is held to; a file is checked when it is read)."""
     expected = _MEDIA_TYPES[modality].__name__
     if not isinstance(item, str | os.PathLike | _MEDIA_TYPES[modality]):
         article = "an" if expected[0] in "AEIOU" else "a"
         raise MediaError(f"{where}: expected a file path or {article} {expected} object, got {type(item).__name__}")
+    if not isinstance(item, str | os.PathLike):
+        validate_media(modality, item, where)
 
 
 def _nonnegative(value: float) -> bool:
