@@ -9,9 +9,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
+import sys
 from pathlib import Path
 
 from anygpt.base.errors import ConfigError
+from training.checkpoint import list_checkpoints
 from training.config import load_config
 from training.precompute import precompute
 from training.trainer import StageTrainer
@@ -63,15 +66,28 @@ def run(args: argparse.Namespace) -> int | None:
     raise ValueError(f"unknown command {args.command!r}: expected one of {', '.join(COMMANDS)}")
 
 
-def train(args: argparse.Namespace) -> None:
-    """``anygpt train``: one stage run; prints the ``final/`` folder."""
+def train(args: argparse.Namespace) -> int | None:
+    """``anygpt train``: one stage run; prints the ``final/`` folder.
+
+    SIGTERM is handled as Ctrl-C (a checkpoint after the running step, see ``training.trainer``); the exit status is
+    then 143 (128 + SIGTERM), as for a process the signal ended.
+    """
     config = load_config(args.config, overrides=args.overrides, stage=args.stage)
     trainer = StageTrainer(
         config, start=args.start, output_dir=args.output_dir, max_steps=args.max_steps, resume=args.resume
     )
-    final = trainer.train()
+    try:
+        final = trainer.train()
+    except KeyboardInterrupt:
+        if getattr(trainer, "stop_signal", None) != signal.SIGTERM:
+            raise
+        written = list_checkpoints(trainer.output_dir)
+        hint = f"; {written[-1].name} written, continue with --resume auto" if written else ""
+        print(f"anygpt: terminated (SIGTERM){hint}", file=sys.stderr)
+        return 128 + signal.SIGTERM
     if trainer.accelerator.is_main_process:
         print(f"final model: {final}")
+    return None
 
 
 def cache(args: argparse.Namespace) -> None:

@@ -6,12 +6,10 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from safetensors import safe_open
-
 from anygpt.base.errors import ConfigError, UnknownModelError
 from anygpt.core.config import ProjectorConfig, list_presets
 from anygpt.core.fusion import CrossAttentionConfig
-from anygpt.core.index import INDEX_FILE, resolve_part
+from anygpt.core.index import INDEX_FILE, read_weights, resolve_part
 from anygpt.core.llm import LoraSettings
 from anygpt.core.pipeline import AnyGPTPipeline, find_model
 from training.config import TrainConfig
@@ -129,7 +127,8 @@ def adapters_trained(folder: Path, entry: str | dict) -> bool:
     """Whether a saved LoRA part changes the model: any ``lora_B`` non-zero (peft starts every B at 0, so the
     adapter that stages 1 and 2 carry along untouched is a no-op and may be replaced by other LoRA settings)."""
     for rel in [entry] if isinstance(entry, str) else list(entry.values()):
-        with safe_open(resolve_part(folder, rel, "lora") / "adapter_model.safetensors", framework="pt") as f:
-            if any("lora_B" in key and bool(f.get_tensor(key).any()) for key in f.keys()):
-                return True
+        path = resolve_part(folder, rel, "lora") / "adapter_model.safetensors"
+        state = read_weights(path, folder=folder, what="lora adapter")  # a damaged file: CheckpointError
+        if any("lora_B" in key and bool(tensor.any()) for key, tensor in state.items()):
+            return True
     return False

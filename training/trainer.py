@@ -5,6 +5,11 @@ stage's ``final/``), let the stage's objective (``training.objectives``) say wha
 check everything against the model, then train with a deterministic batch plan (``training.sampling``), writing
 ``metrics.jsonl``, TensorBoard scalars, resumable ``checkpoint-STEP/`` folders (``training.checkpoint``) and ``final/``
 (a folder ``AnyGPTPipeline.from_pretrained`` loads).
+
+Signals: the first SIGINT (Ctrl-C) or SIGTERM during the steps finishes the step, writes a checkpoint and stops
+(``KeyboardInterrupt``; ``stop_signal`` says which); a second one, or one outside the steps, stops at once (temporary
+files are removed on the way out). ``--resume auto`` continues from the newest good checkpoint: a damaged one is
+named in a warning, set aside (``checkpoint-STEP.damaged``) and the one before it is used.
 """
 
 from __future__ import annotations
@@ -24,17 +29,23 @@ from accelerate import Accelerator, DistributedDataParallelKwargs
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from anygpt.base.errors import ConfigError, TrainingError
+from anygpt.base.errors import CheckpointError, ConfigError, TrainingError
 from anygpt.core.lora import checkpoint_context_fn
 from anygpt.core.pipeline import AnyGPTPipeline
 from training.batching import Batcher, check_datasets, per_modality_lora, read_datasets
 from training.checkpoint import (
     FINAL_DIR,
-    check_checkpoint,
+    any_process,
+    apply_checkpoint,
     clean_partial,
-    read_checkpoint,
-    restore_checkpoint,
+    disk_full,
+    format_size,
+    free_space,
+    list_checkpoints,
+    load_checkpoint,
+    move_damaged,
     resume_folder,
+    run_lock,
     save_checkpoint,
     trim_metrics,
 )
@@ -244,17 +255,32 @@ class StageTrainer:
 
     # ------------------------------------------------------------------ the loop
     def train(self) -> Path:
-        """Run the stage; returns the ``final/`` folder."""
+        """Run the stage; returns the ``final/`` folder.
+
+        Raises:
+            KeyboardInterrupt: SIGINT or SIGTERM (``stop_signal``); during the steps a checkpoint is written first.
+            TrainingError: the run cannot go on (a non-finite loss, a full disk); the last checkpoint is intact.
+        """
+        self._stop = False
+        self._in_loop = False
+        self.stop_signal: int | None = None
+        previous = _install_stop_signals(self)
+        try:
+            with contextlib.ExitStack() as stack:
+                return self._train(stack)
+        finally:
+            _restore_stop_signals(previous)
+
+    def _train(self, stack: contextlib.ExitStack) -> Path:
         self.setup()
         acc = self.accelerator
         run = self.config.train
-        start_step = 0
         if acc.is_main_process:
             self.output_dir.mkdir(parents=True, exist_ok=True)
+            stack.enter_context(run_lock(self.output_dir))  # what killed writes left is a dead run's: swept
             clean_partial(self.output_dir)
         acc.wait_for_everyone()
-        if self.resume_from is not None:
-            start_step = self._restore(self.resume_from)
+        start_step = self._resume() if self.resume_from is not None else 0
         if acc.is_main_process:
             self._write_run_files(start_step)
         writer = self._tensorboard(start_step)
@@ -266,8 +292,7 @@ class StageTrainer:
             dynamic_ncols=True,
         )
         self._train_mode()
-        self._stop = False
-        previous = _install_sigint(self)
+        self._in_loop = True
         try:
             for step in range(start_step, self.max_steps):
                 t0 = time.perf_counter()
@@ -285,7 +310,7 @@ class StageTrainer:
                 if run.save_every and done % run.save_every == 0 and done < self.max_steps:
                     self._save(done)
         finally:
-            _restore_sigint(previous)
+            self._in_loop = False
             self.model.__dict__.pop("encoder", None)
             self.model._modules["encoder"] = self.encoder
             bar.close()
@@ -307,7 +332,7 @@ class StageTrainer:
             self.model.language_model.train()
 
     def _should_stop(self) -> bool:
-        """Ctrl-C (SIGINT) was pressed; all processes agree, so they stop after the same step."""
+        """Ctrl-C (SIGINT) was pressed or SIGTERM came; all processes agree, so they stop after the same step."""
         flag = torch.tensor([1.0 if self._stop else 0.0], device=self.accelerator.device)
         if self.accelerator.num_processes > 1:
             flag = self.accelerator.reduce(flag, reduction="sum")
@@ -416,21 +441,54 @@ class StageTrainer:
             keep=self.config.train.keep_checkpoints,
         )
 
-    def _restore(self, folder: Path) -> int:
-        """Check a checkpoint against this run, then load it; returns its step."""
-        try:
-            state, trained = read_checkpoint(folder)
-        except ValueError as err:
-            raise ConfigError(str(err)) from None
+    def _resume(self) -> int:
+        """Load the checkpoint the run continues from; returns its step.
+
+        ``--resume auto`` takes the newest checkpoint that is whole (``load_checkpoint``): a damaged one is named in
+        a warning and set aside (``checkpoint-STEP.damaged``), and the one before it is tried. A checkpoint of
+        another run (``ConfigError``) is never skipped.
+
+        Raises:
+            CheckpointError: the ``--resume`` folder is damaged, or no checkpoint of the folder is whole.
+            ConfigError: the checkpoint belongs to another run.
+        """
+        acc = self.accelerator
+        auto = self.resume == "auto"
+        candidates = list(reversed(list_checkpoints(self.output_dir))) if auto else [self.resume_from]
         mine = self.trainable_state()
-        check_checkpoint(folder, state, trained, self._state(), mine)
-        with torch.no_grad():
-            for name, param in mine.items():
-                param.copy_(trained[name].to(param))
-        restore_checkpoint(self.accelerator, folder, state, optimizer=self.optimizer, scheduler=self.scheduler)
-        step = int(state["step"])
-        logger.info("resumed from %s at step %d", folder, step)
-        return step
+        damaged: list[tuple[Path, str]] = []
+        for folder in candidates:
+            problem = None
+            try:
+                loaded = load_checkpoint(
+                    folder, run=self._state(), parameters=mine, optimizer=self.optimizer,
+                    process_index=acc.process_index,
+                )  # fmt: skip
+            except CheckpointError as err:
+                problem = str(err)
+            if any_process(acc, problem is not None):
+                problem = problem or "found damaged by another process (see its message)"
+                if not auto:
+                    raise CheckpointError(f"--resume {folder}: {problem}")
+                logger.warning("%s is damaged, trying the checkpoint before it: %s", folder.name, problem)
+                damaged.append((folder, problem))
+                continue
+            apply_checkpoint(acc, loaded, mine, optimizer=self.optimizer, scheduler=self.scheduler)
+            if damaged:
+                acc.wait_for_everyone()
+                if acc.is_main_process:
+                    for bad, problem in damaged:
+                        moved = move_damaged(bad)
+                        logger.warning("resuming from %s: the damaged %s was moved to %s (%s)", folder.name,
+                                       bad.name, moved.name, problem)  # fmt: skip
+                acc.wait_for_everyone()
+            logger.info("resumed from %s at step %d", folder, loaded.step)
+            return loaded.step
+        reasons = "; ".join(f"{folder.name}: {problem}" for folder, problem in damaged)
+        raise CheckpointError(
+            f"{self.output_dir}: no checkpoint to resume from is whole ({reasons}); remove the damaged ones to "
+            "start again from the beginning"
+        )
 
     def _write_run_files(self, start_step: int) -> None:
         (self.output_dir / "train_config.yaml").write_text(yaml.safe_dump(self.config.to_dict(), sort_keys=False))
@@ -457,9 +515,16 @@ class StageTrainer:
                 writer.add_scalar(f"train/{key}", value, step)
 
     def _save_final(self) -> Path:
+        """Write ``final/`` (atomically: a failed or killed save leaves the previous one, if any).
+
+        Raises:
+            TrainingError: the disk is full (saying how much to free); checkpoint-MAX_STEPS is intact, so a rerun
+                with ``--resume auto`` only writes ``final/``.
+        """
         acc = self.accelerator
         acc.wait_for_everyone()
         folder = self.output_dir / FINAL_DIR
+        error: BaseException | None = None
         if self.sharded:
             # the live parameters are shards: write the gathered tensors into a fresh copy of the model
             state = self.gathered_trainable()
@@ -473,36 +538,74 @@ class StageTrainer:
                             param.copy_(state[name].to(param))
                 if rows is not None:
                     rows.remove()
-                pipe.save_pretrained(folder)
+                error = _save_pipeline(pipe, folder)
         else:
             if self.token_rows is not None:
                 self.token_rows.merge()
             if acc.is_main_process:
-                AnyGPTPipeline(self.model, self.decoders).save_pretrained(folder)
+                error = _save_pipeline(AnyGPTPipeline(self.model, self.decoders), folder)
+        if any_process(acc, error is not None):
+            free = free_space(self.output_dir)
+            raise TrainingError(
+                f"no space left on the device of {self.output_dir} while writing {FINAL_DIR}/ (it needs about "
+                f"{format_size(_final_size(self.model))}{f', {format_size(free)} are free' if free is not None else ''}"
+                f"): free space there, then run again with --resume auto (checkpoint-{self.max_steps} is intact: "
+                f"no step is trained again)"
+            ) from None
         if acc.is_main_process:
             logger.info("stage %d done: %s", self.config.stage, folder)
         acc.wait_for_everyone()
         return folder
 
 
-def _install_sigint(trainer: StageTrainer):
-    """First Ctrl-C: finish the step, write a checkpoint, stop. Second Ctrl-C: stop at once (no checkpoint)."""
+def _save_pipeline(pipe: AnyGPTPipeline, folder: Path) -> BaseException | None:
+    """``pipe.save_pretrained(folder)``; returns the error of a full disk (any other error is raised)."""
+    try:
+        pipe.save_pretrained(folder)
+    except Exception as err:
+        if not disk_full(err):
+            raise
+        return err
+    return None
+
+
+def _final_size(model) -> int:
+    """About the bytes ``save_pretrained`` writes for ``model``: projectors, cross-attention, LoRA, token rows."""
+    tensors = [*model.input_projectors.state_dict().values(), *model.output_projectors.state_dict().values()]
+    if model.cross_attention is not None:
+        tensors += list(model.cross_attention.state_dict().values())
+    tensors += [p for n, p in model.language_model.named_parameters() if "lora_" in n]
+    rows = len(set(model.tokens.all_added_ids) | set(model.trained_base_rows))
+    return sum(t.numel() * t.element_size() for t in tensors) + 2 * rows * model.hidden_size * 4
+
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+def _install_stop_signals(trainer: StageTrainer) -> dict:
+    """SIGINT (Ctrl-C) and SIGTERM, alike: during the steps the first one finishes the step, writes a checkpoint and
+    stops; a second one, or one outside the steps (loading, the final save), stops at once with
+    ``KeyboardInterrupt``, so that the writers remove their temporary files. Returns the previous handlers."""
 
     def handler(signum, frame):
-        if trainer._stop:
+        name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+        if trainer.stop_signal is None:
+            trainer.stop_signal = signum
+        if trainer._stop or not trainer._in_loop:
             raise KeyboardInterrupt
         trainer._stop = True
-        logger.warning("Ctrl-C: stopping after this step with a checkpoint (press again to stop at once)")
+        logger.warning("%s: stopping after this step with a checkpoint (send it again to stop at once)", name)
 
-    try:
-        return signal.signal(signal.SIGINT, handler)
-    except ValueError:  # not the main thread: no handler, Ctrl-C stops at once
-        return None
-
-
-def _restore_sigint(previous) -> None:
-    if previous is not None:
+    previous = {}
+    for signum in STOP_SIGNALS:
         try:
-            signal.signal(signal.SIGINT, previous)
-        except ValueError:
-            pass
+            previous[signum] = signal.signal(signum, handler)
+        except ValueError:  # not the main thread: no handler, a signal stops at once
+            break
+    return previous
+
+
+def _restore_stop_signals(previous: dict) -> None:
+    for signum, handler in previous.items():
+        with contextlib.suppress(ValueError, TypeError):
+            signal.signal(signum, handler if handler is not None else signal.SIG_DFL)

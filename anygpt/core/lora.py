@@ -26,9 +26,10 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
-from anygpt.core.index import resolve_part
+from anygpt.base.errors import CheckpointError
+from anygpt.core.index import read_weights, resolve_part
 from anygpt.core.llm import LoraSettings
 
 logger = logging.getLogger(__name__)
@@ -274,26 +275,37 @@ def save_adapters(llm: nn.Module, settings: LoraSettings, folder: str | os.PathL
 def load_adapters(llm: nn.Module, settings: LoraSettings, folder: str | os.PathLike, entry: str | dict) -> None:
     """Load what ``save_adapters`` wrote (a single-adapter entry ``"lora"`` or ``{name: path}``).
 
+    Each file is checked first (``anygpt.core.index.read_weights``): inside ``folder``, readable, exactly the
+    adapter's keys (peft's saved names) with the model's shapes, finite values.
+
     Raises:
-        ValueError: the saved adapters are not the config's, or a file's tensors do not fit the model.
+        CheckpointError: the saved adapters are not the config's, or a file is damaged or does not fit the model
+            (naming the file, the key and both shapes).
     """
-    from peft import set_peft_model_state_dict
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
 
     names = adapter_names(settings)
     saved = {DEFAULT_ADAPTER: entry} if isinstance(entry, str) else dict(entry)
     if sorted(saved) != sorted(names):
-        raise ValueError(
+        raise CheckpointError(
             f"{folder}: the saved LoRA adapters are {sorted(saved)}, the config declares {sorted(names)} "
             "(lora.adapters)"
         )
     for name, rel in saved.items():
         what = "lora" if isinstance(entry, str) else f"lora.{name}"
-        state = load_file(resolve_part(folder, rel, what) / ADAPTER_WEIGHTS_FILE)
-        result = set_peft_model_state_dict(llm, state, adapter_name=name)
+        path = resolve_part(folder, rel, what) / ADAPTER_WEIGHTS_FILE
+        expected = get_peft_model_state_dict(llm, adapter_name=name, save_embedding_layers=False)
+        state = read_weights(path, folder=folder, expected=expected, what=f"{what} adapter")
+        try:
+            result = set_peft_model_state_dict(llm, state, adapter_name=name)
+        except RuntimeError as err:
+            raise CheckpointError(
+                f"{path}: does not fit the model ({str(err).strip().splitlines()[-1].strip()})"
+            ) from None
         unexpected = getattr(result, "unexpected_keys", [])
         if unexpected:
-            raise ValueError(f"{folder}/{rel}: adapter keys not in the model: {unexpected[:5]}")
+            raise CheckpointError(f"{path}: key {unexpected[0]!r} is not in the model")
         if settings.adapters is not None:
             missing = [k for k in getattr(result, "missing_keys", []) if "lora_" in k and f".{name}." in k]
             if missing:
-                raise ValueError(f"{folder}/{rel}: adapter {name!r} lacks tensors of the model: {missing[:5]}")
+                raise CheckpointError(f"{path}: adapter {name!r} lacks the model's key {missing[0]!r}")

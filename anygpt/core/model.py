@@ -13,13 +13,14 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
+from anygpt.base.errors import CheckpointError
 from anygpt.base.modality import Modality
 from anygpt.core.config import AnyGPTConfig
 from anygpt.core.conversation import MediaRef, Piece
 from anygpt.core.fusion import GatedCrossAttentionLayers, find_decoder_layers, media_context
-from anygpt.core.index import resolve_part
+from anygpt.core.index import check_tokenizer_folder, read_json, read_weights, resolve_part
 from anygpt.core.llm import build_language_model, tokenizer_dir_of
 from anygpt.core.lora import (
     activate_adapters,
@@ -105,7 +106,8 @@ class AnyGPTModel(nn.Module):
         Args:
             config: the system config.
             decoder_specs: ``DecoderSpec`` per output modality (sets each output projector's query count and size).
-            tokenizer_dir: a saved tokenizer (with the added tokens) to use instead of the LLM's own.
+            tokenizer_dir: a saved tokenizer (with the added tokens) to use instead of the LLM's own; its files are
+                checked first (``anygpt.core.index.check_tokenizer_folder``: a damaged one is a ``CheckpointError``).
             runtime: how the LLM is loaded (dtype, quantization, device map; see ``build_language_model``). Other
                 placement is the pipeline's (``AnyGPTPipeline.from_pretrained(runtime=...)``).
             empty_weights: build every component on the meta device and read no weights, for sizes and memory
@@ -116,6 +118,8 @@ class AnyGPTModel(nn.Module):
                 return cls.build(
                     config, decoder_specs, tokenizer_dir=tokenizer_dir, runtime=runtime, empty_weights=True
                 )
+        if tokenizer_dir is not None:
+            check_tokenizer_folder(tokenizer_dir)  # a damaged file named in one line, not deep in transformers
         encoder = build_imagebind_encoder(config.encoder, seed=config.seed, empty_weights=empty_weights)
         llm, tokenizer = build_language_model(
             config.llm, tokenizer_dir=tokenizer_dir, runtime=runtime, empty_weights=empty_weights
@@ -395,8 +399,15 @@ class AnyGPTModel(nn.Module):
     def load_trained(self, folder: str | os.PathLike, parts: dict, *, skip: set[str] | frozenset = frozenset()) -> None:
         """Load what ``save_trained`` wrote (the model must have been built from the same config).
 
+        Every file is checked before a tensor is copied into the model: it resolves inside ``folder``, it is a
+        readable safetensors file holding exactly the model's keys with the model's shapes, and finite values.
+
         Args:
             skip: parts left as built (e.g. ``{"input_projectors"}`` when a run swaps in another connector).
+
+        Raises:
+            CheckpointError: one line naming the file (and the key, the expected and the found shape) of a damaged,
+                foreign or missing part.
         """
         from diffusers.utils import SAFETENSORS_WEIGHTS_NAME
 
@@ -406,40 +417,75 @@ class AnyGPTModel(nn.Module):
                 continue
             saved = parts.get(side, {})
             if set(saved) != set(modules):
-                raise ValueError(f"{folder}: {side} holds {sorted(saved)}, the config declares {sorted(modules)}")
+                raise CheckpointError(f"{folder}: {side} holds {sorted(saved)}, the config declares {sorted(modules)}")
             for name, rel in saved.items():
                 where = resolve_part(folder, rel, f"{side}.{name}")
-                saved_config = json.loads((where / "config.json").read_text())
+                saved_config = read_json(where / "config.json", folder=folder, what=f"{side}.{name} config")
                 ours = json.loads(json.dumps(dict(modules[name].config)))  # as JSON sees it (tuples -> lists)
                 differ = {k for k, v in ours.items() if not k.startswith("_") and saved_config.get(k, v) != v}
                 if differ:
-                    raise ValueError(f"{where}/config.json: {sorted(differ)} differ from the model's config")
-                modules[name].load_state_dict(load_file(where / SAFETENSORS_WEIGHTS_NAME))
+                    raise CheckpointError(f"{where}/config.json: {sorted(differ)} differ from the model's config")
+                path = where / SAFETENSORS_WEIGHTS_NAME
+                state = read_weights(path, folder=folder, expected=modules[name].state_dict(), what=f"{side}.{name}")
+                _load_state(modules[name], state, path)
         if "cross_attention" not in skip and (self.cross_attention is not None or parts.get("cross_attention")):
             if self.cross_attention is None or not parts.get("cross_attention"):
                 has = "has no" if self.cross_attention is None else "has"
                 holds = "holds" if parts.get("cross_attention") else "holds no"
-                raise ValueError(f"{folder}: {holds} cross-attention blocks, the config {has} cross_attention")
+                raise CheckpointError(f"{folder}: {holds} cross-attention blocks, the config {has} cross_attention")
             where = resolve_part(folder, parts["cross_attention"], "cross_attention")
-            try:
-                self.cross_attention.load_state_dict(load_file(where))
-            except RuntimeError as err:
-                raise ValueError(f"{where}: does not fit the config's cross_attention ({err})") from None
+            expected = self.cross_attention.state_dict()
+            state = read_weights(where, folder=folder, expected=expected, what="cross_attention")
+            _load_state(self.cross_attention, state, where)
         if parts.get("lora"):
             self._drop_combined_adapters()  # combinations of the old weights
             load_adapters(self.language_model, self.config.llm.lora, folder, parts["lora"])
-        rows = load_file(resolve_part(folder, parts["token_embeddings"], "token_embeddings"))
-        ids = rows["token_ids"].tolist()
+        self._load_token_rows(folder, parts["token_embeddings"])
+
+    def _load_token_rows(self, folder: str | os.PathLike, rel: str) -> None:
+        """Load the token rows ``save_trained`` wrote (the added tokens', and trained base rows)."""
+        path = resolve_part(folder, rel, "token_embeddings")
         emb = self.language_model.get_input_embeddings().weight
+        out = self.language_model.get_output_embeddings()
+        rows = read_weights(path, folder=folder, what="token_embeddings")
+        expected = ["token_ids", "input_embeddings"] + (["output_embeddings"] if out is not None else [])
+        for key in expected:
+            if key not in rows:
+                raise CheckpointError(f"{path}: key {key!r} is missing")
+        extra = sorted(set(rows) - set(expected))
+        if extra:
+            raise CheckpointError(f"{path}: key {extra[0]!r} is not in the model")
+        token_ids = rows["token_ids"]
+        if token_ids.ndim != 1 or token_ids.is_floating_point() or token_ids.dtype == torch.bool:
+            raise CheckpointError(
+                f"{path}: key 'token_ids' holds {token_ids.dtype} of shape {tuple(token_ids.shape)}, "
+                "expected one integer per row"
+            )
+        for key, table in (("input_embeddings", emb), ("output_embeddings", out.weight if out is not None else None)):
+            if table is None:
+                continue
+            want = (len(token_ids), table.shape[1])
+            if tuple(rows[key].shape) != want:
+                raise CheckpointError(f"{path}: key {key!r} has shape {tuple(rows[key].shape)}, expected {want}")
+            if not rows[key].is_floating_point():
+                raise CheckpointError(f"{path}: key {key!r} holds {rows[key].dtype} values, expected floating-point")
+        ids = token_ids.tolist()
         added = self.tokens.all_added_ids
         # the added rows, and possibly base rows too (all of them for an imported model), each once and in order
-        if not set(added) <= set(ids) or ids != sorted(set(ids)) or ids[0] < 0 or ids[-1] >= emb.shape[0]:
-            raise ValueError(
-                f"{folder}/{parts['token_embeddings']}: token ids {ids[:4]}... do not hold the tokenizer's added "
-                f"ids {added[:4]}... once each within its {emb.shape[0]} rows"
+        if not ids or not set(added) <= set(ids) or ids != sorted(set(ids)) or ids[0] < 0 or ids[-1] >= emb.shape[0]:
+            raise CheckpointError(
+                f"{path}: token ids {ids[:4]}... do not hold the tokenizer's added ids {added[:4]}... once each "
+                f"within its {emb.shape[0]} rows"
             )
         self.trained_base_rows = sorted(set(ids) - set(added))
         emb[ids] = rows["input_embeddings"].to(emb)
-        out = self.language_model.get_output_embeddings()
-        if out is not None and "output_embeddings" in rows:
+        if out is not None:
             out.weight[ids] = rows["output_embeddings"].to(out.weight)
+
+
+def _load_state(module: nn.Module, state: dict[str, torch.Tensor], path: Path) -> None:
+    """``module.load_state_dict(state)`` (keys and shapes checked by ``read_weights``), naming ``path`` on failure."""
+    try:
+        module.load_state_dict(state)
+    except RuntimeError as err:
+        raise CheckpointError(f"{path}: does not fit the model ({str(err).strip().splitlines()[-1].strip()})") from None
