@@ -12,6 +12,8 @@ Example::
     out = encoder.encode("image", [load_image("cat.jpg")])
     out.embeds.shape  # (1, 32)
     out.tokens.shape  # (1, 257, 32)
+    out = encoder.encode("image", [load_image("cat.jpg")], resolution="anyres")  # encoders/anyres.py
+    out.tokens.shape  # (1, 5 * 257, 32): the global view, then 4 tile slots
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from torch.overrides import TorchFunctionMode
 
 from anygpt.base.modality import Modality
 from anygpt.base.utils import resolve_dtype
-from encoders import transforms
+from encoders import anyres, transforms
 from encoders.meta import import_imagebind
 
 logger = logging.getLogger(__name__)
@@ -276,6 +278,9 @@ class ImageBindEncoder(nn.Module):
     with :func:`build_imagebind_encoder` (seeded random init or a checkpoint); the constructor alone draws
     from the global RNG and honours ``with torch.device("meta")``.
 
+    Images are read at the fixed 224 x 224 unless :meth:`set_image_input` chooses AnyRes (``encoders.anyres``) as
+    the default, or a call of :meth:`encode` asks for it.
+
     Args:
         config: sizes and preprocessing.
     """
@@ -319,6 +324,8 @@ class ImageBindEncoder(nn.Module):
                 imu_drop_path=config.imu_drop_path,
             )
         self.execution_device: torch.device | None = None  # set by offloading (anygpt.core.runtime)
+        self.image_resolution = "fixed"  # the default of encode(); set_image_input
+        self.anyres_grids: tuple[tuple[int, int], ...] = anyres.DEFAULT_GRIDS
         self.requires_grad_(False)
         super().train(False)
 
@@ -426,6 +433,27 @@ class ImageBindEncoder(nn.Module):
             return (c.audio_clips, 1, c.num_mel_bins, c.target_frames)
         return (transforms.TEXT_CONTEXT_LENGTH,)
 
+    def set_image_input(self, resolution: str = "fixed", grids: Sequence[Sequence[int]] | None = None) -> None:
+        """How :meth:`encode` reads images by default: ``"fixed"`` (224 x 224) or ``"anyres"`` (a global view plus
+        tiles, see ``encoders.anyres``), and the grid shapes AnyRes chooses from (kept for calls asking for AnyRes
+        whatever the default).
+
+        With ``"anyres"`` the grids are also held in the ``anyres_grids`` buffer, so the encoder's state dict (which
+        the training feature cache fingerprints) tells AnyRes features from fixed-resolution ones.
+
+        Raises:
+            ValueError: an unknown resolution or invalid grids.
+        """
+        if resolution not in ("fixed", "anyres"):
+            raise ValueError(f"image resolution must be 'fixed' or 'anyres', got {resolution!r}")
+        if grids is not None:
+            self.anyres_grids = anyres.check_grids(grids)
+        self.image_resolution = resolution
+        self._buffers.pop("anyres_grids_tensor", None)
+        if resolution == "anyres":
+            table = torch.tensor(self.anyres_grids, dtype=torch.long, device="cpu")
+            self.register_buffer("anyres_grids_tensor", table.to(next(self.parameters()).device), persistent=True)
+
     # ---- preprocessing -------------------------------------------------------------------------------------
 
     def preprocess(self, modality: Modality | str, item: Any) -> torch.Tensor:
@@ -505,12 +533,16 @@ class ImageBindEncoder(nn.Module):
             tokens = tokens.reshape(batch, clips, *tokens.shape[1:]).mean(dim=1)
         return EncoderOutput(embeds=embeds, tokens=tokens)
 
-    def encode(self, modality: Modality | str, items: Sequence[Any]) -> EncoderOutput:
+    def encode(self, modality: Modality | str, items: Sequence[Any], *, resolution: str | None = None) -> EncoderOutput:
         """Preprocess each item, stack them and run :meth:`forward` on the module's device and dtype.
 
         Args:
             modality: image, video, audio or text.
             items: decoded items as :meth:`preprocess` takes them (not a single item: wrap it in a list).
+            resolution: images only: ``"fixed"`` or ``"anyres"`` (None: the default of :meth:`set_image_input`).
+                AnyRes gives each image ``V = 1 + max tiles of the grids`` views (``encoders.anyres``): ``tokens``
+                (B, V * N, D_tok), the views' sequences one after the other, global view first; ``embeds`` the global
+                view's pooled embedding.
 
         Returns:
             :class:`EncoderOutput` with batch size ``len(items)``.
@@ -519,8 +551,34 @@ class ImageBindEncoder(nn.Module):
             raise TypeError(f"encode expects a list of items, got {type(items).__name__}")
         if not items:
             raise ValueError("encode got an empty list of items")
+        if resolution not in (None, "fixed", "anyres"):
+            raise ValueError(f"resolution must be 'fixed', 'anyres' or None, got {resolution!r}")
+        if Modality.parse(modality) is Modality.IMAGE and (resolution or self.image_resolution) == "anyres":
+            return self._encode_anyres(items)
         batch = torch.stack([self.preprocess(modality, item) for item in items])
         return self(modality, batch)
+
+    def _encode_anyres(self, items: Sequence[Any]) -> EncoderOutput:
+        """AnyRes images: every real view in one batch, the blank tile (when a slot needs it) encoded once."""
+        slots = anyres.max_tiles(self.anyres_grids)
+        views, layouts = [], []
+        for item in items:
+            item_views, layout = anyres.anyres_views(item, self.anyres_grids, slots=slots, blanks=False)
+            views.append(item_views)
+            layouts.append(layout)
+        need_blank = any(layout.tiles < slots for layout in layouts)
+        batch = torch.cat(views + ([anyres.blank_tile()[None]] if need_blank else []))
+        out = self(Modality.IMAGE, batch)  # (sum of views [+ 1], N, D_tok)
+        tokens, embeds, start = [], [], 0
+        for layout in layouts:
+            count = 1 + layout.tiles
+            seq = [out.tokens[start : start + count]]
+            if layout.tiles < slots:
+                seq.append(out.tokens[-1:].expand(slots - layout.tiles, -1, -1))
+            tokens.append(torch.cat(seq).flatten(0, 1))  # (V * N, D_tok)
+            embeds.append(out.embeds[start])
+            start += count
+        return EncoderOutput(embeds=torch.stack(embeds), tokens=torch.stack(tokens))
 
     # ---- loading -------------------------------------------------------------------------------------------
 

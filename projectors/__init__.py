@@ -16,6 +16,7 @@ from projectors.registry import (
     register_input_projector,
     register_output_projector,
 )
+from projectors.token_merge import TokenMerge, merge_tokens, parse_token_merge
 
 __all__ = [
     "InputProjector",
@@ -38,4 +39,7 @@ __all__ = [
     "list_output_projectors",
     "register_input_projector",
     "register_output_projector",
+    "TokenMerge",
+    "merge_tokens",
+    "parse_token_merge",
 ]

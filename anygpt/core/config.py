@@ -6,12 +6,20 @@ import copy
 from dataclasses import dataclass, field
 from typing import Any
 
+from anygpt.base.errors import ConfigError
 from anygpt.base.modality import MEDIA_MODALITIES, Modality
 from anygpt.core.fusion import CrossAttentionConfig
 from anygpt.core.llm import LanguageModelConfig, llm_config_from_preset
 from anygpt.core.tokens import SignalTokenConfig
 from decoders import DecoderConfig
 from encoders import ImageBindConfig
+from encoders.anyres import DEFAULT_GRIDS, check_grids
+from projectors.token_merge import parse_token_merge
+
+RESOLUTIONS = ("fixed", "anyres")
+"""How images are read: ``fixed`` (the encoder's 224 x 224) or ``anyres`` (a global view plus tiles)."""
+MAX_IMAGE_TOKENS = 1 << 16
+"""The largest ``image_input.max_image_tokens`` accepted."""
 
 
 @dataclass
@@ -24,6 +32,68 @@ class ProjectorConfig:
     def __post_init__(self):
         self.name = str(self.name).lower()
         self.options = dict(self.options)
+
+
+@dataclass
+class ImageInputConfig:
+    """How images reach the input projector: the encoder's fixed 224 x 224, or AnyRes tiles, and a token budget.
+
+    Args:
+        resolution: ``"fixed"`` (one 224 x 224 view, ImageBind's transform) or ``"anyres"`` (LLaVA-NeXT's dynamic
+            resolution, ``encoders.anyres``: a global view, then the tiles of a grid chosen by aspect ratio, then blank
+            tiles up to the largest grid's tile count). The connector reads each view as one image (K tokens) and
+            the views go to the LLM one after the other, the image placeholder's embedding between consecutive ones:
+            ``V * K + (V - 1)`` tokens per image with ``V = 1 + max tiles``. Needs a connector that reads the token
+            sequence (``uses_tokens``: group, qformer, perceiver, cabstractor, linear / mlp with ``source: tokens``):
+            the single-embedding connectors (linear / mlp on the pooled embedding) refuse it (``ConfigError``).
+            Video keeps the fixed path. A call may ask for the other one (``GenerationRequest.image_resolution``).
+        anyres_grids: the grid shapes ``[rows, cols]`` AnyRes chooses from (1 .. 8 each, at most 16 tiles, no shape
+            twice); also used by calls that ask for AnyRes on a fixed-resolution system.
+        max_image_tokens: the most LLM tokens (projected features) one image may take, or None (no bound). AnyRes
+            uses only the grids that fit (the largest ones are dropped); a system whose fixed view, or AnyRes layout
+            with even its smallest grid, does not fit is refused when the model is built (``ConfigError``).
+    """
+
+    resolution: str = "fixed"
+    anyres_grids: list[list[int]] = field(default_factory=lambda: [list(g) for g in DEFAULT_GRIDS])
+    max_image_tokens: int | None = None
+
+    def __post_init__(self):
+        if self.resolution not in RESOLUTIONS:
+            raise ConfigError(f"image_input.resolution: expected 'fixed' or 'anyres', got {self.resolution!r}")
+        try:
+            self.anyres_grids = [list(g) for g in check_grids(self.anyres_grids, "image_input.anyres_grids")]
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+        budget = self.max_image_tokens
+        if budget is not None and (
+            isinstance(budget, bool) or not isinstance(budget, int) or not 1 <= budget <= MAX_IMAGE_TOKENS
+        ):
+            raise ConfigError(
+                f"image_input.max_image_tokens: expected an integer in 1 .. {MAX_IMAGE_TOKENS} or null, got {budget!r}"
+            )
+
+    @property
+    def is_default(self) -> bool:
+        return self == ImageInputConfig()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "resolution": self.resolution,
+            "anyres_grids": [list(g) for g in self.anyres_grids],
+            "max_image_tokens": self.max_image_tokens,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ImageInputConfig:
+        """Build from :meth:`to_dict` output; unknown keys raise ``ConfigError`` naming them."""
+        if not isinstance(data, dict):
+            raise ConfigError(f"image_input: expected a mapping, got {data!r}")
+        unknown = sorted(set(data) - {"resolution", "anyres_grids", "max_image_tokens"})
+        if unknown:
+            raise ConfigError(f"image_input: unknown keys {unknown}; valid keys are anyres_grids, max_image_tokens, "
+                              "resolution")  # fmt: skip
+        return cls(**data)
 
 
 @dataclass
@@ -43,6 +113,12 @@ class AnyGPTConfig:
         seed: initialisation seed of the projectors and new token rows.
         cross_attention: gated cross-attention blocks (Flamingo) in the LLM, or None (media are only spliced in
             as tokens); see ``anygpt.core.fusion``.
+        image_input: fixed resolution or AnyRes tiles for images, and a token budget (:class:`ImageInputConfig`).
+
+    The input projector's options may hold ``token_merge`` (``{ratio: r}`` or ``{target: n}``,
+    ``projectors.token_merge``): each view's connector output is merged down by ToMe's bipartite soft matching before
+    the LLM reads it (not a constructor option of the connector: the model applies it); connectors that give one
+    token per item refuse it when the model is built.
     """
 
     encoder: Any
@@ -55,6 +131,7 @@ class AnyGPTConfig:
     input_modalities: list[str] = field(default_factory=lambda: [m.value for m in MEDIA_MODALITIES])
     seed: int = 0
     cross_attention: CrossAttentionConfig | None = None
+    image_input: ImageInputConfig = field(default_factory=ImageInputConfig)
 
     def __post_init__(self):
         self.input_modalities = [Modality.parse(m).value for m in self.input_modalities]
@@ -69,6 +146,11 @@ class AnyGPTConfig:
             Modality.parse(m)
         if self.cross_attention is not None and not isinstance(self.cross_attention, CrossAttentionConfig):
             self.cross_attention = CrossAttentionConfig.from_dict(self.cross_attention)
+        if self.image_input is None:
+            self.image_input = ImageInputConfig()
+        elif not isinstance(self.image_input, ImageInputConfig):
+            self.image_input = ImageInputConfig.from_dict(self.image_input)
+        parse_token_merge(self.input_projector.options.get("token_merge"), "input_projector.options.token_merge")
 
     @property
     def output_modalities(self) -> list[Modality]:
@@ -96,6 +178,8 @@ class AnyGPTConfig:
         }
         if self.cross_attention is not None:  # absent otherwise: indexes written before it stay as they were
             data["cross_attention"] = self.cross_attention.to_dict()
+        if not self.image_input.is_default:  # likewise
+            data["image_input"] = self.image_input.to_dict()
         return data
 
     @classmethod
@@ -103,7 +187,7 @@ class AnyGPTConfig:
         data = copy.deepcopy(data)
         known = {
             "encoder", "llm", "decoders", "signal_tokens", "input_projector", "output_projector",
-            "output_projector_overrides", "input_modalities", "seed", "cross_attention",
+            "output_projector_overrides", "input_modalities", "seed", "cross_attention", "image_input",
         }  # fmt: skip
         unknown = set(data) - known
         if unknown:
@@ -119,6 +203,7 @@ class AnyGPTConfig:
             input_modalities=data.get("input_modalities", [m.value for m in MEDIA_MODALITIES]),
             seed=data.get("seed", 0),
             cross_attention=data.get("cross_attention"),
+            image_input=data.get("image_input"),
         )
 
 

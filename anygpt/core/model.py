@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 from safetensors.torch import save_file
 
-from anygpt.base.errors import CheckpointError
+from anygpt.base.errors import CheckpointError, ConfigError, UsageError
 from anygpt.base.modality import Modality
 from anygpt.core.config import AnyGPTConfig
 from anygpt.core.conversation import MediaRef, Piece
@@ -42,7 +42,9 @@ from anygpt.core.tokens import (
     splice_features,
 )
 from encoders import build_imagebind_encoder
+from encoders.anyres import max_tiles
 from projectors import build_input_projector, build_output_projector, get_input_projector_class
+from projectors.token_merge import parse_token_merge
 
 logger = logging.getLogger(__name__)
 
@@ -87,6 +89,69 @@ class AnyGPTModel(nn.Module):
         # Base-vocabulary rows loaded with trained values (an imported model's whole tables, anygpt.apps.convert):
         # save_trained writes them again beside the added rows.
         self.trained_base_rows: list[int] = []
+        self._setup_image_input()
+
+    def _setup_image_input(self) -> None:
+        """Token merging and the image resolution (``config.image_input``): what the connectors allow, the AnyRes
+        grids within the token budget, and the encoder's default.
+
+        Raises:
+            ConfigError: ``token_merge`` on a connector giving one token per item; ``resolution: anyres`` on a connector
+                that reads no token sequence, or with no grid within ``max_image_tokens``; a fixed image over it.
+        """
+        config = self.config
+        where = "input_projector.options.token_merge"
+        self.token_merge = parse_token_merge(config.input_projector.options.get("token_merge"), where)
+        if self.token_merge is not None:
+            for name, projector in self.input_projectors.items():
+                if projector.num_output_tokens < 2:
+                    raise ConfigError(
+                        f"{where}: the {config.input_projector.name} connector gives one token per {name} item: "
+                        "nothing to merge (use a connector that gives a token sequence, e.g. perceiver, or "
+                        "source: tokens)"
+                    )
+        image = self.config.image_input
+        # grids AnyRes may use (within the budget); empty with the reason when this model cannot read images so
+        self.anyres_grids: tuple[tuple[int, int], ...] = ()
+        self.anyres_unavailable: str | None = None
+        self._image_view_tokens = 0  # N, the encoder's tokens per image view
+        key = Modality.IMAGE.value
+        projector = self.input_projectors[key] if key in self.input_projectors else None
+        if projector is None:
+            self.anyres_unavailable = "this model reads no image input"
+        elif not projector.uses_tokens:
+            self.anyres_unavailable = (
+                f"the {config.input_projector.name} connector reads one pooled embedding per image, not the token "
+                "sequence AnyRes tiles (use group, qformer, perceiver, cabstractor, or linear / mlp with source: "
+                "tokens)"
+            )
+        else:
+            budget = image.max_image_tokens
+            fixed = self.num_media_features(Modality.IMAGE, views=1)
+            if budget is not None and fixed > budget:
+                raise ConfigError(
+                    f"image_input.max_image_tokens: an image takes {fixed} tokens with the "
+                    f"{config.input_projector.name} connector at fixed resolution, over the budget of {budget}"
+                )
+            fits = [
+                (rows, cols)
+                for rows, cols in image.anyres_grids
+                if budget is None or self.num_media_features(Modality.IMAGE, views=1 + rows * cols) <= budget
+            ]
+            self.anyres_grids = tuple(fits)
+            if not fits:
+                smallest = min(rows * cols for rows, cols in image.anyres_grids)
+                need = self.num_media_features(Modality.IMAGE, views=1 + smallest)
+                self.anyres_unavailable = (
+                    f"no grid of image_input.anyres_grids fits image_input.max_image_tokens {budget} (the smallest, "
+                    f"{smallest} tile(s), takes {need} tokens)"
+                )
+            prefix, height, width = self.encoder.token_grid(Modality.IMAGE)
+            self._image_view_tokens = prefix + height * width
+        if image.resolution == "anyres" and self.anyres_unavailable:
+            raise ConfigError(f"image_input.resolution: 'anyres' is not possible: {self.anyres_unavailable}")
+        if hasattr(self.encoder, "set_image_input"):
+            self.encoder.set_image_input(image.resolution, self.anyres_grids or image.anyres_grids)
 
     # ------------------------------------------------------------------ building
     @classmethod
@@ -138,6 +203,7 @@ class AnyGPTModel(nn.Module):
             for name in config.input_modalities:
                 m = Modality(name)
                 options = dict(config.input_projector.options)
+                options.pop("token_merge", None)  # the model's option, applied to the connector's output
                 if get_input_projector_class(config.input_projector.name).uses_grid:
                     options.setdefault("grid", list(encoder.token_grid(m)))  # this modality's patch layout
                 inputs[name] = build_input_projector(
@@ -203,12 +269,63 @@ class AnyGPTModel(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.language_model.get_input_embeddings().weight.dtype
 
-    def num_media_tokens(self, modality: Modality) -> int:
-        """How many LLM tokens one media item of ``modality`` becomes: K, or 1 when the model reads its media only
-        through gated cross-attention (``cross_attention.inline`` false: one placeholder marks the item)."""
+    def num_media_tokens(self, modality: Modality, *, views: int | None = None) -> int:
+        """How many LLM tokens one media item of ``modality`` becomes: its features (:meth:`num_media_features`), or 1
+        when the model reads its media only through gated cross-attention (``cross_attention.inline`` false: one
+        placeholder marks the item).
+
+        Args:
+            views: image views of the item (1: fixed resolution; ``1 + tiles`` with AnyRes); None: the model's
+                default (``image_input.resolution``).
+        """
         if self.config.cross_attention is not None and not self.config.cross_attention.inline:
             return 1
-        return self.input_projectors[modality.value].num_output_tokens
+        return self.num_media_features(modality, views=views)
+
+    def num_media_features(self, modality: Modality, *, views: int | None = None) -> int:
+        """How many projected features one media item of ``modality`` gives: ``V * K' + (V - 1)`` for ``V`` views
+        (``K'`` the connector's tokens per view after ``token_merge``; a separator between consecutive views), K' for
+        one view (video, audio, fixed-resolution images)."""
+        modality = Modality.parse(modality)
+        if views is None:
+            views = self.image_views() if modality is Modality.IMAGE else 1
+        count = self.input_projectors[modality.value].num_output_tokens
+        if self.token_merge is not None:
+            count = self.token_merge.count(count)
+        return views * count + views - 1
+
+    def resolve_image_resolution(self, requested: str | None = None, where: str = "") -> str:
+        """The resolution a call reads its images at: ``requested`` (``"fixed"`` / ``"anyres"``) or, when None, the
+        config's ``image_input.resolution``.
+
+        Raises:
+            UsageError: naming ``image_resolution`` (after ``where``): an unknown value, or AnyRes on a model that
+                cannot read it (its connector reads no token sequence, or no grid fits its token budget).
+        """
+        resolution = self.config.image_input.resolution if requested is None else requested
+        if resolution not in ("fixed", "anyres"):
+            raise UsageError(f"{where}image_resolution must be 'fixed', 'anyres' or None, got {requested!r}")
+        if resolution == "anyres" and self.anyres_unavailable:
+            raise UsageError(f"{where}image_resolution: 'anyres' is not possible with this model: "
+                             f"{self.anyres_unavailable}")  # fmt: skip
+        return resolution
+
+    def image_views(self, resolution: str | None = None) -> int:
+        """Views per image at ``resolution`` (None: the config's): 1 fixed, ``1 + max tiles`` of the usable grids
+        with AnyRes."""
+        if self.resolve_image_resolution(resolution) == "fixed":
+            return 1
+        return 1 + max_tiles(self.anyres_grids)
+
+    def views_in(self, modality: Modality, tokens: torch.Tensor | None) -> int:
+        """How many image views an encoder token sequence (M, V * N, D_tok) holds: 1 unless it is an AnyRes image's
+        (``encoders.anyres``: the views' N-token sequences one after the other)."""
+        n = self._image_view_tokens
+        projector = self.input_projectors[modality.value] if modality.value in self.input_projectors else None
+        if modality is not Modality.IMAGE or tokens is None or not n or projector is None or not projector.uses_tokens:
+            return 1
+        length = tokens.shape[1]
+        return length // n if length > n and length % n == 0 else 1
 
     # ------------------------------------------------------------------ LoRA adapters
     @property
@@ -258,11 +375,17 @@ class AnyGPTModel(nn.Module):
     def project_media(self, modality: Modality, embeds: torch.Tensor, tokens: torch.Tensor | None) -> torch.Tensor:
         """Encoder features -> LLM input embeddings.
 
+        An AnyRes image (tokens of ``V`` views, :meth:`views_in`) is projected view by view, as ``V`` images; the
+        views' outputs follow each other, global view first, with the image placeholder's embedding row between
+        consecutive views (:meth:`view_separator`). ``token_merge`` (the input projector's option) merges each
+        view's K output tokens down to K' (``projectors.token_merge``).
+
         Args:
-            embeds: (M, D) pooled encoder embeddings. tokens: (M, N, D_tok) encoder token sequences.
+            embeds: (M, D) pooled encoder embeddings. tokens: (M, N, D_tok) encoder token sequences (M, V * N, D_tok)
+                for AnyRes images.
 
         Returns:
-            (M, K, H).
+            (M, K', H), or (M, V * K' + V - 1, H) for AnyRes images.
         """
         if modality.value not in self.input_projectors:
             raise ValueError(
@@ -271,14 +394,40 @@ class AnyGPTModel(nn.Module):
         projector = self.input_projectors[modality.value]
         dtype = next(projector.parameters()).dtype
         tokens = tokens.to(dtype) if (tokens is not None and projector.uses_tokens) else None
-        return projector(embeds.to(dtype), tokens)
+        views = self.views_in(modality, tokens)
+        embeds = embeds.to(dtype)
+        if views > 1:  # each view as an image of its own: (M * V, N, D_tok)
+            tokens = tokens.reshape(tokens.shape[0] * views, tokens.shape[1] // views, tokens.shape[2])
+            embeds = embeds.repeat_interleave(views, dim=0)
+        out = projector(embeds, tokens)  # (M * V, K, H)
+        if self.token_merge is not None:
+            out = self.token_merge(out)
+        if views == 1:
+            return out
+        items, count, hidden = out.shape[0] // views, out.shape[1], out.shape[2]
+        separator = self.view_separator(modality).to(device=out.device, dtype=out.dtype)
+        out = torch.cat([out.reshape(items, views, count, hidden), separator.expand(items, views, 1, hidden)], dim=2)
+        return out.reshape(items, views * (count + 1), hidden)[:, :-1]  # no separator after the last view
 
-    def tokenize_pieces(self, pieces: list[Piece], *, add_bos: bool = True) -> tuple[list[int], list[MediaRef]]:
+    def view_separator(self, modality: Modality) -> torch.Tensor:
+        """(H,) the marker between an AnyRes image's views: the modality's placeholder row of the LLM's input
+        embeddings (never seen otherwise: placeholder positions hold the features), so it needs no new weight and
+        trains with the added rows when a stage trains them."""
+        ids = torch.tensor([[self.tokens.placeholder[modality]]], device=self.device)
+        return self.language_model.get_input_embeddings()(ids)[0, 0]
+
+    def tokenize_pieces(
+        self, pieces: list[Piece], *, add_bos: bool = True, counts: dict[str, int] | None = None
+    ) -> tuple[list[int], list[MediaRef]]:
         """Prompt pieces -> token ids, and the media items in the order their placeholders appear.
 
         Neighbouring text pieces are joined and tokenised together (so a SentencePiece tokenizer sees the text as
         one string), with special tokens split: user text can never produce a placeholder or signal token (prompts
         may contain ``<``, ``>``, ``<image>`` or ``[IMG0]`` freely). The tokenizer's BOS token starts the sequence.
+
+        Args:
+            counts: placeholder tokens per media key (an image read at another resolution than the model's default);
+                an item not in it takes :meth:`num_media_tokens`.
         """
         ids: list[int] = []
         if add_bos and self.tokenizer.bos_token_id is not None:
@@ -298,7 +447,9 @@ class AnyGPTModel(nn.Module):
                 continue
             flush()
             if isinstance(piece, MediaRef):
-                ids.extend([self.tokens.placeholder[piece.modality]] * self.num_media_tokens(piece.modality))
+                count = (counts or {}).get(piece.key)
+                count = self.num_media_tokens(piece.modality) if count is None else count
+                ids.extend([self.tokens.placeholder[piece.modality]] * count)
                 order.append(piece)
             else:
                 ids.extend(int(i) for i in piece)

@@ -296,12 +296,17 @@ class AnyGPTPipeline(PlacementMixin, BatchGenerationMixin):
         return check_selection(available, names, None)
 
     def load_inputs(
-        self, modality: Modality, items: list[MediaInput], known: Container[str] = ()
+        self, modality: Modality, items: list[MediaInput], known: Container[str] = (), *, resolution: str | None = None
     ) -> list[tuple[MediaRef, Any]]:
         """Read media (paths or objects) and give each a content key. Raises ``MediaError`` for bad files.
 
         A file whose key is in ``known`` (features already cached) is hashed but not decoded again: its value is None.
+        An image read with AnyRes (``resolution``, or the model's ``image_input.resolution`` when None) has a key of
+        its own (``...+anyres``): its features differ from the fixed-resolution ones.
         """
+        suffix = ""
+        if modality is Modality.IMAGE and items and self.model.resolve_image_resolution(resolution) == "anyres":
+            suffix = "+anyres"
         loaded = []
         for item in items:
             if isinstance(item, str | os.PathLike):
@@ -316,39 +321,73 @@ class AnyGPTPipeline(PlacementMixin, BatchGenerationMixin):
                     max_frames = self.model.encoder.max_video_frames if modality is Modality.VIDEO else None
                     value = load_media(modality, path, max_frames=max_frames)
                     key = key or _file_key(modality, path)
-                loaded.append((MediaRef(modality, key, str(path)), value))
+                loaded.append((MediaRef(modality, key + suffix, str(path)), value))
             else:
                 check_media_item(modality, item, f"{modality.value} input")
-                loaded.append((MediaRef(modality, _object_key(modality, item)), item))
+                loaded.append((MediaRef(modality, _object_key(modality, item) + suffix), item))
         return loaded
 
     @torch.no_grad()
-    def encode_media(self, conversation: Conversation, items: list[tuple[MediaRef, Any]]) -> None:
-        """Encode the items the conversation has not seen yet (batched per modality) and cache their features."""
+    def encode_media(
+        self, conversation: Conversation, items: list[tuple[MediaRef, Any]], *, resolution: str | None = None
+    ) -> None:
+        """Encode the items the conversation has not seen yet (batched per modality) and cache their features.
+
+        Images are read at ``resolution`` (``"fixed"`` / ``"anyres"``; None: the model's ``image_input.resolution``),
+        the one ``load_inputs`` gave their keys for.
+        """
         by_modality: dict[Modality, list[tuple[MediaRef, Any]]] = {}
         for ref, value in items:
             if ref.key not in conversation.features:
                 by_modality.setdefault(ref.modality, []).append((ref, value))
         for modality, todo in by_modality.items():
             unique = list({ref.key: (ref, value) for ref, value in todo}.values())
-            out = self.model.encoder.encode(modality, [value for _, value in unique])
+            extra = {}
+            wanted = self.model.resolve_image_resolution(resolution) if modality is Modality.IMAGE else "fixed"
+            if wanted != "fixed" or (modality is Modality.IMAGE and self.config.image_input.resolution != "fixed"):
+                extra["resolution"] = wanted  # only with AnyRes about: an encoder without it keeps its plain encode()
+            out = self.model.encoder.encode(modality, [value for _, value in unique], **extra)
             for i, (ref, _) in enumerate(unique):
                 conversation.features[ref.key] = (out.embeds[i : i + 1], out.tokens[i : i + 1])
             logger.debug("encoded %d %s item(s)", len(unique), modality.value)
 
     @torch.no_grad()
     def build_inputs(self, conversation: Conversation) -> tuple[torch.Tensor, torch.Tensor]:
-        """The conversation as LLM input: ``input_ids`` (1, T) and ``inputs_embeds`` (1, T, H)."""
-        ids, order = self.model.tokenize_pieces(conversation.prompt_pieces(self.tokenizer.eos_token_id))
+        """The conversation as LLM input: ``input_ids`` (1, T) and ``inputs_embeds`` (1, T, H).
+
+        Each media item takes the placeholder tokens its own features need (an image read with AnyRes takes more than
+        one read at fixed resolution, ``AnyGPTModel.num_media_tokens``).
+
+        Raises:
+            UsageError: one conversation holds images read at both resolutions and the model reads its media only
+                through gated cross-attention (one context length per modality).
+        """
+        model = self.model
+        counts = {}
+        for ref in conversation.media():
+            tokens = conversation.features[ref.key][1]
+            counts[ref.key] = model.num_media_tokens(ref.modality, views=model.views_in(ref.modality, tokens))
+        ids, order = model.tokenize_pieces(conversation.prompt_pieces(self.tokenizer.eos_token_id), counts=counts)
         media: dict[Modality, list[torch.Tensor]] = {}
         for ref in order:
             embeds, tokens = conversation.features[ref.key]
             media.setdefault(ref.modality, []).append(
-                self.model.project_media(ref.modality, embeds.to(self.device), tokens.to(self.device))
+                model.project_media(ref.modality, embeds.to(self.device), tokens.to(self.device))
             )
         input_ids = torch.tensor([ids], device=self.device)
-        features = {m: torch.cat(v) for m, v in media.items()}
-        return input_ids, self.model.embed_inputs(input_ids, features)
+        features = {}
+        for modality, items in media.items():
+            if len({item.shape[1] for item in items}) == 1:
+                features[modality] = torch.cat(items)  # (M, K, H)
+            elif model.cross_attention is not None and not model.config.cross_attention.inline:
+                raise UsageError(
+                    f"image_resolution: this conversation holds {modality.plural} read at both resolutions, and this "
+                    "model reads its media through gated cross-attention (one length per modality); keep one "
+                    "image_resolution per conversation"
+                )
+            else:  # spliced position by position: the items' features one after the other
+                features[modality] = torch.cat([item.reshape(-1, item.shape[-1]) for item in items])
+        return input_ids, model.embed_inputs(input_ids, features)
 
     @torch.no_grad()
     def generate_tokens(
@@ -510,6 +549,7 @@ class AnyGPTPipeline(PlacementMixin, BatchGenerationMixin):
         audio_seconds: float | None = None,
         show_progress: bool = True,
         decoder_overrides: Mapping[str | Modality, Mapping[str, Any]] | None = None,
+        image_resolution: str | None = None,
         streamer: Any = None,
         on_decode: Callable[[Modality, int, int], bool | None] | None = None,
         should_stop: Callable[[], bool] | None = None,
@@ -549,6 +589,8 @@ class AnyGPTPipeline(PlacementMixin, BatchGenerationMixin):
             show_progress: progress bars for decoder work.
             decoder_overrides: per output modality, decoder settings that replace the shared ones above for that
                 decoder only (None keeps the shared value), e.g. ``{"image": {"num_inference_steps": 30}}``.
+            image_resolution: ``"fixed"`` or ``"anyres"`` (tiles and a global view) for this call's images; None:
+                the model's ``image_input.resolution`` (see ``GenerationRequest.image_resolution``).
             streamer: a transformers streamer (``TextStreamer``, ``TextIteratorStreamer``) that receives the reply's
                 token ids as the LLM produces them (see ``generate_tokens``).
             on_decode: called as ``on_decode(modality, index, total)`` before each decoder runs (progress reports).
@@ -590,6 +632,7 @@ class AnyGPTPipeline(PlacementMixin, BatchGenerationMixin):
             num_frames=num_frames,
             audio_seconds=audio_seconds,
             decoder_overrides=decoder_overrides,
+            image_resolution=image_resolution,
         )
         hooks = dict(
             show_progress=show_progress,
@@ -675,10 +718,14 @@ class AnyGPTPipeline(PlacementMixin, BatchGenerationMixin):
             conversation = Conversation()
         if conversation.template is None:
             conversation.template = self.config.llm.template
+        resolution = request.image_resolution
+        self.model.resolve_image_resolution(resolution, request.origin)  # AnyRes asked of a model that cannot
         loaded = [
-            pair for m in MEDIA_MODALITIES for pair in self.load_inputs(m, request.media(m), conversation.features)
+            pair
+            for m in MEDIA_MODALITIES
+            for pair in self.load_inputs(m, request.media(m), conversation.features, resolution=resolution)
         ]
-        self.encode_media(conversation, loaded)
+        self.encode_media(conversation, loaded, resolution=resolution)
         conversation.add_user(request.prompt, [ref for ref, _ in loaded])
         return conversation
 

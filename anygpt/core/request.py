@@ -20,6 +20,8 @@ guidance_scale         0 .. 100, or None                         classifier-free
 height, width          multiples of 8 in 8 .. 4096, or None      the VAE downsamples by 8; 4096 bounds memory
 num_frames             integer 1 .. 256, or None                 video decoders make 16..64 frames
 audio_seconds          (0, 60], or None                          audio decoders make clips of seconds
+image_resolution       ``"fixed"``, ``"anyres"``, or None        the two ways images are read (None: the
+                                                                 model's ``image_input.resolution``)
 =====================  ========================================  ==============================================
 
 ``decoder_overrides`` take the same ranges per decoder. ``prompt`` is a string that encodes as UTF-8 (a lone
@@ -72,6 +74,8 @@ MAX_GUIDANCE_SCALE = 100.0
 MAX_SIDE = 4096
 MAX_FRAMES = 256
 MAX_AUDIO_SECONDS = 60.0
+IMAGE_RESOLUTIONS = ("fixed", "anyres")
+"""``image_resolution``'s values (``anygpt.core.config.ImageInputConfig.resolution``)."""
 
 
 @dataclass
@@ -105,6 +109,9 @@ class GenerationRequest:
         decoder_overrides: per output modality, decoder settings that replace the shared ones for that decoder,
             e.g. ``{"image": {"num_inference_steps": 30}}`` (stored keyed by the modality's name, None values
             dropped).
+        image_resolution: how this call's images are read: ``"fixed"`` (224 x 224), ``"anyres"`` (a global view
+            plus tiles, ``encoders.anyres``), or None (the model's ``image_input.resolution``). AnyRes needs a model
+            whose connector reads token sequences (the pipeline refuses it otherwise, naming this field).
         id: a name for the outputs (the file-name stem of the command line's files).
         origin: where the request came from, put before every error message (not part of the request).
     """
@@ -126,6 +133,7 @@ class GenerationRequest:
     num_frames: int | None = None
     audio_seconds: float | None = None
     decoder_overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
+    image_resolution: str | None = None
     id: str | None = None
     origin: str = field(default="", repr=False, compare=False)
 
@@ -162,6 +170,10 @@ class GenerationRequest:
         self._check_number("top_p", self.top_p, [(lambda v: 0 < v <= 1, "in (0, 1]")])
         self._check_decoder_settings({name: getattr(self, name) for name in DECODER_SETTINGS})
         self.decoder_overrides = self._overrides()
+        if self.image_resolution is not None and not (
+            isinstance(self.image_resolution, str) and self.image_resolution in IMAGE_RESOLUTIONS
+        ):
+            self._fail("image_resolution", self.image_resolution, "'fixed', 'anyres' or None (the model's own)")
         if self.id is not None and not (isinstance(self.id, str) and _ID.fullmatch(self.id)):
             self._fail("id", self.id, "a name of letters, digits, '.', '_' and '-'")
         if self.id in (".", ".."):
