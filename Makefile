@@ -23,7 +23,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q tests
 
 eval: $(STAMP)
-	$(VENV)/bin/anygpt toyworld eval toyworld --samples 96
+	$(VENV)/bin/anygpt toyworld eval toyworld --samples 96 --jobs 2
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

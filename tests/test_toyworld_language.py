@@ -239,7 +239,7 @@ def test_decoders_taken_from_a_package_are_never_stale(tmp_path):
             model / "decoders" / folder / "model_index.json"
         ).read_bytes()
         info = json.loads((tmp_path / part / recipe.PART_FILE).read_text())
-        assert "inputs" not in info and info["seeded_from"] == str(model)
+        assert "inputs" not in info and info["seeded_from"] == f"packaged:toyworld/decoders/{folder}"  # no machine path
     (tmp_path / "encoder").mkdir()
     (tmp_path / "encoder" / recipe.PART_FILE).write_text(json.dumps({"finished": 1e12}))  # redone later
     assert all(recipe._part_done(tmp_path, part) is not None for part in recipe.SEEDABLE)
@@ -260,3 +260,86 @@ def test_packaging_keeps_a_restricted_vocabulary_as_it_is():
     weights = pipe.text_encoder.get_input_embeddings().weight.clone()
     assert restrict_text_encoder(pipe, ["a red circle"]) == size
     assert torch.equal(pipe.text_encoder.get_input_embeddings().weight, weights)
+
+
+# ------------------------------------------------------------------------------------------------ the shipped model
+
+
+@pytest.fixture(scope="module")
+def toyworld_pipe():
+    from anygpt.core.pipeline import AnyGPTPipeline
+
+    return AnyGPTPipeline.from_pretrained("toyworld")
+
+
+FEW_STEPS = {"num_inference_steps": 12, "seed": 0, "temperature": 0.0}
+
+
+def test_two_turns_through_the_api(toyworld_pipe):
+    from anygpt.core.conversation import Conversation
+
+    conversation = Conversation()
+    first = toyworld_pipe("draw a red circle", conversation=conversation, **FEW_STEPS)
+    second = toyworld_pipe("now make it blue", conversation=conversation, **FEW_STEPS)
+    assert first.text == "Here is a red circle." and second.text == "Here is a blue circle."
+    assert len(second.images) == 1 and not second.videos and not second.audios
+    assert image_attributes(second.images[0]) == {"colour": "blue", "shape": "circle"}
+    assert [t.role for t in conversation.turns] == ["user", "assistant", "user", "assistant"]
+
+
+def test_two_turns_through_the_demo_engine(toyworld_pipe, tmp_path):
+    from anygpt.apps.chat import ChatEngine
+    from anygpt.base.media import load_video
+    from anygpt.core.request import GenerationRequest
+
+    engine = ChatEngine(toyworld_pipe, tmp_path)
+    session = engine.new_session()
+    settings = GenerationRequest(**FEW_STEPS)
+    for prompt in ("show a green square moving left", "now make it move up"):
+        for _ in engine.respond(session, prompt, [], settings):
+            pass
+    first, second = (exchange.reply for exchange in session.exchanges)
+    assert first.text == "Here is a green square moving left." and second.text == "Here is a green square moving up."
+    assert [p.suffix for p in second.files] == [".mp4"] and second.error is None
+    assert video_attributes(load_video(second.videos[0])) == {"colour": "green", "direction": "up"}  # read back
+
+
+def test_two_turns_through_anygpt_chat(tmp_path):
+    """`anygpt chat` on the default model, driven through stdin: the second turn changes the first turn's item."""
+    import subprocess
+    import sys
+
+    from anygpt.base.media import load_audio
+
+    out = tmp_path / "chat"
+    lines = "play a low beep\nnow make it high\n/quit\n"
+    done = subprocess.run(
+        [sys.executable, "-m", "anygpt.cli", "chat", "--out", str(out), "--seed", "0", "--steps", "12"],
+        input=lines, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "Here is a low beep." in done.stdout and "Here is a high beep." in done.stdout
+    second = sorted(out.glob("chat-0002_audio*.wav"))
+    assert len(second) == 1 and audio_attributes(load_audio(second[0]))["pitch"] == "high"
+
+
+def test_parallel_evaluation_splits_every_task_once_and_merges_counts():
+    from toyworld import evaluate as ev
+
+    for jobs in (1, 2, 3, 20):
+        groups = ev.split_tasks(ev.TASKS, jobs)
+        assert sorted(t for g in groups for t in g) == sorted(ev.TASKS) and len(groups) == min(jobs, len(ev.TASKS))
+
+    def report(right: int, total: int, tasks: list[str]) -> dict:
+        metrics = {n: {"correct": 0, "total": 0} for n in ev.METRICS}
+        metrics["clean_replies"] = {"correct": right, "total": total}
+        meta = {"seconds": total, "requests": 1, "caption_items": 2, "tasks": tasks, "samples": 4}
+        return {"metrics": metrics, "meta": meta, "examples": [{"task": tasks[0]}]}
+
+    merged = ev.merge_reports([report(3, 4, ["generation"]), report(5, 6, ["casual"])])
+    assert merged["metrics"]["clean_replies"] == {"value": 0.8, "correct": 8, "total": 10, "target": 1.0}
+    assert merged["metrics"]["routing"]["value"] is None
+    assert merged["meta"]["tasks"] == ["generation", "casual"] and merged["meta"]["seconds"] == 6
+    assert merged["meta"]["requests"] == 2 and len(merged["examples"]) == 2
+    with pytest.raises(ValueError, match="tasks"):
+        ev.run("toyworld", tasks=["dancing"])

@@ -76,6 +76,14 @@ def _toyworld_arguments(parser: argparse.ArgumentParser) -> None:
     ev.add_argument(
         "--decoders", action="store_true", help="score each decoder alone from its own caption embeddings (a ceiling)"
     )
+    ev.add_argument(
+        "--tasks", default=",".join(evaluate.TASKS),
+        help=f"comma-separated, some of {', '.join(evaluate.TASKS)} (default all)",
+    )  # fmt: skip
+    ev.add_argument(
+        "--jobs", type=int, default=1,
+        help="processes the tasks are split over, their reports merged (2 on a 2-core machine finishes sooner)",
+    )  # fmt: skip
     add_runtime_arguments(ev)
 
 
@@ -100,9 +108,11 @@ def world_data(args: argparse.Namespace) -> None:
 
 def evaluate_model(args: argparse.Namespace) -> int:
     """``anygpt toyworld eval``: prints the table; 1 when the system misses a target."""
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     return evaluate.run(
-        args.model, samples=args.samples, output=args.output, decoders=args.decoders, runtime=runtime_options(args)
-    )
+        args.model, samples=args.samples, output=args.output, decoders=args.decoders, runtime=runtime_options(args),
+        tasks=tasks, jobs=args.jobs,
+    )  # fmt: skip
 
 
 def recipe(args: argparse.Namespace) -> None:

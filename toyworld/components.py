@@ -77,10 +77,10 @@ class ComponentSettings:
 
     seed: int = 0
     # encoder
-    encoder_steps: int = 500
+    encoder_steps: int = 1500
     encoder_batch: int = 24
     encoder_lr: float = 1e-3
-    encoder_pool: int = 768
+    encoder_pool: int = 1536
     encoder_varied: float = 0.67  # the share of the pool rendered another way (world.vary)
     # language model
     llm_vocab: int = 640

@@ -56,8 +56,8 @@ _REQUEST_SIZES = (1, 2, 3)
 class WorldSizes:
     """How many media files and conversations to write."""
 
-    images: int = 1536
-    videos: int = 1024
+    images: int = 3072
+    videos: int = 2048
     audios: int = 768
     generation: int = 3000
     captioning: int = 1500
