@@ -614,18 +614,22 @@ def _write_summary(out: Path) -> None:
 
 def install_package(out: str | os.PathLike) -> Path:
     """Copy the recipe's packaged model into the anygpt package (``anygpt/models/toyworld``), replacing it (its
-    model card, ``README.md``, is kept: the card is written by hand)."""
+    model card, ``README.md``, is kept: the card is written by hand), with the package's evaluation report as
+    ``evaluation.json`` when the recipe has one (``OUT/eval-package/report.json``)."""
     src = Path(out) / "package" / "toyworld"
     if _part_done(Path(out), "package") is None:
         raise FileNotFoundError(f"{src}: the recipe's package part has not finished")
     dst = Path(anygpt.__file__).resolve().parent / PACKAGED_MODELS["toyworld"]
     card = dst / "README.md"
+    report = Path(out) / "eval-package" / "report.json"  # the package's evaluation, when the recipe ran it
     with atomic_directory(dst) as tmp:
         shutil.copytree(src, tmp, dirs_exist_ok=True)
         for name in ("summary.md", "summary.json"):
             shutil.copy2(Path(out) / name, tmp / name)
         if card.is_file():
             shutil.copy2(card, tmp / "README.md")
+        if report.is_file():
+            shutil.copy2(report, tmp / "evaluation.json")
     return dst
 
 
