@@ -285,6 +285,9 @@ def test_two_turns_through_the_api(toyworld_pipe):
     assert len(second.images) == 1 and not second.videos and not second.audios
     assert image_attributes(second.images[0]) == {"colour": "blue", "shape": "circle"}
     assert [t.role for t in conversation.turns] == ["user", "assistant", "user", "assistant"]
+    shown = repr(conversation)  # one readable line, not the cached tensors
+    assert "tensor" not in shown and "\n" not in shown
+    assert "user: 'now make it blue'" in shown and "assistant: 'Here is a blue circle.'" in shown
 
 
 def test_two_turns_through_the_demo_engine(toyworld_pipe, tmp_path):

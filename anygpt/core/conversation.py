@@ -142,6 +142,18 @@ class Conversation:
         self.turns.clear()
         self.features.clear()
 
+    def __repr__(self) -> str:
+        """One line: the template, each turn's role and the start of its text, the media cached (not the tensors)."""
+
+        def short(text: str) -> str:
+            return repr(text if len(text) <= 40 else text[:37] + "...")
+
+        turns = ", ".join(
+            f"{turn.role}: {short(turn.text)}" + (f" +{len(turn.media)} media" if turn.media else "")
+            for turn in self.turns
+        )
+        return f"Conversation(template={self.template!r}, turns=[{turns}], cached_media={len(self.features)})"
+
     def media(self) -> list[MediaRef]:
         return [m for t in self.turns for m in t.media]
 
