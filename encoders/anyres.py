@@ -50,8 +50,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from anygpt.base.media import validate_image
-from encoders.transforms import IMAGE_SIZE, VISION_MEAN, VISION_STD
+from encoders.transforms import IMAGE_SIZE, VISION_MEAN, VISION_STD, rgb_image
 
 __all__ = [
     "DEFAULT_GRIDS",
@@ -244,15 +243,7 @@ def anyres_views(
     Raises:
         MediaError: an image past the size limits (``anygpt.base.media.validate_image``).
     """
-    from PIL import Image
-
-    if not isinstance(image, np.ndarray | Image.Image):
-        raise TypeError(f"anyres_views expects a PIL image or a uint8 array, got {type(image).__name__}")
-    validate_image(image, "image")
-    if isinstance(image, np.ndarray):
-        image = Image.fromarray(image)
-    if image.mode != "RGB":
-        image = image.convert("RGB")
+    image = rgb_image(image, "anyres_views")
     layout = layout_image(image.size, grids, tile=tile, slots=slots)
     small = _fit(image.size[0], image.size[1], tile, tile)
     global_view = _placed(image, (tile, tile), small, ((tile - small[0]) // 2, (tile - small[1]) // 2))

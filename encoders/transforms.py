@@ -20,6 +20,7 @@ import functools
 import logging
 import math
 from fractions import Fraction
+from typing import Any
 
 import numpy as np
 import torch
@@ -86,16 +87,25 @@ def image_transform(image, size: int = IMAGE_SIZE) -> torch.Tensor:
     Raises:
         MediaError: the image's size is past those limits (see ``anygpt.base.media.check_frame_size``).
     """
+    return _image_pipeline(size)(rgb_image(image, "image_transform"))
+
+
+def rgb_image(image: Any, caller: str) -> Any:
+    """``image`` (a ``PIL.Image`` or a uint8 (H, W, 3) array) checked against the size limits and as an RGB
+    ``PIL.Image``.
+
+    Raises:
+        TypeError: neither kind (naming ``caller``).
+        MediaError: past the size limits (``anygpt.base.media.validate_image``).
+    """
     from PIL import Image
 
     if not isinstance(image, np.ndarray | Image.Image):
-        raise TypeError(f"image_transform expects a PIL image or a uint8 array, got {type(image).__name__}")
+        raise TypeError(f"{caller} expects a PIL image or a uint8 array, got {type(image).__name__}")
     validate_image(image, "image")
     if isinstance(image, np.ndarray):
         image = Image.fromarray(image)
-    if image.mode != "RGB":
-        image = image.convert("RGB")
-    return _image_pipeline(size)(image)
+    return image if image.mode == "RGB" else image.convert("RGB")
 
 
 def clip_start_times(duration: float, clip_seconds: float, num_clips: int) -> list[Fraction]:

@@ -49,3 +49,29 @@ def media_files(tmp_path_factory) -> dict[str, Path]:
     save_audio(audio, paths["audio"])
     save_video(Video(frames, 8.0), paths["video"])
     return paths
+
+
+@pytest.fixture()
+def use_tiny(monkeypatch, tiny_pipe):
+    """Reuse the session's tiny pipeline instead of building one per CLI call."""
+    from anygpt.apps import generate as generate_command
+
+    real = generate_command.load_pipeline
+
+    def load(model, runtime=None):
+        return tiny_pipe if model == "tiny" and runtime is None else real(model, runtime)
+
+    monkeypatch.setattr(generate_command, "load_pipeline", load)
+
+
+@pytest.fixture(scope="module")
+def toyworld():
+    """The shipped default model (one per test module); a missing package fails the test, naming the folder."""
+    from anygpt.core.index import packaged_model_dir
+    from anygpt.core.pipeline import AnyGPTPipeline
+
+    try:
+        packaged_model_dir("toyworld")
+    except FileNotFoundError as err:
+        pytest.fail(str(err))
+    return AnyGPTPipeline.from_pretrained("toyworld")

@@ -19,17 +19,6 @@ from anygpt.base.media import load_audio, load_image, load_video
 from anygpt.core.runtime import OFFLOAD_PLANS, RuntimeOptions
 
 
-@pytest.fixture()
-def use_tiny(monkeypatch, tiny_pipe):
-    """Reuse the session's tiny pipeline instead of building one per CLI call."""
-    real = generate_command.load_pipeline
-
-    def load(model, runtime=None):
-        return tiny_pipe if model == "tiny" and runtime is None else real(model, runtime)
-
-    monkeypatch.setattr(generate_command, "load_pipeline", load)
-
-
 def test_generate_writes_valid_png_mp4_wav(tmp_path, capsys, use_tiny, media_files):
     out = tmp_path / "out"
     code = cli.main(

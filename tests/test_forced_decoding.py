@@ -279,18 +279,6 @@ def test_streamers_never_pass_a_role_marker(tiny_pipe, tail):
 # ------------------------------------------------------------------------------------------------ the shipped model
 
 
-@pytest.fixture(scope="module")
-def toyworld():
-    from anygpt.core.index import packaged_model_dir
-    from anygpt.core.pipeline import AnyGPTPipeline
-
-    try:
-        packaged_model_dir("toyworld")
-    except FileNotFoundError as err:
-        pytest.fail(str(err))
-    return AnyGPTPipeline.from_pretrained("toyworld")
-
-
 def test_toyworld_forced_image_reply_is_the_trained_answer(toyworld):
     from toyworld.oracles import image_attributes
 

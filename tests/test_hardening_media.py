@@ -20,7 +20,6 @@ import torch
 from PIL import Image
 
 from anygpt import cli
-from anygpt.apps import generate as generate_command
 from anygpt.base import media
 from anygpt.base.errors import MediaError
 from anygpt.base.media import Audio, Video, load_audio, load_image, load_video, save_video
@@ -413,17 +412,6 @@ def test_sigterm_mid_write_leaves_nothing_in_out(tmp_path):
     assert process.returncode == 143, err.decode()[-2000:]
     assert err.decode().strip().splitlines()[-1] == "anygpt: terminated"
     assert list(out.iterdir()) == []
-
-
-@pytest.fixture()
-def use_tiny(monkeypatch, tiny_pipe):
-    """Reuse the session's tiny pipeline instead of building one per CLI call."""
-    real = generate_command.load_pipeline
-
-    def load(model, runtime=None):
-        return tiny_pipe if model == "tiny" and runtime is None else real(model, runtime)
-
-    monkeypatch.setattr(generate_command, "load_pipeline", load)
 
 
 def test_sigkill_leftovers_are_swept_by_the_next_generate(tmp_path, use_tiny):

@@ -16,15 +16,6 @@ from anygpt.core.index import INDEX_FILE, packaged_model_dir, packaged_reference
 from anygpt.core.pipeline import AnyGPTPipeline
 
 
-@pytest.fixture(scope="module")
-def toyworld():
-    try:
-        packaged_model_dir("toyworld")
-    except FileNotFoundError as err:
-        pytest.fail(str(err))
-    return AnyGPTPipeline.from_pretrained("toyworld")
-
-
 def _strings(value):
     if isinstance(value, dict):
         for item in value.values():

@@ -8,14 +8,11 @@ equalities, never content.
 from __future__ import annotations
 
 import base64
-import contextlib
 import io
 import json
-import socket
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -24,8 +21,8 @@ import numpy as np
 import openai
 import pytest
 import torch
-import uvicorn
 from PIL import Image
+from serving import free_port, serving  # tests/serving.py
 
 from anygpt.apps.server import BatchWorker, ServerOptions, build_app
 from anygpt.apps.server.protocol import ChatCompletionRequest, chat_request, output_modalities
@@ -39,29 +36,6 @@ FAST = {"num_inference_steps": 2}  # decoder steps: the media are checked for sh
 
 
 # ---------------------------------------------------------------------------------------------------- fixtures
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@contextlib.contextmanager
-def serving(app) -> Iterator[str]:
-    """``app`` served by uvicorn in a thread on a free loopback port; yields its base URL."""
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=_free_port(), log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{server.config.port}"
-    finally:
-        server.should_exit = True
-        thread.join(30)
-
-
 @pytest.fixture(scope="module")
 def server(tiny_pipe):
     """The tiny pipeline served with a key, batches of up to 8 (gathered for 50 ms), a 2 MB body limit."""
@@ -581,7 +555,7 @@ def test_ray_serve_two_cpu_replicas_answer():
 
     from anygpt.apps.server.ray_serve import ReplicaPlan, deployment_app, start
 
-    port = _free_port()
+    port = free_port()
     plan = ReplicaPlan(replicas=2, cpus_per_replica=0.5)
     app = deployment_app("tiny", ServerOptions(model_name="tiny", max_batch_size=4), None, plan)
     try:

@@ -6,12 +6,9 @@ The ``tiny`` preset has random weights: videos are noise, so the tests check sta
 
 from __future__ import annotations
 
-import contextlib
-import socket
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
 from concurrent.futures import Future
 from pathlib import Path
 
@@ -19,7 +16,7 @@ import httpx
 import numpy as np
 import openai
 import pytest
-import uvicorn
+from serving import serving  # tests/serving.py
 
 from anygpt.apps.server import ServerOptions, build_app
 from anygpt.apps.server.protocol import VideoCreateRequest, video_request
@@ -39,29 +36,6 @@ ERROR_KEYS = {"message", "type", "param", "code"}
 
 
 # ---------------------------------------------------------------------------------------------------- fixtures
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@contextlib.contextmanager
-def serving(app) -> Iterator[str]:
-    """``app`` served by uvicorn in a thread on a free loopback port; yields its base URL."""
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=_free_port(), log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{server.config.port}"
-    finally:
-        server.should_exit = True
-        thread.join(30)
-
-
 @pytest.fixture(scope="module")
 def server(tiny_pipe, tmp_path_factory):
     """The tiny pipeline served with a key; its video folder made under a test folder."""

@@ -265,22 +265,15 @@ def test_packaging_keeps_a_restricted_vocabulary_as_it_is():
 # ------------------------------------------------------------------------------------------------ the shipped model
 
 
-@pytest.fixture(scope="module")
-def toyworld_pipe():
-    from anygpt.core.pipeline import AnyGPTPipeline
-
-    return AnyGPTPipeline.from_pretrained("toyworld")
-
-
 FEW_STEPS = {"num_inference_steps": 12, "seed": 0, "temperature": 0.0}
 
 
-def test_two_turns_through_the_api(toyworld_pipe):
+def test_two_turns_through_the_api(toyworld):
     from anygpt.core.conversation import Conversation
 
     conversation = Conversation()
-    first = toyworld_pipe("draw a red circle", conversation=conversation, **FEW_STEPS)
-    second = toyworld_pipe("now make it blue", conversation=conversation, **FEW_STEPS)
+    first = toyworld("draw a red circle", conversation=conversation, **FEW_STEPS)
+    second = toyworld("now make it blue", conversation=conversation, **FEW_STEPS)
     assert first.text == "Here is a red circle." and second.text == "Here is a blue circle."
     assert len(second.images) == 1 and not second.videos and not second.audios
     assert image_attributes(second.images[0]) == {"colour": "blue", "shape": "circle"}
@@ -290,12 +283,12 @@ def test_two_turns_through_the_api(toyworld_pipe):
     assert "user: 'now make it blue'" in shown and "assistant: 'Here is a blue circle.'" in shown
 
 
-def test_two_turns_through_the_demo_engine(toyworld_pipe, tmp_path):
+def test_two_turns_through_the_demo_engine(toyworld, tmp_path):
     from anygpt.apps.chat import ChatEngine
     from anygpt.base.media import load_video
     from anygpt.core.request import GenerationRequest
 
-    engine = ChatEngine(toyworld_pipe, tmp_path)
+    engine = ChatEngine(toyworld, tmp_path)
     session = engine.new_session()
     settings = GenerationRequest(**FEW_STEPS)
     for prompt in ("show a green square moving left", "now make it move up"):
