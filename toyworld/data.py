@@ -50,6 +50,7 @@ _TAG = {Modality.IMAGE: "Image", Modality.VIDEO: "Video", Modality.AUDIO: "Audio
 # Trained on world.draw_request's own mix (one in six), the model's routing misses were three-item requests with
 # one item dropped (and each dropped image or video also counts against that medium's figures).
 _REQUEST_SIZES = (1, 2, 3)
+_CASUAL_SIZES = (1, 2, 2, 3, 3)  # casual requests lean to several items: their colours are the ones mixed up
 
 
 @dataclass
@@ -66,7 +67,10 @@ class WorldSizes:
     follow_up: int = 900  # two turns: the second changes an attribute ("now make it blue") or asks for another medium
     media_to_media: int = 900  # an image or clip in, an image or clip out ("make this move left")
     out_of_world: int = 450  # requests for what the world lacks, answered honestly
-    casual: float = 0.5  # the share of generation requests typed casually (world.casual)
+    casual: float = 0.65  # the share of generation requests typed casually (world.casual)
+    # the share of casual generation requests of 2-3 items also typed in capitals or Title Case: the hardest case for
+    # a small vocabulary (an upper-case colour is spelt in pieces), where a later item took an earlier one's colour
+    shout: float = 0.3
     varied: float = 0.67  # the share of media files rendered another way (world.vary, the training settings)
 
     @classmethod
@@ -192,11 +196,18 @@ def _mosit(turns: list[tuple[str, str]], used: dict[Modality, dict[str, Any]]) -
 
 
 def _generation_turns(
-    rng, library: _Library, used, count: int | None = None, casual: float = 0.0
+    rng, library: _Library, used, count: int | None = None, casual: float = 0.0, shout: float = 0.0
 ) -> list[tuple[str, str]]:
-    count = count or int(rng.choice(_REQUEST_SIZES))
-    request = world.draw_casual_request(rng, count) if rng.random() < casual else world.draw_request(rng, count)
-    return _answer(request.prompt, request.reply(), library, used)
+    """A request for 1-3 items answered. A casual one (share ``casual``) has 2-3 items four times in five, and such a
+    request is typed in capitals or Title Case (share ``shout``) beyond what :func:`world.casual` draws."""
+    if rng.random() >= casual:
+        request = world.draw_request(rng, count or int(rng.choice(_REQUEST_SIZES)))
+        return _answer(request.prompt, request.reply(), library, used)
+    request = world.draw_casual_request(rng, count or int(rng.choice(_CASUAL_SIZES)))
+    prompt = request.prompt
+    if len(request.items) > 1 and rng.random() < shout:
+        prompt = prompt.upper() if rng.random() < 0.5 else " ".join(w[:1].upper() + w[1:] for w in prompt.split(" "))
+    return _answer(prompt, request.reply(), library, used)
 
 
 def _answer(prompt: str, reply: list[tuple[str, Any]], library: _Library, used) -> list[tuple[str, str]]:
@@ -253,7 +264,7 @@ def _conversations(rng: np.random.Generator, library: _Library, sizes: WorldSize
     records = []
     for _ in range(sizes.generation):
         used = {m: {} for m in _FOLDERS}
-        records.append(_mosit(_generation_turns(rng, library, used, casual=sizes.casual), used))
+        records.append(_mosit(_generation_turns(rng, library, used, casual=sizes.casual, shout=sizes.shout), used))
     for _ in range(sizes.follow_up):
         used = {m: {} for m in _FOLDERS}
         records.append(_mosit(_follow_up_turns(rng, library, used, sizes.casual), used))
