@@ -10,6 +10,7 @@ from anygpt.core.tokens import (
     find_signal_groups,
     gather_signal_hidden_states,
     repair_signal_groups,
+    reply_text,
     splice_features,
 )
 
@@ -114,3 +115,25 @@ def test_processor_bans_disallowed_modalities(tokenizer_and_tokens):
     assert torch.isinf(out[0, tokens.signal[Modality.IMAGE][0]])
     assert torch.isinf(out[0, tokens.signal[Modality.VIDEO][0]])
     assert out[0, tokens.signal[Modality.AUDIO][0]] == 0
+
+
+def test_reply_text_keeps_one_space_where_a_signal_group_was_removed(tokenizer_and_tokens):
+    tokenizer, tokens = tokenizer_and_tokens
+    group = tokens.signal[Modality.IMAGE]
+    first = tokenizer.encode("Here is a red circle. ", add_special_tokens=False)
+    second = tokenizer.encode(" Here is a high beep.", add_special_tokens=False)
+    ids = first + group + second + tokens.signal[Modality.AUDIO]
+    # the plain decoding of the kept tokens has the two spaces that met
+    plain = tokenizer.decode([i for i in ids if i not in tokens.all_signal_ids], skip_special_tokens=True)
+    assert "circle.  Here" in plain
+    assert reply_text(tokenizer, ids, tokens.all_signal_ids) == "Here is a red circle. Here is a high beep."
+
+
+def test_reply_text_without_signals_is_the_plain_decoding(tokenizer_and_tokens):
+    tokenizer, tokens = tokenizer_and_tokens
+    ids = tokenizer.encode("  two  spaces stay inside  ", add_special_tokens=False)
+    assert reply_text(tokenizer, ids, tokens.all_signal_ids) == "two  spaces stay inside"
+    # a group between words that touch keeps them touching
+    ids = tokenizer.encode("red", add_special_tokens=False) + tokens.signal[Modality.VIDEO]
+    ids += tokenizer.encode(", and blue", add_special_tokens=False)
+    assert reply_text(tokenizer, ids, tokens.all_signal_ids) == "red, and blue"

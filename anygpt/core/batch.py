@@ -26,7 +26,7 @@ from anygpt.base.modality import Modality
 from anygpt.core.conversation import Conversation
 from anygpt.core.output import AnyGPTOutput
 from anygpt.core.request import GenerationRequest
-from anygpt.core.tokens import SignalTokenProcessor
+from anygpt.core.tokens import SignalTokenProcessor, reply_text
 
 logger = logging.getLogger(__name__)
 
@@ -156,11 +156,11 @@ class BatchGenerationMixin:
         results = []
         signal_ids = self.model.tokens.all_signal_ids
         for conversation, (generated, conditioning) in zip(added, replies, strict=True):
-            text = self.tokenizer.decode([i for i in generated if i not in signal_ids], skip_special_tokens=True)
-            conversation.add_assistant(text.strip(), generated)
+            text = reply_text(self.tokenizer, generated, signal_ids)
+            conversation.add_assistant(text, generated)
             results.append(
                 AnyGPTOutput(
-                    text=text.strip(),
+                    text=text,
                     token_ids=generated,
                     conditioning={m.value: c for m, c in conditioning.items()},
                 )

@@ -46,7 +46,7 @@ from anygpt.core.runtime import (
     ModelOffload,
     RuntimeOptions,
 )
-from anygpt.core.tokens import SignalTokenProcessor, repair_signal_groups
+from anygpt.core.tokens import SignalTokenProcessor, repair_signal_groups, reply_text
 from decoders import build_decoder
 
 logger = logging.getLogger(__name__)
@@ -703,7 +703,7 @@ class AnyGPTPipeline(PlacementMixin, BatchGenerationMixin):
             if self.model.cross_attention is not None:  # the call's media features are not kept referenced
                 self.model.cross_attention.set_context(None)
         signal_ids = self.model.tokens.all_signal_ids
-        text = self.tokenizer.decode([i for i in generated if i not in signal_ids], skip_special_tokens=True).strip()
+        text = reply_text(self.tokenizer, generated, signal_ids)
         conversation.add_assistant(text, generated)
         result = AnyGPTOutput(
             text=text, token_ids=generated, conditioning={m.value: c for m, c in conditioning.items()}

@@ -153,6 +153,35 @@ def splice_features(
     return inputs_embeds.masked_scatter(mask, features.to(inputs_embeds.dtype))
 
 
+def reply_text(tokenizer, ids: list[int], signal_ids) -> str:
+    """The text of a generated reply without its signal tokens.
+
+    The spaces on both sides of a removed signal group would meet (``"Here is a red circle.  Here is ..."``): where
+    they do, one is kept. Everything else is the tokenizer's own decoding of the kept tokens.
+    """
+    signal_ids = set(signal_ids)
+    runs: list[list[int]] = [[]]
+    for token in ids:
+        if token in signal_ids:
+            if runs[-1]:
+                runs.append([])
+        else:
+            runs[-1].append(token)
+    kept: list[int] = []
+    raw = text = ""
+    for run in runs:
+        kept += run
+        full = tokenizer.decode(kept, skip_special_tokens=True)
+        if not full.startswith(raw):  # a decoder that rewrote the earlier text: take its decoding as it is
+            raw = text = full
+            continue
+        new = full[len(raw) :]
+        if text.endswith(" ") and new.startswith(" "):
+            new = new.lstrip(" ")
+        raw, text = full, text + new
+    return text.strip()
+
+
 def find_signal_groups(ids: list[int] | torch.Tensor, group_ids: list[int]) -> list[int]:
     """Start positions of complete, in-order signal groups ``group_ids`` in the sequence ``ids``.
 
