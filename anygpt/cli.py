@@ -12,8 +12,16 @@ A command module exposes ``COMMANDS: dict[str, str]`` (name -> one-line help), `
 imports none of them and ``anygpt generate`` imports nothing of the training side. A command whose module is not
 installed is left out.
 
-Errors: bad input (``AnyGPTError``, ``ValueError``, ``TypeError``, ``OSError``) prints one line and exits 2; a
-training that cannot go on (``TrainingError``) exits 1; Ctrl-C exits 130. For the commands in
+Output: ``-v/--verbose`` logs at INFO and lets the libraries speak (their notices and loading bars:
+``anygpt.set_verbosity("info")``); ``-q/--quiet`` prints nothing on stderr but errors; both go before or after the
+command (``anygpt -q generate ...`` or ``anygpt generate ... -q``). By default a short command (``generate``) shows its
+own progress (what it loads, the decoders' steps) and keeps the libraries quiet; a long job (``train``, ``serve``)
+logs at INFO.
+
+Errors: a bad option is one line, ``anygpt generate: error: argument --steps: invalid int value: 'abc'`` (exit 2,
+no usage block); bad input (``AnyGPTError``, ``ValueError``, ``TypeError``, ``OSError``) prints one line and exits 2
+(an error holding several ``messages``, such as a batch file's, one line each); a training that cannot go on
+(``TrainingError``) exits 1; Ctrl-C exits 130. For the commands in
 ``SIGTERM_AS_INTERRUPT`` a SIGTERM (``kill``, a job scheduler, ``timeout``) is handled as Ctrl-C is: the command's
 clean-ups run (temporary files are removed) and it exits 143.
 """
@@ -28,13 +36,13 @@ import signal
 import sys
 import threading
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import NamedTuple
+from typing import NamedTuple, NoReturn
 
 from anygpt.base.errors import AnyGPTError, TrainingError
-from anygpt.base.logs import quiet_import_notices
+from anygpt.base.logs import get_verbosity, quiet_import_notices, quiet_libraries, temporary_verbosity
 
 logger = logging.getLogger("anygpt.cli")
 
@@ -78,6 +86,9 @@ COMMANDS: dict[str, Command] = {
 }
 
 
+MAX_ERROR_LINES = 50
+"""An error with several ``messages`` (a batch file's problems) prints at most this many lines, then a count."""
+
 SIGTERM_AS_INTERRUPT: frozenset[str] = frozenset({"generate"})
 """Commands whose run a SIGTERM interrupts as Ctrl-C does (raising :class:`Terminated`, a ``KeyboardInterrupt``)."""
 
@@ -106,6 +117,26 @@ def _sigterm_as_interrupt(enabled: bool) -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser whose errors are one line, ``PROG: error: MESSAGE (see PROG --help)``, exit status 2, instead
+    of the usage block; its subparsers are of this class too."""
+
+    def error(self, message: str) -> NoReturn:
+        message = "; ".join(line.strip() for line in message.splitlines() if line.strip())
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _add_output_options(parser: argparse.ArgumentParser, *, default: object) -> None:
+    """``-v/--verbose`` and ``-q/--quiet``: on ``anygpt`` (default False) and on each command (default
+    ``argparse.SUPPRESS``, so that a command's parser leaves ``anygpt -v COMMAND``'s value alone)."""
+    parser.add_argument(
+        "-v", "--verbose", action="store_true", default=default, help="log at INFO, with the libraries' notices"
+    )
+    parser.add_argument(
+        "-q", "--quiet", action="store_true", default=default, help="print nothing on stderr but errors (no progress)"
+    )
+
+
 def available_commands() -> dict[str, Command]:
     """The commands whose module is installed (found without importing it)."""
     return {name: command for name, command in COMMANDS.items() if _module_exists(command.module)}
@@ -127,14 +158,15 @@ def _module_exists(name: str) -> bool:
 def build_parser(argv: Sequence[str]) -> tuple[argparse.ArgumentParser, object | None]:
     """The parser of ``argv``: every available command listed, and only the chosen one's module imported (its
     arguments added). Returns the parser and that module (None when no known command is chosen)."""
-    parser = argparse.ArgumentParser(prog="anygpt", description="Any-to-any multimodal generation.")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    parser = ArgumentParser(prog="anygpt", description="Any-to-any multimodal generation.")
+    _add_output_options(parser, default=False)
     parser.add_argument("--version", action="version", version=f"anygpt {anygpt_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     chosen = _chosen_command(argv)
     module = None
     for name, command in available_commands().items():
         subparser = sub.add_parser(name, help=command.help, description=command.help)
+        _add_output_options(subparser, default=argparse.SUPPRESS)
         if name == chosen:
             module = importlib.import_module(command.module)
             missing = [attr for attr in ("add_arguments", "run") if not callable(getattr(module, attr, None))]
@@ -162,29 +194,41 @@ def _chosen_command(argv: Sequence[str]) -> str | None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not {"-v", "--verbose"} & set(argv):
-        quiet_import_notices()
     chosen = _chosen_command(argv)
     try:
+        default = get_verbosity()  # ANYGPT_VERBOSITY's, else WARNING
+        loud = bool({"-v", "--verbose"} & set(argv)) or (default <= logging.INFO and not {"-q", "--quiet"} & set(argv))
+        if not loud:
+            quiet_import_notices()
         if chosen in COMMANDS and chosen not in available_commands():
             raise AnyGPTError(
                 f"command {chosen!r} is not available: its module {COMMANDS[chosen].module} is not installed"
             )
-        parser, module = build_parser(argv)
+        with nullcontext() if loud else quiet_libraries():  # the command module's imports
+            parser, module = build_parser(argv)
     except AnyGPTError as err:
         print(f"anygpt: error: {err}", file=sys.stderr)
         return 2
     args = parser.parse_args(argv)
-    _quiet_libraries(verbose=args.verbose, logs=COMMANDS[args.command].logs)
+    if args.verbose and args.quiet:
+        parser.error("-v/--verbose and -q/--quiet exclude each other")
+    logs = COMMANDS[args.command].logs
+    verbosity = logging.ERROR if args.quiet else min(default, logging.INFO) if (args.verbose or logs) else default
+    _configure_logging(verbosity, loud=loud or args.verbose, logs=logs)
     try:
-        with _sigterm_as_interrupt(args.command in SIGTERM_AS_INTERRUPT):
+        with (
+            temporary_verbosity(verbosity, progress_bar=not args.quiet),
+            quiet_libraries(),
+            _sigterm_as_interrupt(args.command in SIGTERM_AS_INTERRUPT),
+        ):
             status = module.run(args)
     except TrainingError as err:
         print(f"anygpt: training stopped: {err}", file=sys.stderr)
         return 1
     except (AnyGPTError, ValueError, TypeError, OSError) as err:
         logger.debug("error details", exc_info=True)
-        print(f"anygpt: error: {err}".splitlines()[0], file=sys.stderr)
+        for line in _error_lines(err):
+            print(f"anygpt: error: {line}", file=sys.stderr)
         return 2
     except Terminated:
         print("anygpt: terminated", file=sys.stderr)
@@ -195,22 +239,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     return int(status or 0)
 
 
-def _quiet_libraries(*, verbose: bool, logs: bool) -> None:
-    """Log at INFO for ``-v`` and long jobs; keep the libraries' deprecation notices (for developers) quiet, and their
-    loading bars too for a short command, whose result they would bury."""
-    logging.basicConfig(
-        level=logging.INFO if (verbose or logs) else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
-    )
-    if verbose:
+def _error_lines(err: BaseException) -> list[str]:
+    """The lines an error prints: one per message of an error holding ``messages`` (at most ``MAX_ERROR_LINES``,
+    then how many more), else the first line of its text."""
+    messages = getattr(err, "messages", None)
+    if not isinstance(messages, list | tuple) or not messages:
+        return [(str(err).splitlines() or [type(err).__name__])[0]]
+    lines = [(str(m).splitlines() or [""])[0] for m in messages[:MAX_ERROR_LINES]]
+    if len(messages) > MAX_ERROR_LINES:
+        lines.append(f"... and {len(messages) - MAX_ERROR_LINES} more")
+    return lines
+
+
+def _configure_logging(level: int, *, loud: bool, logs: bool) -> None:
+    """Log at ``level`` (INFO for ``-v`` and long jobs, ERROR for ``-q``, else ``ANYGPT_VERBOSITY`` or WARNING). A long
+    job keeps the libraries' loading bars but not their deprecation notices (for developers), for good: it imports
+    them anyway. A short command changes no library: anygpt quietens them while it works (``quiet_libraries``), and
+    ``--help`` or ``info presets`` import none of them."""
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    if loud or not logs:
         return
-    import diffusers  # heavy: only once a command runs, never for --help
+    import diffusers  # heavy: only for a long job, once it runs
     import transformers
 
     diffusers.utils.logging.set_verbosity_error()
     transformers.utils.logging.set_verbosity_error()
-    if not logs:
-        diffusers.utils.logging.disable_progress_bar()
-        transformers.utils.logging.disable_progress_bar()
 
 
 if __name__ == "__main__":

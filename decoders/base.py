@@ -25,6 +25,7 @@ import torch
 from diffusers import DiffusionPipeline
 
 from anygpt.base.errors import GenerationStopped
+from anygpt.base.logs import is_progress_bar_enabled
 from anygpt.base.modality import Modality
 from anygpt.base.utils import resolve_dtype, torchao_weight_config
 
@@ -652,7 +653,7 @@ class Decoder(ABC):
         width: int | None = None,
         num_frames: int | None = None,
         audio_seconds: float | None = None,
-        show_progress: bool = True,
+        show_progress: bool | None = None,
         should_stop: Callable[[], bool] | None = None,
         callback_on_step_end: Callable[[Any, int, Any, dict[str, Any]], dict[str, Any]] | None = None,
     ) -> list[Any]:
@@ -671,7 +672,9 @@ class Decoder(ABC):
             width: image / video width in pixels.
             num_frames: video frames.
             audio_seconds: audio length in seconds.
-            show_progress: show the pipeline's progress bar.
+            show_progress: show the pipeline's progress bar (on stderr, labelled with the modality); None:
+                ``anygpt.logging.is_progress_bar_enabled()`` (off unless anygpt's verbosity is INFO or bars were
+                enabled).
             should_stop: called before the first denoising step and after every step; when it returns True the
                 generation is abandoned (nothing is returned) and :class:`GenerationStopped` is raised. It goes to
                 the pipeline's ``callback_on_step_end`` (Stable Diffusion) or its older ``callback`` with
@@ -700,7 +703,9 @@ class Decoder(ABC):
             negative_prompt_embeds = self.empty_caption_embedding()
         negative = negative_prompt_embeds.to(**target)
         negative = negative.expand(batch, *negative.shape[1:]) if negative.shape[0] == 1 else negative
-        pipe.set_progress_bar_config(disable=not show_progress)
+        if show_progress is None:
+            show_progress = is_progress_bar_enabled()
+        pipe.set_progress_bar_config(disable=not show_progress, desc=self.modality.value)
         cfg = self.config
         if should_stop is not None and should_stop():
             raise GenerationStopped(f"{self.kind} decoder stopped before its first step")

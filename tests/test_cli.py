@@ -65,6 +65,14 @@ def test_batch(tmp_path, capsys, use_tiny, media_files):
     assert logged == records
 
 
+FOUND_AFTER_LOADING = {
+    "in.wav",  # an image option holding a WAV file: read when the pipeline reads its inputs
+    "unknown model 'no-such-model'",
+    "unknown LoRA adapter 'image': this model has default",
+}
+"""The bad inputs that only the model reveals (a file's content, the model's name, its adapters)."""
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
@@ -75,7 +83,7 @@ def test_batch(tmp_path, capsys, use_tiny, media_files):
         (["generate", "x", "--image", "{wav}"], "in.wav"),
         (["generate", "x", "--modalities", "image,smell"], "modalities: unknown output modality 'smell'"),
         (["generate", "x", "--out", "{wav}"], "--out {wav}: expected a folder, found a file"),
-        (["generate", "--batch", "{tmp}/dup.jsonl"], "dup.jsonl:2: id 'a' is used by an earlier line too"),
+        (["generate", "--batch", "{tmp}/dup.jsonl"], "dup.jsonl:2: id 'a' is used by line 1 too"),
         (
             ["generate", "--batch", "{tmp}/types.jsonl"],
             "types.jsonl:1: num_inference_steps must be a positive integer, got 'many'",
@@ -119,10 +127,22 @@ def test_bad_input_exits_2_with_one_line(tmp_path, capsys, use_tiny, media_files
     code = cli.main(argv)
     err = capsys.readouterr().err
     assert code == 2
-    assert err.startswith("anygpt: error: ") and err.count("\n") == 1
-    assert message.format(**fill) in err
+    lines = err.splitlines()
+    assert lines[-1].startswith("anygpt: error: ") and message.format(**fill) in lines[-1]
+    if message in FOUND_AFTER_LOADING:  # the model is needed to find these: the loading line came first
+        model = argv[argv.index("--model") + 1] if "--model" in argv else "toyworld"
+        assert lines[:-1] == [f"anygpt: loading {model} (cpu) ..."]
+    else:  # found before anything loads: the error is the only line
+        assert len(lines) == 1
     if out.is_dir():
         assert not any(out.iterdir())
+
+
+def test_with_quiet_an_error_found_after_loading_is_one_line_too(tmp_path, capsys):
+    assert cli.main(["generate", "x", "--model", "no-such-model", "--out", str(tmp_path), "--quiet"]) == 2
+    assert capsys.readouterr().err == (
+        "anygpt: error: unknown model 'no-such-model': not a folder, and presets are nextgpt-7b, tiny, toyworld\n"
+    )
 
 
 def test_info_lists_registries(capsys):
@@ -250,10 +270,14 @@ def fake_command(tmp_path, monkeypatch):
         textwrap.dedent(
             """
             from anygpt.base.errors import CheckpointError, TrainingError
+            from anygpt.base.logs import get_verbosity, is_progress_bar_enabled
             COMMANDS = {"fake": "a command for the tests"}
             def add_arguments(command, parser):
                 parser.add_argument("--raise", dest="error", default=None)
+                parser.add_argument("--report", action="store_true")
             def run(args):
+                if args.report:
+                    print(get_verbosity(), is_progress_bar_enabled())
                 errors = {"checkpoint": CheckpointError("w.safetensors: key x: expected (2, 3)\\nfound (3, 2)"),
                           "training": TrainingError("loss is nan at step 3"), "interrupt": KeyboardInterrupt(),
                           "os": OSError("disk full")}
@@ -294,11 +318,12 @@ def test_a_missing_command_module_is_left_out_of_the_help(fake_command, capsys):
 
 
 def test_a_command_prints_no_import_notices_of_optional_backends():
-    """torchao and bitsandbytes announce themselves while diffusers imports them; a user's command stays quiet."""
+    """torchao and bitsandbytes announce themselves while diffusers imports them; a user's command stays quiet.
+    (``anygpt info decoders`` imports diffusers.)"""
     done = subprocess.run(
-        [sys.executable, "-m", "anygpt", "info", "presets"], capture_output=True, text=True, timeout=300
+        [sys.executable, "-m", "anygpt", "info", "decoders"], capture_output=True, text=True, timeout=300
     )
-    assert done.returncode == 0 and "presets: " in done.stdout
+    assert done.returncode == 0 and done.stdout.startswith("decoders: ")
     assert done.stderr == ""
 
 
@@ -356,3 +381,121 @@ def test_info_presets_says_what_each_model_is(capsys):
     for name, line in zip(list_presets(), lines[1:], strict=True):
         assert line.split()[0] == f"{name}:" and PRESET_SUMMARIES[name] in line and "->" in line
         assert line.endswith("(default)") == (name == DEFAULT_MODEL)
+
+
+def test_info_presets_imports_nothing_heavy():
+    """``anygpt info presets`` answers without torch, diffusers or the models' code (it took 8-13 s with them)."""
+    code = textwrap.dedent(
+        """
+        import contextlib, io, sys
+        from anygpt.cli import main
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            status = main(["info", "presets"])
+        print("STATUS", status, out.getvalue().splitlines()[0])
+        heavy = ("torch", "diffusers", "transformers", "decoders", "encoders", "projectors", "anygpt.core")
+        print("IMPORTED", sorted(m for m in sys.modules if m.startswith(heavy)))
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.splitlines() == [
+        "STATUS 0 presets: the names --model takes (or a folder written by save_pretrained)",
+        "IMPORTED []",
+    ]
+    assert done.stderr == ""
+
+
+def test_info_light_constants_agree_with_the_core():
+    """``anygpt.apps.info`` repeats a few names of the core so that it imports none of it; they must agree."""
+    from anygpt.apps import info
+    from anygpt.core import config, runtime
+
+    assert info.DEFAULT_MODEL == config.DEFAULT_MODEL
+    assert info.PLAN_VALUES == {
+        "dtype": runtime.DTYPES, "offload": runtime.OFFLOAD_PLANS, "quantize": runtime.QUANTIZATIONS,
+    }  # fmt: skip
+    parser, _ = cli.build_parser(["info"])
+    assert parser.parse_args(["info"]).model == config.DEFAULT_MODEL
+
+
+@pytest.mark.parametrize(
+    ("argv", "line"),
+    [
+        (
+            ["generate", "x", "--steps", "abc"],
+            "anygpt generate: error: argument --steps: invalid int value: 'abc' (see anygpt generate --help)\n",
+        ),
+        (
+            ["info", "--memory", "--dtype"],
+            "anygpt info: error: argument --dtype: expected one argument (see anygpt info --help)\n",
+        ),
+        (["nonsense"], "anygpt: error: argument COMMAND: invalid choice: 'nonsense' (choose from "),
+        (
+            ["generate", "x", "--no-such-option"],
+            "anygpt: error: unrecognized arguments: --no-such-option (see anygpt --help)\n",
+        ),
+        ([], "anygpt: error: the following arguments are required: COMMAND (see anygpt --help)\n"),
+        (["-v", "info", "-q"], "anygpt: error: -v/--verbose and -q/--quiet exclude each other (see anygpt --help)\n"),
+    ],
+)
+def test_a_bad_option_is_one_line_and_exits_2(capsys, argv, line):
+    """argparse's errors are one line (issue 22), not a usage block, for ``anygpt`` and every command."""
+    with pytest.raises(SystemExit) as stop:
+        cli.main(argv)
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(line) and err.count("\n") == 1
+
+
+@pytest.mark.parametrize(
+    ("argv", "reported"),
+    [
+        (["fake", "--report"], "30 True"),  # WARNING, the command's own progress shown
+        (["-v", "fake", "--report"], "20 True"),  # INFO
+        (["fake", "--report", "--verbose"], "20 True"),
+        (["fake", "--report", "-q"], "40 False"),  # ERROR, no progress
+        (["--quiet", "fake", "--report"], "40 False"),
+    ],
+)
+def test_verbose_and_quiet_set_anygpt_verbosity_while_the_command_runs(fake_command, capsys, argv, reported):
+    from anygpt.base.logs import get_verbosity, is_progress_bar_enabled
+
+    before = (get_verbosity(), is_progress_bar_enabled())
+    assert cli.main(argv) == 3
+    assert capsys.readouterr().out.strip() == reported
+    assert (get_verbosity(), is_progress_bar_enabled()) == before  # put back when the command returns
+
+
+def test_anygpt_verbosity_in_the_environment_is_the_commands_default(fake_command, capsys, monkeypatch):
+    monkeypatch.setenv("ANYGPT_VERBOSITY", "info")
+    assert cli.main(["fake", "--report"]) == 3 and capsys.readouterr().out.strip() == "20 True"
+    assert cli.main(["fake", "--report", "-q"]) == 3 and capsys.readouterr().out.strip() == "40 False"
+    monkeypatch.setenv("ANYGPT_VERBOSITY", "loud")
+    assert cli.main(["fake", "--report"]) == 2
+    assert capsys.readouterr().err == (
+        "anygpt: error: ANYGPT_VERBOSITY: expected one of debug, info, warning, error, critical or a logging level "
+        "(0..50, e.g. logging.INFO), got 'loud'\n"
+    )
+
+
+def test_generate_says_what_it_loads_then_shows_each_decoders_progress(tmp_path, capsys, monkeypatch, tiny_pipe):
+    """Before the model loads, one line on stderr says what loads; then each decoder's progress bar, labelled with
+    its modality; ``--quiet`` leaves stderr empty."""
+    said_before_loading = []
+
+    def load(model, runtime=None):
+        said_before_loading.append(capsys.readouterr().err)
+        return tiny_pipe
+
+    monkeypatch.setattr(generate_command, "load_pipeline", load)
+    argv = ["generate", "hi", "--model", "tiny", "--modalities", "image,audio", "--steps", "2", "--max-new-tokens",
+            "2", "--out", str(tmp_path)]  # fmt: skip
+    assert cli.main(argv) == 0
+    err = capsys.readouterr().err
+    assert said_before_loading == ["anygpt: loading tiny (cpu) ...\n"]
+    image, audio = err.find("image: 100%"), err.find("audio: 100%")
+    assert 0 <= image < audio and "| 2/2 [" in err
+    for quiet in (["--quiet"], ["-q"]):
+        assert cli.main([*argv, *quiet]) == 0
+        assert capsys.readouterr().err == "" and said_before_loading[-1] == ""
+    assert len(list(tmp_path.glob("*_image0.png"))) == 3

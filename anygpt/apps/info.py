@@ -1,17 +1,15 @@
 """``anygpt info``: the registered names (model presets, projectors, decoders, encoders), and with ``--memory`` a
-model's size and the GPU memory each placement plan needs (built on the meta device: nothing is allocated)."""
+model's size and the GPU memory each placement plan needs (built on the meta device: nothing is allocated).
+
+The registries (and torch, diffusers behind them) are imported only by the topics that read them: ``anygpt info
+presets`` imports nothing heavy and answers at once.
+"""
 
 from __future__ import annotations
 
 import argparse
 
 from anygpt.base.errors import UsageError
-from anygpt.core.config import DEFAULT_MODEL, list_presets
-from anygpt.core.memory import default_runtime, memory_report, standard_plans
-from anygpt.core.runtime import DTYPES, OFFLOAD_PLANS, QUANTIZATIONS, RuntimeOptions
-from decoders import list_decoder_presets
-from encoders import list_encoder_presets
-from projectors import describe_projectors, list_input_projectors, list_output_projectors
 
 COMMANDS = {"info": "list presets, projectors, decoders and encoders; --memory: a model's size and GPU memory per plan"}
 
@@ -22,44 +20,71 @@ PRESET_SUMMARIES = {
     "tiny": "random, for tests (noise out): ImageBind 32-d -> 2-layer Llama -> tiny SD/ZeroScope/AudioLDM",
     "nextgpt-7b": "NExT-GPT, local backbones: ImageBind-huge -> Vicuna-7B + LoRA -> SD 1.5/ZeroScope/AudioLDM",
 }
-"""``anygpt info presets``: what each model name is, in a line (every name of ``list_presets`` has one)."""
+"""``anygpt info presets``: what each model name is, in a line. Its names are ``anygpt.core.config.list_presets()``
+(tests/test_cli.py checks it), so that ``info presets`` needs no import of the models' code."""
+
+DEFAULT_MODEL = "toyworld"
+"""``anygpt.core.config.DEFAULT_MODEL``, repeated here light (tests/test_cli.py checks that they agree)."""
+
+PLAN_VALUES = {
+    "dtype": ("float32", "float16", "bfloat16"),
+    "offload": ("none", "decoders", "model", "sequential", "group"),
+    "quantize": ("8bit", "4bit"),
+}
+"""The values of ``--dtype``, ``--offload`` and ``--quantize``, for the help: ``anygpt.core.runtime``'s ``DTYPES``,
+``OFFLOAD_PLANS`` and ``QUANTIZATIONS`` (tests/test_cli.py checks that they agree; ``RuntimeOptions`` checks a value
+when ``--memory`` runs)."""
 
 
 def info(topic: str = "all") -> dict[str, list[str]]:
-    """The registered names of ``topic`` (one of ``TOPICS``).
+    """The registered names of ``topic`` (one of ``TOPICS``); only the registries the topic reads are imported.
 
     Raises:
         UsageError: an unknown topic, listing the valid ones.
     """
-    table = {
-        "presets": list_presets(),
-        "input_projectors": list_input_projectors(),
-        "output_projectors": list_output_projectors(),
-        "decoders": list_decoder_presets(),
-        "encoders": list_encoder_presets(),
-    }
-    if topic == "all":
-        return table
-    if topic == "projectors":
-        return {k: v for k, v in table.items() if k.endswith("projectors")}
-    if topic not in table:
+    if topic not in TOPICS:
         raise UsageError(f"info: unknown topic {topic!r}; expected one of {', '.join(TOPICS)}")
-    return {topic: table[topic]}
+    keys = {
+        "all": ["presets", "input_projectors", "output_projectors", "decoders", "encoders"],
+        "projectors": ["input_projectors", "output_projectors"],
+    }.get(topic, [topic])
+    return {key: _names(key) for key in keys}
+
+
+def _names(key: str) -> list[str]:
+    """One registry's names, its package imported now (torch, diffusers and the rest come with it)."""
+    if key == "presets":
+        from anygpt.core.config import list_presets
+
+        return list_presets()
+    if key == "decoders":
+        from decoders import list_decoder_presets
+
+        return list_decoder_presets()
+    if key == "encoders":
+        from encoders import list_encoder_presets
+
+        return list_encoder_presets()
+    from projectors import list_input_projectors, list_output_projectors
+
+    return list_input_projectors() if key == "input_projectors" else list_output_projectors()
 
 
 def describe_presets() -> str:
     """One line per model name: what it is (encoder -> LLM -> decoders in a few words)."""
-    names = list_presets()
+    names = sorted(PRESET_SUMMARIES)
     width = max(map(len, names)) + 1
     lines = ["presets: the names --model takes (or a folder written by save_pretrained)"]
     for name in names:
         default = " (default)" if name == DEFAULT_MODEL else ""
-        lines.append(f"  {name + ':':<{width}} {PRESET_SUMMARIES.get(name, '(no summary)')}{default}")
+        lines.append(f"  {name + ':':<{width}} {PRESET_SUMMARIES[name]}{default}")
     return "\n".join(lines)
 
 
 def describe_connectors() -> str:
     """What each registered projector (and the cross-attention fusion) does, and how training selects it."""
+    from projectors import describe_projectors
+
     lines = []
     for side in ("input", "output"):
         lines.append(f"\n{side} projectors (training: --set {side}_projector=NAME):")
@@ -90,6 +115,9 @@ def memory(
             offload on CUDA).
         device: the device the plans are for (the quantization format depends on it).
     """
+    from anygpt.core.memory import default_runtime, memory_report, standard_plans
+    from anygpt.core.runtime import RuntimeOptions
+
     if dtype is None and offload is None and quantize is None:
         plans = standard_plans(device)
     else:
@@ -106,11 +134,10 @@ def add_arguments(command: str, parser: argparse.ArgumentParser) -> None:
     parser.add_argument("topic", nargs="?", default="all", help=f"one of {', '.join(TOPICS)} (default all)")
     parser.add_argument("--memory", action="store_true", help="the model's size and the GPU memory of each plan")
     parser.add_argument("--model", default=DEFAULT_MODEL, help="with --memory: a preset, packaged model or folder")
-    parser.add_argument("--dtype", default=None, help=f"with --memory: one plan in {', '.join(DTYPES)}")
-    parser.add_argument("--offload", default=None, help=f"with --memory: one plan with {', '.join(OFFLOAD_PLANS)}")
-    parser.add_argument(
-        "--quantize", default=None, help=f"with --memory: one plan with a {', '.join(QUANTIZATIONS)} LLM"
-    )
+    dtypes, plans, quantizations = (", ".join(PLAN_VALUES[key]) for key in ("dtype", "offload", "quantize"))
+    parser.add_argument("--dtype", default=None, help=f"with --memory: one plan in {dtypes}")
+    parser.add_argument("--offload", default=None, help=f"with --memory: one plan with {plans}")
+    parser.add_argument("--quantize", default=None, help=f"with --memory: one plan with a {quantizations} LLM")
     parser.add_argument("--device", default="cuda", help="with --memory: the device of the plans (default cuda)")
 
 

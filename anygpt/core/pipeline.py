@@ -29,6 +29,7 @@ from transformers import (
 )
 
 from anygpt.base.errors import GenerationStopped, UnknownModelError, UsageError
+from anygpt.base.logs import is_progress_bar_enabled, quiet_libraries
 from anygpt.base.media import Audio, load_media
 from anygpt.base.modality import MEDIA_MODALITIES, Modality
 from anygpt.base.utils import atomic_directory
@@ -114,6 +115,7 @@ class AnyGPTPipeline(PlacementMixin, BatchGenerationMixin):
 
     # ------------------------------------------------------------------ loading and saving
     @classmethod
+    @quiet_libraries()
     def from_config(
         cls,
         config: AnyGPTConfig,
@@ -138,6 +140,7 @@ class AnyGPTPipeline(PlacementMixin, BatchGenerationMixin):
         return cls(model, decoders)
 
     @classmethod
+    @quiet_libraries()
     def from_pretrained(
         cls,
         name_or_dir: str | os.PathLike,
@@ -147,6 +150,9 @@ class AnyGPTPipeline(PlacementMixin, BatchGenerationMixin):
         device_map: str | torch.device | None = None,
     ) -> AnyGPTPipeline:
         """Load a preset (``tiny``, ``nextgpt-7b``) or a folder written by ``save_pretrained``.
+
+        Quiet unless ``anygpt.set_verbosity("info")``: the libraries' loading bars and notices are silenced while it
+        loads (``anygpt.base.logs.quiet_libraries``).
 
         Args:
             runtime: where and how it runs: device, dtype, offload, quantization, compilation
@@ -482,6 +488,7 @@ class AnyGPTPipeline(PlacementMixin, BatchGenerationMixin):
             hidden, ids = out.hidden_states[-1][:, prompt_len:], gen  # groups of earlier turns are not re-rendered
         return {m: self.model.signal_conditioning(m, hidden, ids)[0] for m in present}
 
+    @quiet_libraries()  # a decoder loads on first use (diffusers' "Loading pipeline components")
     def decode(
         self,
         modality: Modality,
@@ -526,6 +533,7 @@ class AnyGPTPipeline(PlacementMixin, BatchGenerationMixin):
     # ------------------------------------------------------------------ the call
     @serialized
     @torch.no_grad()
+    @quiet_libraries()
     def __call__(
         self,
         prompt: str | list[str],
@@ -547,7 +555,7 @@ class AnyGPTPipeline(PlacementMixin, BatchGenerationMixin):
         width: int | None = None,
         num_frames: int | None = None,
         audio_seconds: float | None = None,
-        show_progress: bool = True,
+        show_progress: bool | None = None,
         decoder_overrides: Mapping[str | Modality, Mapping[str, Any]] | None = None,
         image_resolution: str | None = None,
         streamer: Any = None,
@@ -586,7 +594,8 @@ class AnyGPTPipeline(PlacementMixin, BatchGenerationMixin):
             max_new_tokens, temperature (0 = greedy), top_p: LLM decoding.
             num_inference_steps, guidance_scale, height, width, num_frames, audio_seconds: decoder settings
                 (None: each decoder's default).
-            show_progress: progress bars for decoder work.
+            show_progress: the decoders' progress bars; None: ``anygpt.logging.is_progress_bar_enabled()`` (off by
+                default, on after ``anygpt.set_verbosity("info")`` or ``anygpt.logging.enable_progress_bar()``).
             decoder_overrides: per output modality, decoder settings that replace the shared ones above for that
                 decoder only (None keeps the shared value), e.g. ``{"image": {"num_inference_steps": 30}}``.
             image_resolution: ``"fixed"`` or ``"anyres"`` (tiles and a global view) for this call's images; None:
@@ -635,7 +644,7 @@ class AnyGPTPipeline(PlacementMixin, BatchGenerationMixin):
             image_resolution=image_resolution,
         )
         hooks = dict(
-            show_progress=show_progress,
+            show_progress=is_progress_bar_enabled() if show_progress is None else show_progress,
             streamer=streamer,
             on_decode=on_decode,
             should_stop=should_stop,
@@ -662,18 +671,19 @@ class AnyGPTPipeline(PlacementMixin, BatchGenerationMixin):
         outputs: list[AnyGPTOutput] = []
         for start in range(0, len(requests), batch_size):
             chunk = requests[start : start + batch_size]
-            outputs.extend(self.run_batch(chunk, show_progress=show_progress))
+            outputs.extend(self.run_batch(chunk, show_progress=hooks["show_progress"]))
         return outputs
 
     @serialized
     @torch.no_grad()
+    @quiet_libraries()
     def run(
         self,
         request: GenerationRequest,
         *,
         conversation: Conversation | None = None,
         generator: torch.Generator | None = None,
-        show_progress: bool = True,
+        show_progress: bool | None = None,
         streamer: Any = None,
         on_decode: Callable[[Modality, int, int], bool | None] | None = None,
         should_stop: Callable[[], bool] | None = None,
@@ -685,6 +695,8 @@ class AnyGPTPipeline(PlacementMixin, BatchGenerationMixin):
         The keyword arguments are what a request cannot carry as data (the conversation, the caller's hooks); see
         ``__call__`` for each. Returns an ``AnyGPTOutput``.
         """
+        if show_progress is None:
+            show_progress = is_progress_bar_enabled()
         forced = self.check_inputs(request)
         seed = _seed_of_call(request.seed, generator)
         selection = self.select_adapters(request.adapters, forced)
