@@ -110,12 +110,7 @@ TARGETS: dict[str, float] = {
 }
 """The quality targets: the fraction of held-out samples each metric must get right."""
 
-OPEN_TARGETS: dict[str, str] = {
-    "casual_phrasing": (
-        "issue 18: the shipped model gets 91.7% of 96 held-out requests (multi-item requests typed in capitals or "
-        "Title Case mix up an item's attributes; 1000 more stage-3 steps gave 90.6%)"
-    ),
-}
+OPEN_TARGETS: dict[str, str] = {}
 """Targets an open issue sets that the shipped model does not meet yet, and why. They are measured and shown as below
 target, but :func:`failures` (and so ``make eval``) leaves them out until they are met; then they leave this table.
 A test checks the shipped model's recorded evaluation against it."""
