@@ -1,6 +1,9 @@
 # `make run`: set up .venv if needed and run the main job on the embedded default model.
 # `make test`: set up .venv if needed, check the import layers (lint-imports) and run the test suite (a few minutes).
 # `make eval`: the shipped `toyworld` model's full evaluation (96 held-out items per figure); fails below a target.
+# `make test-lmms`: set up .venv-lmms if needed (lmms-eval 0.7.3 with the project; it cannot join .venv) and run the
+#   lmms-eval tests there (`--model anygpt`, and lmms-eval's OpenAI-compatible model against `anygpt serve`); fails if
+#   any of them skips. docs/evaluation.md.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -33,3 +36,29 @@ bench: $(STAMP)
 
 clean-venv:
 	rm -rf $(VENV)
+
+# lmms-eval 0.7.3 pins av<16 and protobuf<7 (the project's .venv has av 18 and ray[serve]'s protobuf 7): its own venv,
+# pinned by constraints-lmms.txt (the versions of constraints.txt but for av and protobuf). No dev extra: only pytest.
+LMMS_VENV := .venv-lmms
+LMMS_PY := $(LMMS_VENV)/bin/python
+LMMS_STAMP := $(LMMS_VENV)/.installed
+
+.PHONY: test-lmms clean-venv-lmms
+
+$(LMMS_STAMP): pyproject.toml constraints-lmms.txt
+	test -x $(LMMS_PY) || $(PYTHON) -m venv $(LMMS_VENV)
+	echo '*' > $(LMMS_VENV)/.gitignore
+	$(LMMS_PY) -m pip install --quiet --upgrade "pip>=24"
+	$(LMMS_PY) -m pip install --quiet -c constraints-lmms.txt -e . "lmms-eval==0.7.3" pytest
+	touch $(LMMS_STAMP)
+
+# The lmms-eval tests must run here, not skip: pytest's JUnit report is read back and any skip (or no test) fails.
+test-lmms: $(LMMS_STAMP)
+	$(LMMS_PY) -m pytest -q -rs -p no:cacheprovider --junitxml=$(LMMS_VENV)/junit.xml \
+		tests/test_eval.py tests/test_lmms_server.py -k lmms
+	$(LMMS_PY) -c 'import sys, xml.etree.ElementTree as E; s = next(E.parse(sys.argv[1]).getroot().iter("testsuite")); \
+		n, k = int(s.get("tests")), int(s.get("skipped")); print(f"test-lmms: {n} run, {k} skipped"); \
+		sys.exit(1 if k or not n else 0)' $(LMMS_VENV)/junit.xml
+
+clean-venv-lmms:
+	rm -rf $(LMMS_VENV)

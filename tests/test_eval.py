@@ -557,7 +557,7 @@ def test_contact_sheet_draws_every_modality(tmp_path, media_files):
 
 
 # ------------------------------------------------------------------------------------------------------------
-# lmms-eval
+# lmms-eval (its own environment: `make test-lmms` runs these in .venv-lmms and fails if they skip)
 # ------------------------------------------------------------------------------------------------------------
 
 _LMMS_TASK = """task: anygpt_local_{name}
@@ -570,7 +570,7 @@ doc_to_visual: !function utils.doc_to_visual
 doc_to_text: !function utils.doc_to_text
 doc_to_target: "answer"
 generation_kwargs:
-  max_new_tokens: 6
+  max_new_tokens: {max_new_tokens}
   temperature: 0
   until: ["###"]
 process_results: !function utils.process_results
@@ -578,9 +578,13 @@ metric_list:
   - metric: answered
     aggregation: mean
     higher_is_better: true
+  - metric: correct
+    aggregation: mean
+    higher_is_better: true
 """
 
 _LMMS_UTILS = """import json
+import os
 
 
 def doc_to_visual(doc):
@@ -595,41 +599,85 @@ def process_results(doc, results):
     reply = results[0]
     if reply.startswith("{"):
         reply = json.loads(reply)
-        return {"answered": float(all(__import__("os").path.isfile(p) for p in reply["images"]))}
-    return {"answered": float(isinstance(reply, str))}
+        return {"answered": float(all(os.path.isfile(p) for p in reply["images"])), "correct": 0.0}
+    return {"answered": float(isinstance(reply, str)), "correct": float(doc["answer"] in reply)}
 """
 
 
-def test_lmms_eval_runs_a_local_task_with_the_anygpt_model(tmp_path, samples_dir):
+def _needs_lmms_eval() -> None:
     pytest.importorskip("lmms_eval", reason="lmms-eval is not installed (optional extra 'lmms', own environment)")
     from importlib.metadata import entry_points
 
     if not [e for e in entry_points(group="lmms_eval.models") if e.name == "anygpt"]:
         pytest.skip("the lmms_eval.models entry point is not installed (pip install -e .)")
+
+
+def _lmms_task(folder: Path, name: str, docs: list[dict], max_new_tokens: int) -> Path:
+    """A local lmms-eval task ``anygpt_local_<name>`` over ``docs`` (a JSON file); returns its include path."""
+    tasks = folder / "tasks"
+    tasks.mkdir(exist_ok=True)
+    (folder / f"{name}.json").write_text(json.dumps(docs))
+    (tasks / "utils.py").write_text(_LMMS_UTILS)
+    task = _LMMS_TASK.format(name=name, data=folder / f"{name}.json", max_new_tokens=max_new_tokens)
+    (tasks / f"{name}.yaml").write_text(task)
+    return tasks
+
+
+def _run_lmms_eval(model_args: str, name: str, tasks: Path, out: Path) -> dict:
+    """``lmms-eval --model anygpt --model_args ARGS`` on ``anygpt_local_<name>``: its results and logged samples."""
+    script = Path(sys.executable).with_name("lmms-eval")  # the console script, as a user types it
+    program = [str(script)] if script.is_file() else [sys.executable, "-m", "lmms_eval"]
+    command = [*program, "--model", "anygpt", "--model_args", model_args, "--tasks", f"anygpt_local_{name}",
+               "--include_path", str(tasks), "--output_path", str(out), "--log_samples",
+               "--batch_size", "1"]  # fmt: skip
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HOME": str(out / "hf")}
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env, cwd=tasks.parent)
+    results = [json.loads(p.read_text()) for p in out.rglob("*results.json")]  # lmms-eval exits 0 on errors
+    assert done.returncode == 0 and results, done.stdout[-3000:] + done.stderr[-3000:]
+    samples = [json.loads(line) for p in out.rglob("*samples_*.jsonl") for line in p.read_text().splitlines()]
+    return {"results": results[0]["results"][f"anygpt_local_{name}"], "samples": samples}
+
+
+def _lmms_reply(sample: dict) -> str:
+    reply = sample["filtered_resps"]
+    while isinstance(reply, list):  # one response per request
+        (reply,) = reply
+    return reply
+
+
+def test_lmms_eval_runs_a_local_task_with_the_anygpt_model(tmp_path, samples_dir):
+    _needs_lmms_eval()
     image = next((samples_dir / "T_X_pair_data/cc3m/images").glob("*.jpg"))
-    tasks = tmp_path / "tasks"
-    tasks.mkdir()
     docs = [{"question": "what is in the picture?", "image": str(image), "answer": "x"},
             {"question": "say hello", "image": "", "answer": "hello"}]  # fmt: skip
-    (tmp_path / "docs.json").write_text(json.dumps(docs))
-    (tasks / "utils.py").write_text(_LMMS_UTILS)
-    (tasks / "understand.yaml").write_text(_LMMS_TASK.format(name="understand", data=tmp_path / "docs.json"))
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
-
-    def lmms_eval(model_args: str, out: Path) -> dict:
-        command = [sys.executable, "-m", "lmms_eval", "--model", "anygpt", "--model_args", model_args, "--tasks",
-                   "anygpt_local_understand", "--include_path", str(tasks), "--output_path", str(out), "--log_samples",
-                   "--batch_size", "1"]  # fmt: skip
-        done = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
-        results = [json.loads(p.read_text()) for p in out.rglob("*results.json")]  # lmms-eval exits 0 on errors
-        assert done.returncode == 0 and results, done.stdout[-3000:] + done.stderr[-3000:]
-        samples = [json.loads(line) for p in out.rglob("*samples_*.jsonl") for line in p.read_text().splitlines()]
-        return {"results": results[0]["results"]["anygpt_local_understand"], "samples": samples}
-
-    text = lmms_eval("pretrained=tiny", tmp_path / "text")
+    tasks = _lmms_task(tmp_path, "understand", docs, max_new_tokens=6)
+    text = _run_lmms_eval("pretrained=tiny", "understand", tasks, tmp_path / "text")
     assert text["results"]["answered,none"] == 1.0 and len(text["samples"]) == 2
     # the image-generation contract: {"text", "images": [paths]}, the files written
-    images = lmms_eval(f"pretrained=tiny,modalities=image,output_dir={tmp_path / 'media'}", tmp_path / "image")
+    model_args = f"pretrained=tiny,modalities=image,output_dir={tmp_path / 'media'}"
+    images = _run_lmms_eval(model_args, "understand", tasks, tmp_path / "image")
     assert images["results"]["answered,none"] == 1.0
-    reply = json.loads(images["samples"][0]["filtered_resps"])
+    reply = json.loads(_lmms_reply(images["samples"][0]))
     assert set(reply) == {"text", "images"} and Path(reply["images"][0]).parent == tmp_path / "media"
+
+
+def test_lmms_eval_anygpt_model_with_toyworld_names_each_toy_picture(tmp_path):
+    """``--model anygpt --model_args pretrained=toyworld``: the shipped model's own answers, word for word."""
+    from toyworld.world import ImageItem
+
+    _needs_lmms_eval()
+    pictures = [("red", "circle"), ("blue", "square"), ("yellow", "triangle")]
+    docs = []
+    for colour, shape in pictures:
+        path = tmp_path / f"{colour}_{shape}.png"
+        Image.fromarray(ImageItem(colour, shape).render()).save(path)
+        docs.append({"question": "what is in this image?", "image": str(path), "answer": f"It is a {colour} {shape}."})
+    docs.append({"question": "hello", "image": "", "answer": "Hello!"})
+    tasks = _lmms_task(tmp_path, "toys", docs, max_new_tokens=16)
+    run = _run_lmms_eval("pretrained=toyworld", "toys", tasks, tmp_path / "out")
+    replies = {sample["target"]: _lmms_reply(sample) for sample in run["samples"]}
+    assert len(run["samples"]) == len(docs)
+    for colour, shape in pictures:
+        assert replies[f"It is a {colour} {shape}."] == f"It is a {colour} {shape}."
+    assert replies["Hello!"].startswith("Hello! I can draw shapes")
+    assert run["results"]["correct,none"] == 1.0 and run["results"]["answered,none"] == 1.0
