@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import os
 import queue
+import re
+import signal
 import socket
+import subprocess
 import sys
 import tempfile
 import threading
@@ -23,6 +27,7 @@ from anygpt.apps.chat import (
     ChatEngine,
     GenerationRequest,
     GenerationStopped,
+    Reply,
     _QueueStreamer,
     _user_message,
     check_upload,
@@ -59,7 +64,9 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def running_app(pipe, output_dir: Path, serve_kwargs=None, **engine_kwargs) -> Iterator[tuple[str, ChatEngine]]:
+def running_app(
+    pipe, output_dir: Path, serve_kwargs=None, model: str = "tiny", **engine_kwargs
+) -> Iterator[tuple[str, ChatEngine]]:
     """The demo served on a free loopback port, as ``app.main`` serves it; yields its URL and engine."""
     app = load_app_module()
     with pytest.MonkeyPatch.context() as env:
@@ -68,7 +75,12 @@ def running_app(pipe, output_dir: Path, serve_kwargs=None, **engine_kwargs) -> I
         engine = ChatEngine(pipe, output_dir, **engine_kwargs)
         port = free_port()
         demo = app.serve(
-            engine, port=port, prevent_thread_lock=True, note=app.model_note("tiny"), **(serve_kwargs or {})
+            engine,
+            port=port,
+            prevent_thread_lock=True,
+            model=model,
+            note=app.model_note(model),
+            **(serve_kwargs or {}),
         )
         try:
             yield f"http://127.0.0.1:{port}/", engine
@@ -121,7 +133,7 @@ def sessions(served, monkeypatch) -> list:
     engine = served[1]
     created = []
     real = engine.new_session
-    monkeypatch.setattr(engine, "new_session", lambda: created.append(real()) or created[-1])
+    monkeypatch.setattr(engine, "new_session", lambda **kw: created.append(real(**kw)) or created[-1])
     return created
 
 
@@ -177,9 +189,9 @@ def test_two_turns_with_an_image_then_forced_media(served, client, sessions, med
     assert text == load_app_module()._printable(session.conversation.turns[-1].text)  # shown = what the model said
     kinds = {Path(f).suffix: Path(f) for f in files}
     assert set(kinds) == {".png", ".mp4", ".wav"}
-    assert load_image(kinds[".png"]).size == (64, 64)
+    assert load_image(kinds[".png"]).size == (256, 256)  # the 64 px image, shown enlarged 4 x
     video = load_video(kinds[".mp4"])
-    assert video.frames.shape[0] == 8 and video.frames.dtype == np.uint8
+    assert video.frames.shape[:3] == (8, 256, 256) and video.frames.dtype == np.uint8
     assert 0.5 < load_audio(kinds[".wav"]).duration < 1.5
     # the image was encoded once for the whole conversation, not every turn
     assert encoded == [(Modality.IMAGE, 1)]
@@ -274,17 +286,17 @@ def test_cancelling_while_media_render_then_retry_keeps_one_question(client, ses
     assert len(session.conversation.turns) == 2 and len(session.exchanges) == 1
 
 
-def test_serves_no_file_outside_its_output_folder(served, client):
+def test_serves_no_file_outside_its_output_folder(served, client, sessions):
     url, engine = served
     history, _, _ = client.predict(message={"text": "x", "files": []}, outputs=["image"], **FAST, api_name="/chat")
-    generated = next(engine.sessions_dir.glob("*/*.png"))
+    (generated,) = sessions[0].output_dir.glob("*.png")
     for path, code in [
         (generated, 200),
         (Path("/etc/passwd"), 403),
         (REPO / "app.py", 403),
         (REPO / "pyproject.toml", 403),
     ]:
-        response = httpx.get(f"{url}gradio_api/file={path}", timeout=10)
+        response = httpx.get(f"{url}gradio_api/file={path}", cookies=client.cookies, timeout=10)
         assert response.status_code == code, path
     # ".." and percent-encoded traversal out of the output folder, sent exactly as written (no client normalising)
     out, up = engine.output_dir, "/..".join([""] * (len(engine.output_dir.parts) + 1))
@@ -297,21 +309,21 @@ def test_serves_no_file_outside_its_output_folder(served, client):
     ]:
         status = raw_get_status(url, f"/gradio_api/file={target}")
         assert status in (403, 404), target
-    # Gradio's own upload cache is the output folder: uploads are served from there
-    assert any(p.suffix == ".png" and not p.is_relative_to(engine.sessions_dir) for p in out.rglob("*"))
+    # (uploads land in the output folder, Gradio's cache: test_files_are_served_to_the_client_that_made_them)
     assert load_app_module().launch_options(engine, host="127.0.0.1", port=1, share=False)["allowed_paths"] == [
         str(engine.sessions_dir)
     ]
 
 
-def raw_get_status(url: str, path: str) -> int:
+def raw_get_status(url: str, path: str, cookies: dict[str, str] | None = None) -> int:
     """The status of a GET of ``path`` sent byte for byte (http.client does not resolve ``..`` nor decode)."""
     import http.client
 
     address = httpx.URL(url)
     connection = http.client.HTTPConnection(address.host, address.port, timeout=10)
+    headers = {"Cookie": "; ".join(f"{k}={v}" for k, v in cookies.items())} if cookies else {}
     try:
-        connection.request("GET", path)
+        connection.request("GET", path, headers=headers)
         return connection.getresponse().status
     finally:
         connection.close()
@@ -331,6 +343,116 @@ def test_a_request_cannot_name_a_server_file(served, media_files):
     event = httpx.post(f"{url}gradio_api/call/chat", json={"data": data}, timeout=10).json()["event_id"]
     answer = httpx.get(f"{url}gradio_api/call/chat/{event}", timeout=30).text
     assert "event: error" in answer and "not uploaded by a user" in answer
+
+
+def call_chat(url: str, message: dict, cookies=None, **settings) -> str:
+    """One /chat call over Gradio's plain HTTP API (no client library), its event stream as text."""
+    values = dict(
+        outputs=["auto"], temperature=0.0, top_p=1.0, max_new_tokens=2, image_steps=2, image_guidance=7.5,
+        video_steps=2, video_guidance=7.5, video_frames=8, audio_steps=2, audio_guidance=2.5, audio_seconds=1.0, seed=0,
+    )  # fmt: skip
+    values.update(settings)
+    data = [message, *values.values()]
+    with httpx.Client(cookies=cookies, timeout=30) as http:
+        event = http.post(f"{url}gradio_api/call/chat", json={"data": data}).json()["event_id"]
+        return http.get(f"{url}gradio_api/call/chat/{event}").text
+
+
+def test_files_are_served_to_the_client_that_made_them(served, sessions, media_files, tmp_path):
+    from gradio_client import Client, handle_file
+
+    app = load_app_module()
+    url, engine = served
+    a, b = (Client(url, verbose=False, download_files=str(tmp_path / name)) for name in "ab")
+    assert a.cookies[app.OWNER_COOKIE] != b.cookies[app.OWNER_COOKIE]  # each client got its own key
+    message = {"text": "draw it", "files": [handle_file(str(media_files["image"]))]}
+    a.predict(message=message, outputs=["image"], **FAST, api_name="/chat")
+    (session,) = sessions
+    assert session.owner == a.cookies[app.OWNER_COOKIE]
+    assert re.fullmatch(r"[0-9a-f]{32}", session.id)  # 128 random bits: the folder cannot be guessed
+    (generated,) = session.output_dir.glob("*.png")
+    (upload,) = session.exchanges[0].files
+    assert upload.is_relative_to(engine.output_dir) and not upload.is_relative_to(engine.sessions_dir)
+    forged = {app.OWNER_COOKIE: "A" * 43}
+    for path in (generated, upload):
+        for cookies, code in [(a.cookies, 200), (b.cookies, 403), (None, 403), (forged, 403)]:
+            response = httpx.get(f"{url}gradio_api/file={path}", cookies=cookies, timeout=10)
+            assert response.status_code == code, (path.name, cookies)
+    # spelled through another session's folder: the same file, the same answer
+    other = f"{engine.sessions_dir}/{'0' * 32}/../{generated.relative_to(engine.sessions_dir)}"
+    assert raw_get_status(url, f"/gradio_api/file={other}", b.cookies) == 403
+    assert raw_get_status(url, f"/gradio_api/file={other}", a.cookies) == 200
+    # b knows the path of a's upload and names it in a message: refused in the chat, the model does not see it
+    named = {"path": str(upload), "meta": {"_type": "gradio.FileData"}}
+    answer = call_chat(url, {"text": "what is this?", "files": [named]}, cookies=b.cookies)
+    assert f"{upload.name}: not a file of this session (upload it again)" in answer
+    assert len(sessions) == 2 and sessions[1].conversation.turns == []
+    a.predict(api_name="/clear")  # a's files are gone, and a's key reads nothing of a removed folder
+    assert httpx.get(f"{url}gradio_api/file={generated}", cookies=a.cookies, timeout=10).status_code == 403
+
+
+def test_may_read_binds_files_to_owners(tiny_pipe, tmp_path):
+    engine = ChatEngine(tiny_pipe, tmp_path / "out")
+    first, second = engine.new_session(owner="k1"), engine.new_session(owner="k2")
+    assert first.id != second.id and len(first.id) == 32
+    mine = first.output_dir / "turn-0001_image0.png"
+    assert engine.may_read(mine, "k1") and not engine.may_read(mine, "k2") and not engine.may_read(mine, None)
+    assert not engine.may_read(f"{second.output_dir}/../{first.id}/turn-0001_image0.png", "k2")  # ".." spelled
+    assert not engine.may_read(first.output_dir, "k1") and not engine.may_read(engine.sessions_dir / "x", "k1")
+    assert not engine.may_read(engine.sessions_dir / ("0" * 32) / "a.png", "k1")  # no such session
+    assert engine.may_read(tmp_path / "elsewhere.png", None)  # outside the output folder: the server's rules
+    link = tmp_path / "link"  # a link from outside into the session's folder is the folder
+    link.symlink_to(first.output_dir, target_is_directory=True)
+    assert not engine.may_read(link / "turn-0001_image0.png", "k2") and engine.may_read(link / "x.png", "k1")
+    upload = engine.output_dir / ("ab" * 32) / "cat.png"
+    assert not engine.may_read(upload, "k1")
+    engine.grant([str(upload)], "k1")
+    engine.grant([str(upload)], "k2")  # the same content uploaded by both lands at one path: both may read it
+    assert engine.may_read(upload, "k1") and engine.may_read(upload, "k2") and not engine.may_read(upload, "k3")
+    first.close()
+    assert not engine.may_read(mine, "k1")  # an ended session's files are nobody's
+    unowned = engine.new_session()
+    assert unowned.owner is None and not engine.may_read(unowned.output_dir / "a.png", None)
+
+
+def test_a_long_message_is_refused_in_the_chat_without_running(served, client, tiny_pipe, monkeypatch):
+    url, engine = served
+    assert engine.max_message_chars == 2000 and load_app_module().parse_args([]).max_message_chars == 2000
+    ran = []
+    monkeypatch.setattr(tiny_pipe, "run", lambda *a, **k: ran.append(1) or pytest.fail("a refused message ran"))
+    history, _, status = client.predict(message={"text": "a" * 2001, "files": []}, **FAST, api_name="/chat")
+    assert status == "error"
+    assert (
+        last_reply(history)[0]
+        == "⚠️ message too long: 2,001 characters, the limit is 2,000; shorten it and send it again"
+    )
+    assert ran == []
+    monkeypatch.undo()
+    small = ChatEngine(tiny_pipe, engine.output_dir, max_message_chars=5)
+    session = small.new_session()
+    for text in ("  hello  ", "hello!"):  # 5 characters once trimmed: runs; 6: refused
+        for _ in small.respond(session, text, [], GenerationRequest(max_new_tokens=2)):
+            pass
+    first, second = (exchange.reply for exchange in session.exchanges)
+    assert first.status.startswith("done") and second.error.startswith("message too long: 6 characters, the limit is 5")
+
+
+def test_out_of_range_settings_are_answered_naming_the_field_and_its_range(served, client):
+    expected = {
+        "temperature": (1e-300, "temperature must be a finite number >= 0.001 or 0 (greedy; a smaller one overflows "
+                        "the logits), got 1e-300"),
+        "top_p": (0, "top_p must be a finite number in (0, 1], got 0"),  # below the slider's 0.05
+        "max_new_tokens": (9000, "max_new_tokens must be an integer <= 8192, got 9000"),  # above the slider's 1024
+        "image_steps": (5000, "decoder_overrides['image'].num_inference_steps must be an integer <= 1000, got 5000"),
+    }  # fmt: skip
+    for field, (value, message) in {**expected, "temperature_high": (500, None)}.items():
+        name = field.removesuffix("_high")
+        history, _, status = client.predict(
+            message={"text": "x", "files": []}, **{**FAST, name: value}, api_name="/chat"
+        )
+        text = last_reply(history)[0]
+        assert status == "error", (field, text)
+        assert text == f"⚠️ {message or 'temperature must be a finite number <= 100, got 500'}"
 
 
 def test_launch_options_bind_loopback_and_allow_only_the_output_folder(tmp_path, tiny_pipe, monkeypatch):
@@ -380,6 +502,53 @@ def test_the_demo_takes_device_and_precision(tmp_path):
     assert not (tmp_path / "never").exists()
     engine = ChatEngine.from_pretrained("tiny", tmp_path / "out", runtime=runtime_options(args))
     assert {p.dtype for p in engine.pipe.model.language_model.parameters()} == {torch.bfloat16}
+
+
+def test_sigterm_stops_the_demo_and_removes_its_temporary_folder(tmp_path):
+    """``python app.py`` in a subprocess: up, one answer with every medium, then SIGTERM: a clean exit, no temporary
+    folder left, and a log without tracebacks, deprecation notices or progress bars."""
+    from gradio_client import Client
+
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    port = free_port()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TMPDIR": str(temp), "PYTHONUNBUFFERED": "1"}
+    log = tmp_path / "server.log"
+    with log.open("w") as out:
+        server = subprocess.Popen(
+            [sys.executable, str(REPO / "app.py"), "--model", "tiny", "--port", str(port)],
+            cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        try:
+            url = f"http://127.0.0.1:{port}/"
+
+            def up() -> bool:
+                assert server.poll() is None, log.read_text()
+                try:
+                    return httpx.get(f"{url}config", timeout=5).status_code == 200
+                except httpx.HTTPError:
+                    return False
+
+            wait_for(up, timeout=240, what="the demo to serve")
+            (folder,) = temp.glob("anygpt-demo-*")  # the temporary output folder, logged at start
+            assert f"writing generated files to {folder.resolve()}" in log.read_text()
+            client = Client(url, verbose=False, download_files=str(tmp_path / "downloads"))
+            history, _, status = client.predict(
+                message={"text": "x", "files": []}, outputs=["image", "video", "audio"], **FAST, api_name="/chat"
+            )
+            assert status.startswith("done") and len(last_reply(history)[1]) == 3
+            assert any(folder.glob("sessions/*/*.mp4"))
+            server.send_signal(signal.SIGTERM)
+            assert server.wait(timeout=60) == 0
+        finally:
+            if server.poll() is None:
+                server.kill()
+    assert not folder.exists() and not list(temp.glob("anygpt-demo-*"))
+    assert [p for p in temp.rglob("*") if not p.is_dir()] == []  # (Gradio leaves an empty gradio/vibe_edit_history)
+    text = log.read_text()
+    assert "SIGTERM: stopping" in text
+    for noise in ("Traceback", "deprecated", "Loading", "it/s]", "%|"):
+        assert noise not in text, f"{noise!r} in the server's log:\n{text}"
 
 
 # ---------------------------------------------------------------------------------------------------- a full queue
@@ -556,6 +725,122 @@ def test_a_reply_reports_each_decoder_and_saves_its_files(tiny_pipe, tmp_path):
     reply = session.exchanges[-1].reply
     assert [p.suffix for p in reply.files] == [".png", ".wav"]
     assert all(p.is_relative_to(engine.output_dir) for p in reply.files)
+
+
+def test_generated_media_are_saved_enlarged_nearest_neighbour(tiny_pipe, tmp_path):
+    from anygpt.apps.chat import display_scale, upscaled
+    from anygpt.base.media import Video
+    from anygpt.core.output import AnyGPTOutput
+
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)
+    big = np.asarray(upscaled(Image.fromarray(pixels), 256))
+    assert big.shape == (256, 256, 3)
+    for dy, dx in [(0, 0), (1, 3), (3, 2)]:  # every pixel became a 4 x 4 block: no blur, no shift
+        assert np.array_equal(big[dy::4, dx::4], pixels)
+    frames = rng.integers(0, 255, (8, 48, 64, 3), dtype=np.uint8)  # a 64 x 48 clip: its longer side counts
+    clip = upscaled(Video(frames, 8.0), 256)
+    assert (
+        clip.frames.shape == (8, 192, 256, 3) and clip.fps == 8.0 and np.array_equal(clip.frames[:, 2::4, 1::4], frames)
+    )
+    large = Image.new("RGB", (300, 200))
+    assert upscaled(large, 256) is large and display_scale(100, 90, 256) == 2 and display_scale(64, 64, 0) == 1
+    with pytest.raises(TypeError, match="expected an image or a Video"):
+        upscaled(pixels, 256)
+    output = AnyGPTOutput(text="", images=[Image.fromarray(pixels)], videos=[Video(frames, 8.0)])
+    shown = ChatEngine(tiny_pipe, tmp_path / "a").save_outputs(output, tmp_path / "a", "t")  # the default: 256
+    assert load_image(shown["image"][0]).size == (256, 256) and load_video(shown["video"][0]).frames.shape[1:3] == (
+        192,
+        256,
+    )
+    native = ChatEngine(tiny_pipe, tmp_path / "b", display_size=0).save_outputs(output, tmp_path / "b", "t")
+    assert load_image(native["image"][0]).size == (64, 64)
+
+
+def test_a_decoder_first_load_is_reported_as_loading_then_its_steps(tmp_path):
+    from anygpt import AnyGPTPipeline
+
+    pipe = AnyGPTPipeline.from_pretrained("tiny")  # its own: the decoders are not loaded yet
+    engine = ChatEngine(pipe, tmp_path)
+    session = engine.new_session()
+    settings = GenerationRequest(modalities=["image"], max_new_tokens=2, num_inference_steps=3)
+    seen = []
+    for exchange in engine.respond(session, "x", [], settings):
+        seen.append((exchange.reply.status, exchange.reply.progress))
+    statuses = [status for status, _ in seen]
+    assert "loading the image decoder" in statuses and seen[-1][0].startswith("done") and seen[-1][1] is None
+    rendering = [progress for status, progress in seen if status == "rendering image (1/1)"]
+    assert statuses.index("loading the image decoder") < statuses.index("rendering image (1/1)")
+    # the denoising steps, in order, up to all of them (a scheduler may add one to the 3 asked for)
+    assert rendering == sorted(rendering) and rendering[-1][0] == rendering[-1][1] >= 3 and len(rendering) >= 2
+    assert pipe.decoders[Modality.IMAGE].is_loaded
+    seen.clear()
+    for exchange in engine.respond(session, "again", [], settings):  # loaded: no loading step this time
+        seen.append(exchange.reply.status)
+    assert "loading the image decoder" not in seen and "rendering image (1/1)" in seen
+    app = load_app_module()
+    content = app.to_messages([session.exchanges[0]])[-1]["content"]
+    assert content[-1] == {"path": str(session.exchanges[0].reply.images[0])}
+    # the status box counts the steps while a decoder renders
+    assert (
+        app.status_text(Reply(status="rendering image (1/2)", progress=(3, 20)))
+        == "rendering image (1/2): step 3 of 20"
+    )
+    assert app.status_text(Reply(status="loading the image decoder")) == "loading the image decoder"
+
+
+def test_examples_and_what_the_model_knows(tiny_pipe, tmp_path):
+    from toyworld.render import COLOURS, DIRECTIONS, SHAPES
+    from toyworld.world import PITCHES, STYLES
+
+    app = load_app_module()
+    knows = app.model_knows("toyworld")
+    for word in [*COLOURS, *SHAPES, *PITCHES, *STYLES, *DIRECTIONS]:  # the model card's whole vocabulary
+        assert f"**{word}**" in knows, word
+    assert app.model_knows("/some/folder/toyworld") == knows and app.model_knows("my-model") == ""
+    demo = app.build_app(ChatEngine(tiny_pipe, tmp_path), model="toyworld")
+    config = demo.get_config_file()
+    components = {c["id"]: c for c in config["components"]}
+    (dataset,) = [c for c in components.values() if c["type"] == "dataset"]
+    assert [sample[0]["text"] for sample in dataset["props"]["samples"]] == app.EXAMPLES
+    assert dataset["props"]["elem_id"] == "examples"
+    assert any(c["type"] == "markdown" and c["props"].get("value") == knows for c in components.values())
+    (status,) = [c for c in components.values() if c["props"].get("elem_id") == "status"]
+    assert status["type"] == "textbox" and status["props"]["label"] == "Status" and status["props"]["show_label"]
+    # clicking an example fills the message box, then sends it: the chat handler runs after the example's event
+    chats = [f for f in demo.fns.values() if getattr(f.fn, "__name__", "") == "chat"]
+    assert len(chats) == 3  # Enter, Send, an example
+    example_click = [f for f in demo.fns.values() if any(t[0] == dataset["id"] for t in f.targets)]
+    assert example_click and any(f.trigger_after is not None for f in chats)
+    assert "anygpt_demo" not in str(config)  # nothing of the serving side is in the page's config
+    assert not (REPO / "app.pyi").exists()  # (Gradio writes one next to a module that subclasses a component)
+    tiny = app.build_app(ChatEngine(tiny_pipe, tmp_path), model="tiny").get_config_file()
+    assert any("random test model" in str(c["props"].get("value")) for c in tiny["components"])
+
+
+def test_the_examples_are_answered_by_the_default_model(toyworld, tmp_path):
+    app = load_app_module()
+    engine = ChatEngine(toyworld, tmp_path)
+    expected = {  # the text and the media kinds of each example's answer
+        "draw a red circle": ("Here is a red circle.", [".png"]),
+        "play a high beep": ("Here is a high beep.", [".wav"]),
+        "show a green square moving left": ("Here is a green square moving left.", [".mp4"]),
+        "draw a blue triangle and play a low beep": ("Here is a blue triangle. Here is a low beep.", [".png", ".wav"]),
+        "draw a red circle and play a high beep and show a green square moving left": (
+            "Here is a red circle. Here is a high beep. Here is a green square moving left.",
+            [".png", ".mp4", ".wav"],
+        ),
+    }
+    assert list(expected) == app.EXAMPLES
+    fields = request_fields("auto", 0.0, 1.0, 64, {"image": 2, "video": 2, "audio": 2}, {}, seed=0)
+    for prompt, (text, kinds) in expected.items():
+        session = engine.new_session()
+        for _ in engine.respond(session, prompt, [], fields):
+            pass
+        reply = session.exchanges[-1].reply
+        assert (reply.text, [p.suffix for p in reply.files]) == (text, kinds), prompt
+        if reply.images:
+            assert load_image(reply.images[0]).size == (256, 256)
 
 
 def test_request_fields_from_controls():

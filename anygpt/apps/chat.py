@@ -5,13 +5,18 @@ tested) without a browser.
 
 Example:
     >>> engine = ChatEngine.from_pretrained("tiny", output_dir="/tmp/anygpt-demo")
-    >>> session = engine.new_session()
+    >>> session = engine.new_session(owner="browser-key")
     >>> for exchange in engine.respond(session, "draw a cat", [], GenerationRequest(modalities=["image"], seed=0)):
     ...     print(exchange.reply.text, exchange.reply.status)
     >>> session.exchanges[-1].reply.images  # [Path(".../turn-0001_image0.png")]
 
 The pipeline is not thread-safe: :class:`ChatEngine` runs one pipeline call at a time (a lock), whatever the UI's
 queue does.
+
+Files are bound to their owner (the client that made them, named by an unguessable key the UI gives, a cookie in
+``app.py``): a session's generated files, under ``output_dir/sessions/<random id>/``, and the uploads the UI
+``grant``-s. ``ChatEngine.may_read`` says whether an owner may fetch a path (the UI refuses the others), and a
+message may name only files of the output folder that its session's owner may read.
 """
 
 from __future__ import annotations
@@ -23,19 +28,23 @@ import math
 import os
 import queue
 import re
+import secrets
 import shutil
 import tempfile
 import threading
 import time
-import uuid
-from collections.abc import Iterator, Mapping, Sequence
+import weakref
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+from PIL import Image
+
 from anygpt.apps.outputs import save_outputs
 from anygpt.base.errors import GenerationStopped, MediaError, UsageError  # GenerationStopped: decoders, the streamer
-from anygpt.base.media import AUDIO_EXTENSIONS, IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, guess_modality
+from anygpt.base.media import AUDIO_EXTENSIONS, IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, Video, guess_modality
 from anygpt.base.modality import MEDIA_MODALITIES, Modality
 from anygpt.core.conversation import Conversation, Turn, get_template
 from anygpt.core.pipeline import AnyGPTPipeline
@@ -53,10 +62,18 @@ __all__ = [
     "Reply",
     "check_upload",
     "default_output_dir",
+    "display_scale",
     "request_fields",
+    "upscaled",
 ]
 
 DEFAULT_MAX_UPLOAD_BYTES = 100 * 2**20
+DEFAULT_MAX_MESSAGE_CHARS = 2000
+"""The longest message (characters, after trimming spaces) the engine runs; longer ones are answered with an error."""
+DEFAULT_DISPLAY_SIZE = 256
+"""Generated images and video frames smaller than this (pixels, the longer side) are saved enlarged by a whole
+factor, nearest-neighbour (a 64 px image as 256 px, every pixel a 4 x 4 block), so that a page shows them large and
+sharp."""
 _EXTENSIONS = {"image": IMAGE_EXTENSIONS, "audio": AUDIO_EXTENSIONS, "video": VIDEO_EXTENSIONS}
 
 
@@ -117,7 +134,9 @@ class Reply:
 
     Attributes:
         text: the reply text so far (the final text once ``done``).
-        status: what is happening now (``"writing"``, ``"rendering video (2/3)"``), or a summary when done.
+        status: what is happening now (``"writing"``, ``"loading the video decoder"``, ``"rendering video (2/3)"``),
+            or a summary when done.
+        progress: while a decoder renders, its denoising steps ``(done, total)``; None otherwise.
         images, videos, audios: the saved output files (PNG, MP4, WAV) in the session's folder; a stopped answer
             has those rendered before it was stopped.
         error: a message for the user when the request failed (bad upload, bad setting, internal error).
@@ -127,6 +146,7 @@ class Reply:
 
     text: str = ""
     status: str = ""
+    progress: tuple[int, int] | None = None
     images: list[Path] = field(default_factory=list)
     videos: list[Path] = field(default_factory=list)
     audios: list[Path] = field(default_factory=list)
@@ -165,7 +185,9 @@ class ChatSession:
     The conversation holds exactly the exchanges shown with ``kept`` set, in order.
 
     Attributes:
-        output_dir: this session's folder for generated files (removed by ``clear`` and ``close``).
+        output_dir: this session's folder for generated files (removed by ``clear`` and ``close``); its name, the
+            session's ``id``, is random (128 bits).
+        owner: the key of the client that made the session (``ChatEngine.may_read``), or None.
         conversation: the model-side history; media are encoded once per conversation.
         exchanges: what the chat shows, oldest first.
         epoch: increases on every clear; a reply started before a clear stops updating the chat.
@@ -174,6 +196,7 @@ class ChatSession:
     """
 
     output_dir: Path
+    owner: str | None = None
     conversation: Conversation = field(default_factory=Conversation)
     exchanges: list[Exchange] = field(default_factory=list)
     epoch: int = 0
@@ -183,6 +206,12 @@ class ChatSession:
     _stopped_at: float = -math.inf  # time.monotonic() of the last stop (or clear)
     _cleared_at: float = -math.inf
     _requests: set[threading.Event] = field(default_factory=set, repr=False)
+    _on_close: Callable[[ChatSession], None] | None = field(default=None, repr=False)
+
+    @property
+    def id(self) -> str:
+        """The session's name: its folder's."""
+        return self.output_dir.name
 
     def stop(self) -> None:
         """Stop every request of this session sent until now: running, waiting for the model, or still queued.
@@ -212,6 +241,8 @@ class ChatSession:
         """End the session (the browser tab went away or it expired): stop, forget and remove its files."""
         self.closed = True
         self.clear()
+        if self._on_close is not None:
+            self._on_close(self)
 
     @property
     def busy(self) -> bool:
@@ -367,6 +398,9 @@ class ChatEngine:
         pipe: an ``AnyGPTPipeline``.
         output_dir: the folder under whose ``sessions/`` every session gets its own subfolder (created).
         max_upload_bytes: the largest accepted upload; larger files are answered with an error in the chat.
+        max_message_chars: the longest message text; a longer one is answered with an error, not run.
+        display_size: generated images and video frames smaller than this (px, longer side) are saved enlarged,
+            nearest-neighbour, by a whole factor (``upscaled``); None or 0 saves them as the decoders made them.
 
     Attributes:
         stop_grace_s: after a stop, how long a reply waits for the model to end before it reports "stopping" and
@@ -380,12 +414,26 @@ class ChatEngine:
     poll_s: float = 0.1
     heartbeat_s: float = 1.0
 
-    def __init__(self, pipe, output_dir: str | os.PathLike, *, max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES):
+    def __init__(
+        self,
+        pipe,
+        output_dir: str | os.PathLike,
+        *,
+        max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
+        max_message_chars: int = DEFAULT_MAX_MESSAGE_CHARS,
+        display_size: int | None = DEFAULT_DISPLAY_SIZE,
+    ):
         self.pipe = pipe
         self.output_dir = Path(output_dir).expanduser().resolve()
         self.sessions_dir.mkdir(parents=True, exist_ok=True)
         self.max_upload_bytes = int(max_upload_bytes)
+        self.max_message_chars = int(max_message_chars)
+        self.display_size = int(display_size or 0)
         self._lock = threading.Lock()
+        self._owners_lock = threading.Lock()
+        # the live sessions by id (weak: the UI's state keeps a session alive; one it dropped is nobody's)
+        self._sessions: weakref.WeakValueDictionary[str, ChatSession] = weakref.WeakValueDictionary()
+        self._uploads: dict[Path, set[str]] = {}  # an upload's path -> the owners who uploaded it
 
     @classmethod
     def from_pretrained(
@@ -403,10 +451,62 @@ class ChatEngine:
     def sessions_dir(self) -> Path:
         return self.output_dir / "sessions"
 
-    def new_session(self) -> ChatSession:
-        """A fresh session whose files go to ``output_dir/sessions/<random id>/`` (created when first needed)."""
-        folder = self.sessions_dir / uuid.uuid4().hex[:16]
-        return ChatSession(output_dir=folder, conversation=Conversation())
+    def new_session(self, owner: str | None = None) -> ChatSession:
+        """A fresh session whose files go to ``output_dir/sessions/<random id>/`` (created when first needed).
+
+        Args:
+            owner: the key of the client that asks (see ``may_read``): only it may fetch the session's files. None:
+                nobody may (a client that sent no key).
+        """
+        session = ChatSession(
+            output_dir=self.sessions_dir / secrets.token_hex(16), owner=owner or None, conversation=Conversation()
+        )
+        session._on_close = self._forget_session
+        with self._owners_lock:
+            self._sessions[session.id] = session
+        return session
+
+    def _forget_session(self, session: ChatSession) -> None:
+        with self._owners_lock:
+            if self._sessions.get(session.id) is session:
+                del self._sessions[session.id]
+
+    # ------------------------------------------------------------------------------------------ file ownership
+    def grant(self, paths: Sequence[str | os.PathLike], owner: str | None) -> None:
+        """Record uploaded files (in the output folder) as ``owner``'s: ``may_read`` lets it fetch them.
+
+        The same content uploaded by two clients may land at one path (Gradio names upload folders by a hash of the
+        content): each of them may read it.
+        """
+        if not owner:
+            return
+        with self._owners_lock:
+            if len(self._uploads) > 4096:  # forget the uploads that Gradio's sweep or a clear has removed
+                self._uploads = {p: o for p, o in self._uploads.items() if p.exists()}
+            for path in paths:
+                self._uploads.setdefault(_resolved(path), set()).add(owner)
+
+    def may_read(self, path: str | os.PathLike, owner: str | None) -> bool:
+        """Whether the client ``owner`` may fetch (or send as input) the file at ``path``.
+
+        Inside the output folder a session's files are its owner's only, an upload is its uploaders' only
+        (``grant``), and anything else there (files of an ended session or an earlier run, the folders themselves)
+        is nobody's. A path outside the output folder is not the engine's to refuse (True): the server's own rules
+        apply (Gradio serves nothing outside its allowed folders).
+        """
+        spellings = {Path(os.path.abspath(str(path))), _resolved(path)}  # as written and with symlinks resolved
+        inside = [p for p in spellings if p.is_relative_to(self.output_dir)]
+        if not inside:
+            return True
+        return bool(owner) and all(self._owns(p, owner) for p in inside)
+
+    def _owns(self, path: Path, owner: str) -> bool:
+        parts = path.relative_to(self.output_dir).parts
+        with self._owners_lock:
+            if parts[:1] == (self.sessions_dir.name,):
+                session = self._sessions.get(parts[1]) if len(parts) >= 3 else None
+                return session is not None and session.owner == owner
+            return owner in self._uploads.get(_resolved(path), ())
 
     def decoder_defaults(self) -> dict[str, dict[str, Any]]:
         """Each output modality's decoder defaults (steps, guidance, frames, seconds), for the UI's controls."""
@@ -500,7 +600,7 @@ class ChatEngine:
         worker_started = False
         try:
             try:
-                request = self.build_request(settings, exchange)
+                request = self.build_request(settings, exchange, owner=session.owner)
             except (UsageError, MediaError, ValueError, TypeError) as error:
                 logger.warning("demo request refused: %s", error)
                 with session.lock:
@@ -552,15 +652,28 @@ class ChatEngine:
             if not worker_started:
                 session._end(stop)
 
-    def build_request(self, settings: GenerationRequest | Mapping[str, Any], exchange: Exchange) -> GenerationRequest:
-        """The request of one exchange: its text and uploads (checked: kind by name, size) with ``settings``.
+    def build_request(
+        self, settings: GenerationRequest | Mapping[str, Any], exchange: Exchange, owner: str | None = None
+    ) -> GenerationRequest:
+        """The request of one exchange: its text (checked: length) and uploads (checked: whose, kind by name, size)
+        with ``settings`` (checked by ``GenerationRequest``, the one place that knows each field's range).
+
+        Args:
+            owner: the asking session's owner: a file of the output folder must be one it may read (``may_read``).
 
         Raises:
-            MediaError: a bad upload (``check_upload``).
-            UsageError: a bad setting, naming it.
+            MediaError: a bad upload (``check_upload``), or another client's file.
+            UsageError: a message over ``max_message_chars``, or a bad setting, naming it and its range.
         """
+        if len(exchange.text) > self.max_message_chars:
+            raise UsageError(
+                f"message too long: {len(exchange.text):,} characters, the limit is {self.max_message_chars:,}; "
+                "shorten it and send it again"
+            )
         media: dict[str, list[Path]] = {m.plural: [] for m in MEDIA_MODALITIES}
         for path in exchange.files:
+            if not self.may_read(path, owner):
+                raise MediaError(f"{path.name}: not a file of this session (upload it again)")
             media[check_upload(path, self.max_upload_bytes).plural].append(path)
         if isinstance(settings, GenerationRequest):
             request = dataclasses.replace(settings, prompt=exchange.text, **media)
@@ -581,9 +694,16 @@ class ChatEngine:
                 reply.status = "writing"
             elif kind == "text":
                 reply.text += payload
+            elif kind == "load":
+                reply.status, reply.progress = f"loading the {payload.value} decoder", None
             elif kind == "decode":
-                modality, index, total = payload
-                reply.status = f"rendering {modality.value} ({index + 1}/{total})"
+                modality, index, total, steps = payload
+                reply.status, reply.progress = f"rendering {modality.value} ({index + 1}/{total})", (0, steps)
+            elif kind == "step":
+                step, total = payload
+                if reply.progress is None or reply.progress[0] == step:
+                    return False
+                reply.progress = (step, max(step, total or reply.progress[1]))
             return True
 
     def _work(
@@ -604,7 +724,18 @@ class ChatEngine:
         """
 
         def on_decode(modality: Modality, index: int, total: int) -> None:
-            events.put(("decode", (modality, index, total)))
+            decoder = self.pipe.decoders[modality]
+            if not getattr(decoder, "is_loaded", True):  # its first use: loading is not rendering
+                events.put(("load", modality))
+                decoder.load()
+            steps = request.decoder_settings(modality).get("num_inference_steps")
+            steps = steps or getattr(getattr(decoder, "config", None), "num_inference_steps", None) or 0
+            events.put(("decode", (modality, index, total, int(steps))))
+
+        def on_step(pipe: Any, step: int, _timestep: Any, callback_kwargs: dict[str, Any]) -> dict[str, Any]:
+            total = getattr(pipe, "_num_timesteps", None)  # a scheduler may run more steps than asked for
+            events.put(("step", (step + 1, total if isinstance(total, int) else None)))
+            return callback_kwargs
 
         output, error = None, None
         stem = ""
@@ -628,7 +759,8 @@ class ChatEngine:
                         ),
                         on_decode=on_decode,
                         should_stop=stop.is_set,
-                        show_progress=True,
+                        callback_on_step_end=on_step,
+                        show_progress=False,  # no progress bars in the server's log: the reply reports the steps
                     )
                 except GenerationStopped as stopped:
                     logger.info("demo request %s", stopped)
@@ -688,15 +820,22 @@ class ChatEngine:
                 reply.stopped, reply.status = True, "stopped"
             else:
                 reply.status = f"done in {time.perf_counter() - start:.1f} s"
+            reply.progress = None
             if output is not None:
                 reply.text = output.text
                 reply.images, reply.videos, reply.audios = saved["image"], saved["video"], saved["audio"]
             reply.done = True
 
-    @staticmethod
-    def save_outputs(output, folder: Path, stem: str) -> dict[str, list[Path]]:
+    def save_outputs(self, output, folder: Path, stem: str) -> dict[str, list[Path]]:
         """Write an ``AnyGPTOutput``'s media as ``{stem}_image0.png``, ``_video0.mp4``, ``_audio0.wav`` (all or
-        nothing); returns the absolute paths per modality name."""
+        nothing), images and video frames enlarged to ``display_size`` (``upscaled``); returns the absolute paths
+        per modality name."""
+        if self.display_size:
+            output = dataclasses.replace(
+                output,
+                images=[upscaled(image, self.display_size) for image in output.images],
+                videos=[upscaled(video, self.display_size) for video in output.videos],
+            )
         written = save_outputs(output, folder, stem)
         return {modality.value: [path.resolve() for path in paths] for modality, paths in written.items()}
 
@@ -712,6 +851,38 @@ def _drain(events: queue.Queue, timeout: float) -> list[tuple[str, Any]]:
             items.append(events.get_nowait())
         except queue.Empty:
             return items
+
+
+def display_scale(width: int, height: int, size: int) -> int:
+    """The whole factor that brings a ``width`` x ``height`` picture's longer side closest to ``size`` without going
+    over it (1 for a picture as large as ``size`` or larger)."""
+    return max(1, int(size) // max(int(width), int(height), 1))
+
+
+def upscaled(item: Image.Image | Video, size: int = DEFAULT_DISPLAY_SIZE) -> Image.Image | Video:
+    """An image or a video enlarged by ``display_scale``, nearest-neighbour: every pixel becomes a square block, so
+    a 64 px picture shows sharp at 256 px. Returned unchanged when it is already ``size`` or larger.
+
+    Raises:
+        TypeError: ``item`` is neither a ``PIL.Image.Image`` nor a ``Video``.
+    """
+    if isinstance(item, Image.Image):
+        factor = display_scale(item.width, item.height, size)
+        if factor == 1:
+            return item
+        return item.resize((item.width * factor, item.height * factor), Image.Resampling.NEAREST)
+    if isinstance(item, Video):
+        frames = np.asarray(item.frames)
+        factor = display_scale(frames.shape[2], frames.shape[1], size)
+        if factor == 1:
+            return item
+        return Video(frames.repeat(factor, axis=1).repeat(factor, axis=2), item.fps)
+    raise TypeError(f"expected an image or a Video, got {type(item).__name__}")
+
+
+def _resolved(path: str | os.PathLike) -> Path:
+    """``path`` made absolute and resolved (symlinks, ``..``), as Gradio resolves the paths it serves."""
+    return Path(os.path.abspath(str(path))).resolve()
 
 
 def default_output_dir() -> Path:
