@@ -45,6 +45,9 @@ SCHEDULER_FILE = "scheduler.pt"
 FINAL_DIR = "final"
 LOCK_FILE = ".anygpt-train.lock"
 DAMAGED_SUFFIX = ".damaged"
+PRUNED_SUFFIX = ".pruned"
+"""A checkpoint being removed is renamed ``.checkpoint-STEP.pruned`` first: a kill while it is deleted leaves a hidden
+folder (swept by ``clean_partial``), never a half-deleted ``checkpoint-STEP`` that lists as complete."""
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 
 
@@ -234,7 +237,7 @@ def save_checkpoint(
     if accelerator.is_main_process:
         _move_into_place(tmp, final)
         for old in list_checkpoints(output_dir)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+            _remove_checkpoint(old)
         logger.info("saved %s", final)
     accelerator.wait_for_everyone()
     return final
@@ -254,12 +257,22 @@ def _move_into_place(tmp: Path, final: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def _remove_checkpoint(folder: Path) -> None:
+    """Delete a checkpoint: hidden first (``PRUNED_SUFFIX``), so that no kill leaves it half-deleted under its name."""
+    pruned = folder.with_name(f".{folder.name}{PRUNED_SUFFIX}")
+    if pruned.exists():
+        shutil.rmtree(pruned, ignore_errors=True)
+    folder.rename(pruned)
+    shutil.rmtree(pruned, ignore_errors=True)
+
+
 def clean_partial(output_dir: str | Path) -> None:
     """Remove what killed writes left in a run's folder (call it holding ``run_lock``: they are a dead run's).
 
-    The temporary folders of checkpoint writes (``.checkpoint-STEP.tmp``), of the final save (``.final.*tmp-*``, and
-    ``.final.old-*`` set aside while it was replaced) and of the metrics log. A checkpoint set aside while it was
-    replaced (``.checkpoint-STEP.old``) is put back when the new one never arrived.
+    The temporary folders of checkpoint writes (``.checkpoint-STEP.tmp``), of checkpoints being pruned
+    (``.checkpoint-STEP.pruned``), of the final save (``.final.*tmp-*``, and ``.final.old-*`` set aside while it was
+    replaced) and of the metrics log. A checkpoint set aside while it was replaced (``.checkpoint-STEP.old``) is put
+    back when the new one never arrived.
     """
     output_dir = Path(output_dir)
     for old in output_dir.glob(".checkpoint-*.old"):
@@ -269,7 +282,13 @@ def clean_partial(output_dir: str | Path) -> None:
             logger.warning("restored %s (a replacement of it was killed)", final)
         else:
             shutil.rmtree(old, ignore_errors=True)
-    patterns = (".checkpoint-*.tmp", f".{FINAL_DIR}.*tmp-*", f".{FINAL_DIR}.old-*", ".metrics.jsonl.*tmp*")
+    patterns = (
+        ".checkpoint-*.tmp",
+        f".checkpoint-*{PRUNED_SUFFIX}",
+        f".{FINAL_DIR}.*tmp-*",
+        f".{FINAL_DIR}.old-*",
+        ".metrics.jsonl.*tmp*",
+    )
     for pattern in patterns:
         for tmp in output_dir.glob(pattern):
             if tmp.is_symlink() or not tmp.exists():
@@ -378,6 +397,8 @@ def load_checkpoint(
     if not isinstance(step, int) or step < 0 or (match and int(match.group(1)) != step):
         raise CheckpointError(f"{folder / STATE_FILE}: step {step!r} does not match the folder's name")
     check_checkpoint(folder, state, run)
+    if isinstance(run.get("max_steps"), int) and step > run["max_steps"]:
+        raise CheckpointError(f"{folder / STATE_FILE}: step {step} is past the run's max_steps {run['max_steps']}")
     trained = read_weights(folder / TRAINABLE_FILE, expected=parameters, what="trained tensors")
     if state.get("sharded"):
         if not (folder / "accelerate_state").is_dir():

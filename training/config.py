@@ -31,19 +31,29 @@ diffusion.weight, blip2.itc/itm/itg,
 modality_weights.*)
 loss.diffusion.min_snr_gamma                (0, 10**6]
 loss.blip2.max_text_length                  2 .. 4096
+data.datasets[i].weight                     (0, 10**6]          relative sampling weight
+data.datasets[i].max_samples                1 .. 10**12, null
 model options (see below)                   finite numbers;     model sizes (layers, heads, rank, latents...)
                                             integers |n| <= 2**20
 ==========================================  ==================  ====================================================
 
 The model options are ``lora``, ``cross_attention`` and ``input_projector.options`` / ``output_projector.options``;
 a number written as YAML text there (``1e9``: YAML 1.1 reads it as a string) is refused too.
+
+Whatever the file holds, loading it ends in a config or in one ``ConfigError`` of one line: a file that is not UTF-8
+or not YAML, a value YAML cannot build (``2001-02-30``), keys that are not strings, a value that is no plain YAML
+data (a date, ``!!binary``, ``!!set``: the config is written into every checkpoint as JSON), a document nested more
+than ``MAX_CONFIG_DEPTH`` deep or of more than ``MAX_CONFIG_VALUES`` values (aliases included), and a path with a NUL
+or a character no file name can hold.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import datetime
 import math
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -90,6 +100,11 @@ RANGES: dict[str, tuple[type, float, float, bool, bool]] = {
 MAX_OPTION_INT = 2**20
 """The largest integer (in absolute value) in the free-form model options: ``lora``, ``cross_attention`` and the
 connectors' ``options`` (layers, heads, rank, latents, hidden sizes)."""
+MAX_CONFIG_DEPTH = 32
+"""The deepest nesting of a config document (a stage config nests 4 levels)."""
+MAX_CONFIG_VALUES = 100_000
+"""The most values (every list item and mapping value, aliases counted each time they are used) a config may hold: a
+stage config holds a few hundred; YAML aliases of aliases could otherwise stand for billions."""
 
 
 @dataclass
@@ -293,7 +308,7 @@ class TrainConfig:
             choice = getattr(self, key)
             if choice is not None:
                 _check_options(choice.options, f"{key}.options", fail)
-        if not Path(self.data_root).is_dir():
+        if not _exists(Path(self.data_root), "dir", "data_root", where):
             fail("data_root", f"folder not found: {self.data_root}")
         if self.stage not in STAGES:
             fail("stage", f"expected one of {STAGES}, got {self.stage!r}")
@@ -344,15 +359,16 @@ class TrainConfig:
         if run.mixed_precision not in ("no", "bf16", "fp16"):
             fail("train.mixed_precision", f"expected no, bf16 or fp16, got {run.mixed_precision!r}")
         for i, spec in enumerate(self.dataset_specs()):
-            if not spec.path.is_file():
+            if not _exists(spec.path, "file", f"data.datasets[{i}].path", where):
                 fail(
                     f"data.datasets[{i}].path",
                     f"file not found: {spec.path} (relative paths start at data_root {self.data_root}; "
                     "set it with --set data_root=DIR)",
                 )
-            if not spec.media_root.is_dir():
+            if not _exists(spec.media_root, "dir", f"data.datasets[{i}].media_root", where):
                 fail(f"data.datasets[{i}].media_root", f"folder not found: {spec.media_root}")
-            if spec.embedding_root is not None and not spec.embedding_root.is_dir():
+            embeddings = spec.embedding_root
+            if embeddings is not None and not _exists(embeddings, "dir", f"data.datasets[{i}].embedding_root", where):
                 fail(f"data.datasets[{i}].embedding_root", f"folder not found: {spec.embedding_root}")
         names = [spec.name for spec in self.dataset_specs()]
         dupes = sorted({n for n in names if names.count(n) > 1})
@@ -380,21 +396,29 @@ def load_config(
         ConfigError: unknown keys, wrong types, bad values, missing files; the message names the file and the key.
     """
     if path is not None:
-        path = Path(path).expanduser().resolve()
-        if not path.is_file():
+        path = _usable_path(path, "config file", "config file")
+        if not _exists(path, "file", "config file", "config file"):
             raise ConfigError(f"config file not found: {path}")
         try:
-            data = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{path}: not valid YAML ({err})") from None
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as err:
+            raise ConfigError(f"{path}: not UTF-8 text (byte {err.start}); save the file as UTF-8") from None
+        except OSError as err:
+            raise ConfigError(f"{path}: cannot be read ({err.strerror or err})") from None
+        try:
+            data = yaml.safe_load(text)
+        except Exception as err:  # noqa: BLE001 - PyYAML's own errors and its constructors' (2001-02-30, !!timestamp x)
+            raise ConfigError(f"{path}: not valid YAML ({_yaml_problem(err)})") from None
         base, source = path.parent, str(path)
     else:
         base, source = Path.cwd(), "<config>"
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: expected a mapping of keys at the top level, got {type(data).__name__}")
+    _check_plain(data, source)  # before anything walks it: aliases of aliases, deep nesting, dates
     data = copy.deepcopy(data)
     for item in overrides:
         _apply_override(data, item, source)
+    _check_plain(data, source)
     for key in ("input_projector", "output_projector"):
         if isinstance(data.get(key), str):  # a bare registry name
             data[key] = {"name": data[key]}
@@ -427,7 +451,7 @@ def _check_range(owner: Any, key: str, bounds: tuple, fail) -> None:
         fail(key, f"expected {'an integer' if kind is int else 'a number'}, got {value!r}")
     if isinstance(value, float) and not math.isfinite(value):
         fail(key, f"must be a finite number, got {value!r}")
-    show = {2**32 - 1: "2**32-1", 10**8: "10**8", 10**6: "10**6", 10**4: "10**4"}
+    show = {2**32 - 1: "2**32-1", 10**12: "10**12", 10**8: "10**8", 10**6: "10**6", 10**4: "10**4"}
     interval = f"{'[' if low_in else '('}{show.get(low, low)}, {show.get(high, high)}{']' if high_in else ')'}"
     if value < low or (value == low and not low_in):
         fail(key, f"must be {'>=' if low_in else '>'} {low} (range {interval}), got {value!r}")
@@ -457,13 +481,106 @@ def _check_options(value: Any, key: str, fail) -> None:
         fail(key, f"expected a number, got the text {value!r} (YAML reads 1e9 as text: write 1.0e+9 or an integer)")
 
 
+def _yaml_problem(err: BaseException) -> str:
+    """One line saying what YAML could not read, and where."""
+    if isinstance(err, RecursionError):
+        return "nested too deeply"
+    if isinstance(err, yaml.MarkedYAMLError):
+        text = "; ".join(part for part in (err.context, err.problem) if part) or type(err).__name__
+        mark = err.problem_mark or err.context_mark
+        if mark is not None:
+            text += f" at line {mark.line + 1}, column {mark.column + 1}"
+        return " ".join(text.split())
+    if isinstance(err, yaml.YAMLError):
+        return " ".join(str(err).split()) or type(err).__name__
+    return f"a value YAML cannot build: {' '.join(str(err).split())}"
+
+
+_PLAIN = (str, int, float, bool, type(None))
+
+
+def _check_plain(data: Any, source: str) -> None:
+    """Refuse what no stage config holds, naming the key: values that are not plain YAML data (dates, bytes, sets:
+    the config is written into every checkpoint as JSON), nesting deeper than ``MAX_CONFIG_DEPTH`` and more than
+    ``MAX_CONFIG_VALUES`` values (an alias counts each time it is used). Iterative: a deep document cannot overflow
+    the stack here."""
+    stack: list[tuple[Any, str, int]] = [(data, "", 0)]
+    count = 0
+    while stack:
+        value, key, depth = stack.pop()
+        count += 1
+        if count > MAX_CONFIG_VALUES:
+            raise ConfigError(
+                f"{source}: more than {MAX_CONFIG_VALUES:,} values (YAML aliases that repeat a value many times?); a "
+                "stage config holds a few hundred"
+            )
+        if depth > MAX_CONFIG_DEPTH:
+            raise ConfigError(f"{source}: {key}: nested more than {MAX_CONFIG_DEPTH} levels deep")
+        if isinstance(value, dict):
+            for name, item in value.items():
+                if not isinstance(name, _PLAIN) or isinstance(name, float) and not math.isfinite(name):
+                    raise ConfigError(f"{source}: {_join(key, name)}: a key must be a name, got {_short(name)}")
+                stack.append((item, _join(key, name), depth + 1))
+        elif isinstance(value, list | tuple):
+            stack.extend((item, f"{key}[{i}]", depth + 1) for i, item in enumerate(value))
+        elif not isinstance(value, _PLAIN):
+            hint = " (YAML reads an unquoted date as a date: quote it)" if isinstance(value, datetime.date) else ""
+            raise ConfigError(
+                f"{source}: {key or 'config'}: expected a string, number, true/false, null, list or mapping, got "
+                f"{type(value).__name__} {_short(value)}{hint}"
+            )
+
+
+def _join(key: str, name: Any) -> str:
+    name = name if isinstance(name, str) else repr(name)
+    return f"{key}.{name}" if key else name
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else f"{text[:60]}... ({len(text)} characters)"
+
+
+def _usable_path(value: Any, key: str, source: str, base: Path | None = None) -> Path:
+    """``value`` as a path (``~`` expanded; a relative one resolved against ``base``, or the working folder when
+    ``base`` is None), or a ``ConfigError`` naming ``key`` when no file can be named so (a NUL, a character the file
+    system's encoding cannot hold, a symbolic link loop)."""
+    text = os.fspath(value) if isinstance(value, os.PathLike) else str(value)
+    where = f"{key}: " if key == "config file" else f"{source}: {key}: "
+    if "\0" in text:
+        raise ConfigError(f"{where}not a usable path (it holds a NUL character): {_short(text)}")
+    try:
+        os.fsencode(text)
+    except UnicodeEncodeError as err:
+        raise ConfigError(
+            f"{where}not a usable path ({text[err.start]!r} at position {err.start} cannot be in a file name)"
+        ) from None
+    try:
+        path = Path(text).expanduser()
+        if path.is_absolute() and base is not None:
+            return path
+        return ((base / path) if base is not None else path).resolve()
+    except (OSError, RuntimeError, ValueError) as err:  # a symbolic link loop; no home folder for ~
+        raise ConfigError(f"{where}not a usable path ({err}): {_short(text)}") from None
+
+
+def _exists(path: Path, kind: str, key: str, source: str) -> bool:
+    """Whether ``path`` is a file (``kind`` "file") or a folder; a path the system cannot look up (a name too long)
+    is a ``ConfigError`` naming ``key``."""
+    try:
+        return path.is_file() if kind == "file" else path.is_dir()
+    except OSError as err:
+        where = f"{key}: " if key == "config file" else f"{source}: {key}: "
+        raise ConfigError(f"{where}cannot look up {_short(str(path))} ({err.strerror or err})") from None
+
+
 def _apply_override(data: dict, item: str, source: str) -> None:
     if "=" not in item:
         raise ConfigError(f"--set {item!r}: expected key=value, e.g. train.max_steps=10")
     key, raw = item.split("=", 1)
     try:
         value = yaml.safe_load(raw)
-    except yaml.YAMLError:
+    except Exception:  # noqa: BLE001 - not YAML, or nothing YAML can build (2001-02-30): the text itself
         value = raw
     parts = key.strip().split(".")
     node = data
@@ -478,25 +595,21 @@ def _apply_override(data: dict, item: str, source: str) -> None:
 
 
 def _resolve_paths(config: TrainConfig, base: Path) -> None:
-    def resolve(value: str | None) -> str | None:
-        if value is None:
-            return None
-        path = Path(value).expanduser()
-        return str(path if path.is_absolute() else (base / path).resolve())
+    def resolve(value: str | None, key: str, folder: Path = base) -> str | None:
+        return None if value is None else str(_usable_path(value, key, config.source, folder))
 
-    config.output_dir = resolve(config.output_dir)
-    config.cache_dir = resolve(config.cache_dir)
-    config.data_root = resolve(config.data_root) or str(base)
+    config.output_dir = resolve(config.output_dir, "output_dir")
+    config.cache_dir = resolve(config.cache_dir, "cache_dir")
+    config.data_root = resolve(config.data_root, "data_root") or str(base)
     if config.model not in list_presets():
-        config.model = resolve(config.model)
+        config.model = resolve(config.model, "model")
     data_base = Path(config.data_root)
-    for entry in config.data.datasets:
+    for index, entry in enumerate(config.data.datasets):
         if not isinstance(entry, dict):
             continue  # reported by dataset_specs()
         for key in ("path", "media_root", "embedding_root"):
             if entry.get(key) is not None:
-                path = Path(str(entry[key])).expanduser()
-                entry[key] = str(path if path.is_absolute() else (data_base / path).resolve())
+                entry[key] = resolve(entry[key], f"data.datasets[{index}].{key}", data_base)
 
 
 def _dataset_spec(entry: Any, index: int, source: str) -> DatasetSpec:
@@ -510,9 +623,16 @@ def _dataset_spec(entry: Any, index: int, source: str) -> DatasetSpec:
     if "path" not in entry:
         raise ConfigError(f"{source}: {key}.path: missing (the dataset's JSON file)")
     try:
-        return DatasetSpec(**entry)
+        spec = DatasetSpec(**entry)
     except (TypeError, ValueError) as err:
         raise ConfigError(f"{source}: {key}: {err}") from None
+
+    def fail(name: str, message: str) -> None:
+        raise ConfigError(f"{source}: {name}: {message}")
+
+    _check_range(spec.weight, f"{key}.weight", (float, 0, 10**6, False, True), fail)
+    _check_range(spec.max_samples, f"{key}.max_samples", (int, 1, 10**12, True, True), fail)
+    return spec
 
 
 def _build(cls: type, data: Any, prefix: str, source: str):
@@ -521,11 +641,9 @@ def _build(cls: type, data: Any, prefix: str, source: str):
         raise ConfigError(f"{source}: {prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.name != "source"}
-    unknown = sorted(set(data) - set(fields))
+    unknown = sorted(prefix + (k if isinstance(k, str) else repr(k)) for k in data if k not in fields)
     if unknown:
-        raise ConfigError(
-            f"{source}: unknown key(s) {[prefix + k for k in unknown]}; valid keys here are {sorted(fields)}"
-        )
+        raise ConfigError(f"{source}: unknown key(s) {unknown}; valid keys here are {sorted(fields)}")
     kwargs = {}
     for name, value in data.items():
         kwargs[name] = _coerce(hints[name], value, prefix + name, source)

@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from anygpt.base.errors import CheckpointError, ConfigError, TrainingError
+from anygpt.base.utils import write_text_atomic
 from anygpt.core.lora import checkpoint_context_fn
 from anygpt.core.pipeline import AnyGPTPipeline
 from training.batching import Batcher, check_datasets, per_modality_lora, read_datasets
@@ -491,7 +492,8 @@ class StageTrainer:
         )
 
     def _write_run_files(self, start_step: int) -> None:
-        (self.output_dir / "train_config.yaml").write_text(yaml.safe_dump(self.config.to_dict(), sort_keys=False))
+        # atomically: a run killed while writing it leaves the previous run's file (or none), never half of one
+        write_text_atomic(self.output_dir / "train_config.yaml", yaml.safe_dump(self.config.to_dict(), sort_keys=False))
         trim_metrics(self.output_dir / METRICS_FILE, start_step)  # a straight run's file, exactly, when resuming
 
     def _tensorboard(self, start_step: int):

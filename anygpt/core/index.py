@@ -366,6 +366,8 @@ def _resolve_inside(folder: str | os.PathLike, config: AnyGPTConfig) -> None:
     folder = Path(folder).resolve()
 
     def inside(value: str | None, what: str) -> str | None:
+        if value is not None and not isinstance(value, str):
+            raise CheckpointError(f"{folder / INDEX_FILE}: invalid config ({what} is {value!r:.80}, expected a string)")
         if value and value.startswith("./"):
             path = resolve_part(folder, value, what)
             check_files_inside(folder, path, what)  # its weight files too, one by one

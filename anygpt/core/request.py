@@ -22,6 +22,8 @@ num_frames             integer 1 .. 256, or None                 video decoders 
 audio_seconds          (0, 60], or None                          audio decoders make clips of seconds
 image_resolution       ``"fixed"``, ``"anyres"``, or None        the two ways images are read (None: the
                                                                  model's ``image_input.resolution``)
+adapters weights       0 .. 100 each (``{name: weight}``)        mixing weights of LoRA adapters (their mean:
+                                                                 1/n each); a huge one makes the logits inf
 =====================  ========================================  ==============================================
 
 ``decoder_overrides`` take the same ranges per decoder. ``prompt`` is a string that encodes as UTF-8 (a lone
@@ -74,6 +76,7 @@ MAX_GUIDANCE_SCALE = 100.0
 MAX_SIDE = 4096
 MAX_FRAMES = 256
 MAX_AUDIO_SECONDS = 60.0
+MAX_ADAPTER_WEIGHT = 100.0
 IMAGE_RESOLUTIONS = ("fixed", "anyres")
 """``image_resolution``'s values (``anygpt.core.config.ImageInputConfig.resolution``)."""
 
@@ -94,7 +97,8 @@ class GenerationRequest:
             list or a comma-separated string (stored as a list of names; ``[]`` or ``["text"]``: text only; "text"
             beside media names is implied and dropped, as in OpenAI's ``modalities=["text", "audio"]``).
         adapters: LoRA adapter(s) to run the LLM with: a name, a list or comma-separated string of names (their
-            mean), ``{name: weight}``, or None (the pipeline's default, ``AnyGPTPipeline.select_adapters``).
+            mean), ``{name: weight}`` (weights in 0 .. 100), or None (the pipeline's default,
+            ``AnyGPTPipeline.select_adapters``).
         seed: makes LLM sampling and every decoder deterministic (0 .. 2**63-1); None: not reproducible.
         max_new_tokens: the reply's length limit in tokens (1 .. 8192, and within the LLM's context).
         temperature: LLM sampling temperature: 0 (greedy) or 1e-3 .. 100.
@@ -269,7 +273,8 @@ class GenerationRequest:
             if modality not in MEDIA_MODALITIES:
                 valid = ", ".join(m.value for m in MEDIA_MODALITIES)
                 raise UsageError(
-                    f"{self.origin}modalities: unknown output modality {name!r}; expected 'auto' or a list of {valid}"
+                    f"{self.origin}modalities: unknown output modality {_short(name)}; expected 'auto' or a list of "
+                    f"{valid}"
                 )
             if modality.value not in result:
                 result.append(modality.value)
@@ -281,8 +286,10 @@ class GenerationRequest:
             return
         if isinstance(adapters, Mapping):
             names_ok = all(isinstance(k, str) for k in adapters)
+            # an int is compared exactly (10**400 would overflow converting it to a float)
             weights_ok = all(
-                isinstance(v, int) and not isinstance(v, bool) or isinstance(v, float) and math.isfinite(v)
+                (isinstance(v, int) and not isinstance(v, bool) or isinstance(v, float) and math.isfinite(v))
+                and 0 <= v <= MAX_ADAPTER_WEIGHT
                 for v in adapters.values()
             )
             if names_ok and weights_ok:
@@ -290,7 +297,12 @@ class GenerationRequest:
         elif isinstance(adapters, list | tuple) and all(isinstance(a, str) for a in adapters):
             self.adapters = list(adapters)
             return
-        self._fail("adapters", adapters, "a name, a comma-separated string or list of names, or {name: weight}")
+        self._fail(
+            "adapters",
+            adapters,
+            f"a name, a comma-separated string or list of names, or {{name: weight}} (weights: finite numbers in "
+            f"[0, {MAX_ADAPTER_WEIGHT:g}])",
+        )
 
     def _overrides(self) -> dict[str, dict[str, Any]]:
         overrides = self.decoder_overrides
@@ -307,15 +319,15 @@ class GenerationRequest:
                 modality = None
             if modality not in MEDIA_MODALITIES:
                 raise UsageError(
-                    f"{self.origin}decoder_overrides: unknown output modality {key!r}; expected one of {valid}"
+                    f"{self.origin}decoder_overrides: unknown output modality {_short(key)}; expected one of {valid}"
                 )
             where = f"decoder_overrides[{modality.value!r}]"
             if not isinstance(values, Mapping):
                 self._fail(where, values, "a mapping {setting: value}")
-            unknown = sorted(set(values) - set(DECODER_SETTINGS), key=repr)
+            unknown = sorted(set(values) - set(DECODER_SETTINGS), key=_short)
             if unknown:
                 valid = ", ".join(DECODER_SETTINGS)
-                raise UsageError(f"{self.origin}{where}: unknown setting {unknown[0]!r}; expected any of {valid}")
+                raise UsageError(f"{self.origin}{where}: unknown setting {_short(unknown[0])}; expected any of {valid}")
             self._check_decoder_settings(values, where=f"{where}.")
             result[modality.value] = {name: value for name, value in values.items() if value is not None}
         return result
@@ -369,9 +381,9 @@ class GenerationRequest:
         if not isinstance(data, Mapping) or not isinstance(data.get("prompt"), str):
             raise UsageError(f"{origin}expected an object with a string 'prompt'")
         allowed = [f.name for f in fields(cls) if f.name != "origin"]
-        unknown = sorted(set(data) - set(allowed) - set(ALIASES), key=repr)
+        unknown = sorted(set(data) - set(allowed) - set(ALIASES), key=_short)
         if unknown:
-            raise UsageError(f"{origin}unknown fields {unknown}; allowed: {sorted(allowed)}")
+            raise UsageError(f"{origin}unknown fields [{', '.join(map(_short, unknown))}]; allowed: {sorted(allowed)}")
         values = dict(data)
         for alias, name in ALIASES.items():
             if alias in values:
@@ -405,7 +417,10 @@ def _short(value: Any) -> str:
     """``value`` for a message: a long string or a huge integer cut to a readable length."""
     if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 64:
         return f"an integer of {value.bit_length()} bits ({'-' if value < 0 else ''}~2**{value.bit_length() - 1})"
-    text = repr(value)
+    try:
+        text = repr(value)
+    except ValueError:  # it holds an integer of more than sys.get_int_max_str_digits() digits
+        return f"a {type(value).__name__} holding an integer too long to print"
     return text if len(text) <= 80 else f"{text[:60]}... ({len(text)} characters)"
 
 
