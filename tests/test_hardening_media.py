@@ -428,3 +428,40 @@ def test_sigkill_leftovers_are_swept_by_the_next_generate(tmp_path, use_tiny):
     assert signal.getsignal(signal.SIGTERM) is handler  # the command's SIGTERM handler is gone after it
     assert sorted(p.name for p in out.iterdir()) == ["gen-0001_image0.png"]
     assert load_image(out / "gen-0001_image0.png").size == (64, 64)
+
+
+def test_an_interrupted_video_write_leaves_nothing_even_if_the_encoder_writes_late(tmp_path, monkeypatch):
+    """imageio-ffmpeg stops ffmpeg on an interrupt without waiting, and ffmpeg's +faststart pass may reopen its output
+    by name after the clean-up: a late write into the encoder's own output path must not leave a file behind."""
+    import threading
+    import time
+
+    import imageio_ffmpeg
+
+    from anygpt.base.media import save_video
+
+    late: list[threading.Thread] = []
+
+    def write_frames(path, *args, **kwargs):
+        def late_write():  # what a still-running ffmpeg does a moment later
+            time.sleep(0.3)
+            try:
+                Path(path).write_bytes(b"\x00" * 261)
+            except OSError:
+                pass
+
+        def gen():
+            yield
+            raise KeyboardInterrupt  # the interrupt arrives while frames are sent
+
+        thread = threading.Thread(target=late_write)
+        late.append(thread)
+        thread.start()
+        return gen()
+
+    monkeypatch.setattr(imageio_ffmpeg, "write_frames", write_frames)
+    with pytest.raises(KeyboardInterrupt):
+        save_video(np.zeros((4, 16, 16, 3), np.uint8), tmp_path / "clip.mp4")
+    for thread in late:
+        thread.join()
+    assert sorted(p.name for p in tmp_path.iterdir()) == []

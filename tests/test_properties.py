@@ -540,11 +540,6 @@ def test_a_long_prompt_within_the_context_generates(tiny_pipe):
     assert len(result.token_ids) <= 2
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="defect left to anygpt/core/pipeline.py (check_inputs): a prompt longer than the LLM's context is not "
-    "refused; it runs, in time quadratic in its length (60,000 characters: a minute on the tiny model)",
-)
 def test_a_prompt_longer_than_the_context_is_refused_naming_prompt(tiny_pipe, monkeypatch):
     context = tiny_pipe.model.language_model.config.max_position_embeddings
     monkeypatch.setattr(tiny_pipe, "generate_tokens", lambda *a, **k: pytest.fail("generated past the context"))

@@ -40,6 +40,8 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -862,25 +864,34 @@ def save_video(video: Video | np.ndarray, path: str | os.PathLike, fps: float | 
         raise MediaError(f"cannot write video {path}: expected a positive fps, found {fps}")
     _, height, width, _ = frames.shape
     with _atomic_output(path, "video") as tmp:
-        writer = imageio_ffmpeg.write_frames(
-            str(tmp),
-            (width, height),
-            fps=float(fps),
-            codec="libx264",
-            pix_fmt_in="rgb24",
-            pix_fmt_out="yuv420p",
-            quality=None,
-            macro_block_size=1,
-            ffmpeg_log_level="error",
-            output_params=["-crf", str(int(crf)), "-movflags", "+faststart", "-f", "mp4"],
-        )
+        # ffmpeg writes into a folder of its own beside the temporary (named like it, so a killed run's is swept):
+        # on an interrupt imageio-ffmpeg stops ffmpeg without waiting, and ffmpeg's +faststart pass may still
+        # reopen its output by name; inside a folder that is removed whole, it cannot leave a file behind.
+        work = Path(tempfile.mkdtemp(prefix=f"{tmp.name}.", dir=tmp.parent))
         try:
+            encoded = work / "video.mp4"
+            writer = imageio_ffmpeg.write_frames(
+                str(encoded),
+                (width, height),
+                fps=float(fps),
+                codec="libx264",
+                pix_fmt_in="rgb24",
+                pix_fmt_out="yuv420p",
+                quality=None,
+                macro_block_size=1,
+                ffmpeg_log_level="error",
+                output_params=["-crf", str(int(crf)), "-movflags", "+faststart", "-f", "mp4"],
+            )
             try:
-                writer.send(None)  # start ffmpeg
-                for frame in frames:
-                    writer.send(frame)
-            finally:
-                writer.close()  # waits for ffmpeg; raises if it failed
-        except Exception as e:
-            raise MediaError(f"cannot write video {path}: H.264 encoding failed ({_one_line(e)})") from e
+                try:
+                    writer.send(None)  # start ffmpeg
+                    for frame in frames:
+                        writer.send(frame)
+                finally:
+                    writer.close()  # waits for ffmpeg; raises if it failed
+            except Exception as e:
+                raise MediaError(f"cannot write video {path}: H.264 encoding failed ({_one_line(e)})") from e
+            os.replace(encoded, tmp)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
     return Path(path).expanduser()

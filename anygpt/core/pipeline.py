@@ -365,8 +365,9 @@ class AnyGPTPipeline(PlacementMixin, BatchGenerationMixin):
         one read at fixed resolution, ``AnyGPTModel.num_media_tokens``).
 
         Raises:
-            UsageError: one conversation holds images read at both resolutions and the model reads its media only
-                through gated cross-attention (one context length per modality).
+            UsageError: the conversation does not fit the LLM's context (``max_position_embeddings``), or it holds
+                images read at both resolutions and the model reads its media only through gated cross-attention
+                (one context length per modality).
         """
         model = self.model
         counts = {}
@@ -374,6 +375,12 @@ class AnyGPTPipeline(PlacementMixin, BatchGenerationMixin):
             tokens = conversation.features[ref.key][1]
             counts[ref.key] = model.num_media_tokens(ref.modality, views=model.views_in(ref.modality, tokens))
         ids, order = model.tokenize_pieces(conversation.prompt_pieces(self.tokenizer.eos_token_id), counts=counts)
+        context = getattr(getattr(model.language_model, "config", None), "max_position_embeddings", None)
+        if isinstance(context, int) and len(ids) >= context:  # before any work that grows with its square
+            raise UsageError(
+                f"prompt: the conversation takes {len(ids)} tokens (its media included), the LLM's context is "
+                f"{context} (max_position_embeddings); shorten the prompt or start a new conversation"
+            )
         media: dict[Modality, list[torch.Tensor]] = {}
         for ref in order:
             embeds, tokens = conversation.features[ref.key]
