@@ -48,6 +48,11 @@ def test_missing_llm_names_the_id_and_the_cache(empty_caches):
 
 def test_cli_reports_a_missing_backbone_in_one_line(empty_caches, capsys):
     code = cli.main(["generate", "hi", "--model", "nextgpt-7b", "--out", str(empty_caches / "out")])
+    loading, error = capsys.readouterr().err.splitlines()  # the loading line, then the error in one line
+    assert code == 2 and loading == "anygpt: loading nextgpt-7b (cpu) ..."
+    assert error.startswith("anygpt: error: ") and "imagebind_huge.pth" in error
+    assert not (empty_caches / "out").exists()
+    # --quiet: the error alone
+    code = cli.main(["generate", "hi", "--model", "nextgpt-7b", "--quiet", "--out", str(empty_caches / "out")])
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("anygpt: error: ") and "imagebind_huge.pth" in err and err.count("\n") == 1
-    assert not (empty_caches / "out").exists()
