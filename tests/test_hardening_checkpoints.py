@@ -544,3 +544,28 @@ def test_clean_partial_puts_back_a_checkpoint_whose_replacement_was_killed(tmp_p
     clean_partial(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == [".keep.me", "checkpoint-2", "checkpoint-4"]
     assert (tmp_path / "checkpoint-4" / "trainer_state.json").read_text() == "{}"
+
+
+@pytest.mark.parametrize(
+    "sizes, message",
+    [
+        ({"hidden_size": 2**20}, r"llm\.hidden_size must be an integer in \[1, 65536\], got 1048576"),
+        ({"num_layers": 10**9}, r"llm\.num_layers must be an integer in \[1, 1024\], got 1000000000"),
+        ({"num_heads": True}, r"llm\.num_heads must be an integer in \[1, 1024\], got True"),
+        ({"max_position_embeddings": 2.5}, r"llm\.max_position_embeddings must be an integer .* got 2\.5"),
+        ({"seed": 2**5000}, r"llm\.seed must be an integer .* got an integer of 5001 bits"),
+        (
+            {"hidden_size": 16384, "num_layers": 126, "num_heads": 128, "intermediate_size": 53248},
+            r"about 465\.1 billion parameters, over the 10 billion",
+        ),
+    ],
+)
+def test_llm_sizes_out_of_range_are_refused_before_anything_is_built(sizes, message):
+    from anygpt.core.llm import LanguageModelConfig
+
+    with pytest.raises(ValueError, match=message):
+        LanguageModelConfig(**sizes)
+    # a real model's sizes are not built locally: only the ranges apply
+    LanguageModelConfig(
+        source="org/some-llm", hidden_size=16384, num_layers=126, num_heads=128, intermediate_size=53248
+    )

@@ -81,6 +81,16 @@ class LoraSettings:
         )
 
 
+SIZE_LIMITS = {
+    "seed": 2**63 - 1, "hidden_size": 65536, "num_layers": 1024, "num_heads": 1024, "intermediate_size": 262144,
+    "max_position_embeddings": 2**20,
+}  # fmt: skip
+"""The upper ends of ``LanguageModelConfig``'s integer fields, checked before anything is built (each from 1, the
+seed from 0): wide enough for any real LLM's sizes (Llama 3 405B: 16384, 126, 128, 53248, 131072)."""
+MAX_BUILT_PARAMETERS = 10**10
+"""The largest random (``"tiny"``) LLM built locally: beyond it the allocation alone would take tens of GB."""
+
+
 @dataclass
 class LanguageModelConfig:
     """Which causal LM to use and how.
@@ -110,8 +120,26 @@ class LanguageModelConfig:
             self.lora = LoraSettings(**self.lora)
         resolve_dtype(self.torch_dtype)
         get_template(self.template)
+        for name, high in SIZE_LIMITS.items():
+            value = getattr(self, name)
+            low = 0 if name == "seed" else 1
+            if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+                big = isinstance(value, int) and value.bit_length() > 64  # repr of a huge int is slow, or refused
+                shown = f"an integer of {value.bit_length()} bits" if big else repr(value)[:40]
+                raise ValueError(f"llm.{name} must be an integer in [{low}, {high}], got {shown}")
+        if self.source == TINY and (params := self.built_parameters()) > MAX_BUILT_PARAMETERS:
+            raise ValueError(
+                f"llm: a locally built ({TINY!r}) LLM of hidden_size {self.hidden_size}, num_layers {self.num_layers} "
+                f"and intermediate_size {self.intermediate_size} has about {params / 1e9:.1f} billion parameters, "
+                f"over the {MAX_BUILT_PARAMETERS / 1e9:.0f} billion a random model is built with; "
+                "load a real model from llm.source instead"
+            )
         if self.source == TINY and self.hidden_size % self.num_heads:
             raise ValueError(f"llm.hidden_size {self.hidden_size} is not divisible by llm.num_heads {self.num_heads}")
+
+    def built_parameters(self) -> int:
+        """About how many parameters the locally built model of these sizes has (attention and MLP weights)."""
+        return self.num_layers * (4 * self.hidden_size**2 + 3 * self.hidden_size * self.intermediate_size)
 
     def to_dict(self) -> dict:
         return asdict(self)
