@@ -23,12 +23,14 @@ import pytest
 import torch
 from PIL import Image
 from serving import free_port, serving  # tests/serving.py
+from transformers import LogitsProcessor, LogitsProcessorList
 
 from anygpt.apps.server import BatchWorker, ServerOptions, build_app
 from anygpt.apps.server.protocol import ChatCompletionRequest, chat_request, output_modalities
-from anygpt.apps.server.worker import DeltaStreamer
+from anygpt.apps.server.worker import DeltaStreamer, finish_reason
 from anygpt.base.errors import UsageError
 from anygpt.base.media import load_audio, load_video
+from anygpt.base.modality import Modality
 from anygpt.core.request import GenerationRequest
 
 KEY = "test-key"
@@ -133,6 +135,78 @@ def test_each_medium_forced(client, modality):
         assert part["type"] == "video_url"
         video = _load(_data_of(part["video_url"]["url"], "video/mp4"), ".mp4", load_video)
         assert video.frames.shape[1:] == (64, 64, 3) and video.frames.shape[0] >= 1
+
+
+def _steer(monkeypatch, pipe, step: int, token: int) -> None:
+    """Make the LLM write ``token`` as the reply's token number ``step + 1`` (what follows a signal group's first
+    token is forced by the pipeline), in single and batched calls alike."""
+    llm = pipe.model.language_model
+    real = llm.generate
+
+    class Steer(LogitsProcessor):
+        def __call__(self, input_ids, scores):
+            if input_ids.shape[1] == step:  # with inputs_embeds, input_ids holds the reply so far
+                scores = torch.full_like(scores, float("-inf"))
+                scores[:, token] = 0.0
+            return scores
+
+    def generate(*args, logits_processor=None, **kwargs):
+        return real(*args, logits_processor=LogitsProcessorList([*(logits_processor or []), Steer()]), **kwargs)
+
+    monkeypatch.setattr(llm, "generate", generate)
+
+
+def test_finish_reason_counts_a_forced_group_the_model_wrote_itself(client, tiny_pipe, monkeypatch):
+    """The LLM writes 3 tokens and then the image group itself (4 tokens): with max_tokens 7 it ran into the limit
+    ("length"), though the group is the forced one. The old count took every forced group off the reply's length
+    and said "stop"."""
+    group = tiny_pipe.model.tokens.signal[Modality.IMAGE]
+    _steer(monkeypatch, tiny_pipe, 3, group[0])
+    request = dict(
+        model="tiny",
+        messages=[{"role": "user", "content": "draw"}],
+        modalities=["text", "image"],
+        max_tokens=3 + len(group),
+        seed=0,
+        extra_body=FAST,
+    )
+    reply = client.chat.completions.create(**request)
+    assert reply.usage.completion_tokens == 3 + len(group) and reply.choices[0].finish_reason == "length"
+    chunks = list(client.chat.completions.create(**request, stream=True))
+    assert chunks[-1].choices[0].finish_reason == "length"
+    with ThreadPoolExecutor(2) as pool:  # two at once: the batched path counts the same way
+        replies = list(pool.map(lambda _: client.chat.completions.create(**request), range(2)))
+    assert [r.choices[0].finish_reason for r in replies] == ["length", "length"]
+
+
+def test_finish_reason_does_not_count_an_appended_group(client, tiny_pipe, monkeypatch):
+    """The LLM ends its reply (EOS) after 3 tokens; the pipeline appends the forced image group: "stop", though the
+    reply (7 tokens) is longer than max_tokens 4; and without EOS, 4 tokens of text reach the limit: "length"."""
+    group = tiny_pipe.model.tokens.signal[Modality.IMAGE]
+    request = dict(
+        model="tiny",
+        messages=[{"role": "user", "content": "draw"}],
+        modalities=["text", "image"],
+        max_tokens=4,
+        seed=0,
+        extra_body=FAST,
+    )
+    with monkeypatch.context() as patch:
+        _steer(patch, tiny_pipe, 3, tiny_pipe.tokenizer.eos_token_id)
+        reply = client.chat.completions.create(**request)
+    assert reply.usage.completion_tokens == 3 + len(group) and reply.choices[0].finish_reason == "stop"
+    _steer(monkeypatch, tiny_pipe, 4, group[0])  # never reached: the reply is 4 tokens of text
+    reply = client.chat.completions.create(**request)
+    assert reply.usage.completion_tokens == 4 + len(group) and reply.choices[0].finish_reason == "length"
+
+
+def test_finish_reason_rule(tiny_pipe):
+    tokenizer = tiny_pipe.tokenizer
+    text = tokenizer("abcd", add_special_tokens=False).input_ids
+    assert finish_reason(text, 4, tokenizer, ["USER:"]) == "length"
+    assert finish_reason(text, 5, tokenizer, ["USER:"]) == "stop"
+    assert finish_reason([*text[:3], tokenizer.eos_token_id], 4, tokenizer, []) == "stop"
+    assert finish_reason(tokenizer(" USER:", add_special_tokens=False).input_ids, 6, tokenizer, ["USER:"]) == "stop"
 
 
 @pytest.mark.parametrize("part", ["image", "audio", "audio_url", "video"])
@@ -413,48 +487,7 @@ def test_eight_concurrent_clients_are_batched_and_answered_as_alone(server, clie
         assert text["text"] == alone.text
 
 
-def _requests() -> list[GenerationRequest]:
-    """Prompts of different lengths, greedy and sampled, each output forced, auto, two media at once."""
-    return [
-        GenerationRequest("draw a red circle", modalities=["image"], seed=1, max_new_tokens=8, **FAST),
-        GenerationRequest(
-            "a much longer prompt, with more words to pad the others",
-            modalities=["image"],
-            seed=2,
-            max_new_tokens=10,
-            **FAST,
-        ),
-        GenerationRequest("hi", modalities=[], seed=3, max_new_tokens=9, temperature=0.9, top_p=0.8),
-        GenerationRequest("sing", modalities=["audio"], seed=4, max_new_tokens=5, temperature=1.0, **FAST),
-        GenerationRequest("film", modalities=["video"], seed=5, max_new_tokens=7, **FAST),
-        GenerationRequest("anything", seed=6, max_new_tokens=12, temperature=1.3),
-        GenerationRequest("both", modalities=["image", "audio"], seed=7, max_new_tokens=6, **FAST),
-    ]
-
-
-def _pixels(item) -> np.ndarray:
-    if isinstance(item, Image.Image):
-        return np.asarray(item).astype(np.float64)
-    return (item.frames if hasattr(item, "frames") else item.waveform).astype(np.float64)
-
-
-def test_run_batch_equals_single_calls(tiny_pipe):
-    """Tokens (greedy and seeded sampling) are equal; the numbers of padded rows differ in the last bits: measured
-    here as at most 1e-5 in the decoder conditioning and 2 of 255 levels in the media (CPU, tiny)."""
-    requests = _requests()
-    alone = [tiny_pipe.run(r, show_progress=False) for r in requests]
-    together = tiny_pipe.run_batch(requests)
-    for single, batched in zip(alone, together, strict=True):
-        assert batched.token_ids == single.token_ids and batched.text == single.text
-        assert batched.conditioning.keys() == single.conditioning.keys()
-        for name, cond in single.conditioning.items():
-            assert torch.allclose(batched.conditioning[name], cond, rtol=0, atol=1e-5)
-        for kind in ("images", "videos", "audios"):
-            assert len(getattr(batched, kind)) == len(getattr(single, kind))
-            for a, b in zip(getattr(single, kind), getattr(batched, kind), strict=True):
-                assert np.abs(_pixels(a) - _pixels(b)).max() <= 2
-
-
+# prompts of different lengths, sampled rows, near ties: tests/test_serve_batching.py
 def test_run_batch_of_equal_length_prompts_agrees_with_single_calls_in_the_llm(tiny_pipe):
     """Unpadded rows: the same tokens, and the same conditioning up to the matrix kernels' summation order (with one
     thread it is bit-identical; with several, how a GEMM splits its work depends on the number of rows)."""
@@ -545,13 +578,22 @@ def test_serve_command_options(monkeypatch):
     )
     assert options.default_modalities == ("text",)
     assert server_options(parser.parse_args(["serve"])).default_modalities is None
+    assert (
+        options.exact_batching
+        and not server_options(parser.parse_args(["serve", "--no-exact-batching"])).exact_batching
+    )
     assert args.host == "127.0.0.1" and args.port == 8000 and module.COMMANDS["serve"]
 
 
 # ---------------------------------------------------------------------------------------------------- Ray Serve
-def test_ray_serve_two_cpu_replicas_answer():
+def test_ray_serve_two_cpu_replicas_answer(monkeypatch):
     ray = pytest.importorskip("ray", reason="ray[serve] is not installed (the serve-ray extra)")
     from ray import serve
+
+    # a busy machine (a test run beside a training run) starts Serve's HTTP proxy in more than its 5 s; the local
+    # Ray instance's processes inherit these
+    monkeypatch.setenv("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "120")
+    monkeypatch.setenv("RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S", "120")
 
     from anygpt.apps.server.ray_serve import ReplicaPlan, deployment_app, start
 
@@ -576,3 +618,32 @@ def test_ray_serve_two_cpu_replicas_answer():
     finally:
         serve.shutdown()
         ray.shutdown()
+
+
+def test_the_documented_serve_run_targets_build_the_app():
+    """Each ``serve run IMPORT_PATH key=value ...`` line of docs/serving.md, resolved and called as Ray's ``serve
+    run`` does (its own helpers), builds the deployment it says: the replicas, each replica's resources, the
+    model and the options. (Running it for real takes minutes on a small machine, mostly Ray starting and each
+    replica importing torch: see docs/serving.md for a run.)"""
+    pytest.importorskip("ray", reason="ray[serve] is not installed (the serve-ray extra)")
+    import shlex
+
+    from ray._common.utils import import_attr
+    from ray.serve._private import api as serve_api
+    from ray.serve.deployment import Application
+    from ray.serve.scripts import convert_args_to_dict
+
+    docs = Path(__file__).resolve().parents[1] / "docs" / "serving.md"
+    lines = [line.strip() for line in docs.read_text().splitlines() if line.strip().startswith("serve run ")]
+    assert lines, "docs/serving.md shows no serve run command"
+    for line in lines:
+        words = shlex.split(line.split("#")[0])
+        arguments = convert_args_to_dict(tuple(words[3:]))
+        app = serve_api.call_user_app_builder_with_args_if_necessary(import_attr(words[2]), arguments)
+        assert isinstance(app, Application), line
+        deployment = app._bound_deployment
+        model, options, runtime = deployment.init_args
+        assert model == arguments.get("model", "toyworld") and options["model_name"] == model
+        assert deployment.num_replicas == int(arguments.get("replicas", 1))
+        assert deployment.ray_actor_options["num_gpus"] == float(arguments.get("gpus_per_replica", 0))
+        assert (runtime or {}).get("device") == arguments.get("device")

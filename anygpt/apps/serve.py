@@ -2,7 +2,7 @@
 
     anygpt serve [--model NAME|DIR] [--host 127.0.0.1] [--port 8000] [--api-key KEY] [--device cuda --dtype float16]
         [--max-batch-size 8] [--batch-wait-ms 10] [--queue-size 64] [--max-request-mb 64]
-        [--max-videos 100] [--video-dir DIR]
+        [--max-videos 100] [--video-dir DIR] [--no-exact-batching]
     anygpt serve --replicas N [--min-replicas A --max-replicas B] [--gpus-per-replica 1]     (Ray Serve)
 
 One process serves on loopback by default, with uvicorn; ``--replicas`` (or autoscaling bounds) runs the same app as
@@ -67,6 +67,13 @@ def add_arguments(command: str, parser: argparse.ArgumentParser) -> None:
         help="where the server makes its private folder of /v1/videos MP4s, removed when it stops "
         "(default: the system's temporary folder)",
     )
+    parser.add_argument(
+        "--exact-batching",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="answer again alone a batched request whose token choice came within rounding of another, so every "
+        "reply has the tokens of the request sent alone (default); --no-exact-batching keeps the batch's choice",
+    )
     add_runtime_arguments(parser)
     ray = parser.add_argument_group("scale-out on Ray Serve (the serve-ray extra)")
     ray.add_argument("--replicas", type=int, default=None, help="serve N replicas of the app with Ray Serve")
@@ -97,6 +104,7 @@ def server_options(args: argparse.Namespace) -> ServerOptions:
         default_modalities=_modalities(args.default_modalities),
         max_videos=args.max_videos,
         video_dir=args.video_dir,
+        exact_batching=args.exact_batching,
     )
 
 

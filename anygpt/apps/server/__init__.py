@@ -28,8 +28,9 @@ Routes (``anygpt.apps.server.app``):
     "data:image/png;base64,..."}}, ..., {"type": "video_url", "video_url": {"url": "data:video/mp4;base64,..."}}]``
     (vllm-omni's shape; PNG images, H.264 MP4 videos). Audio: ``message.audio = {"id", "data": <base64 16-bit WAV>,
     "expires_at", "transcript": <the text>}`` (OpenAI's shape; a second audio comes as an ``audio_url`` part of
-    ``content``). ``finish_reason``: ``"length"`` when ``max_tokens`` was reached, else ``"stop"``; ``usage``
-    counts the LLM's tokens (media placeholders and signal tokens included).
+    ``content``). ``finish_reason``: ``"length"`` when the LLM wrote ``max_tokens`` tokens without ending its reply,
+    else ``"stop"`` (a forced signal group appended after the reply does not count against ``max_tokens``; one the
+    LLM wrote does); ``usage`` counts the LLM's tokens (media placeholders and signal tokens included).
 
     ``stream=true``: server-sent events ``data: {chat.completion.chunk}``: a first chunk with ``delta.role``, one
     chunk per piece of text as the LLM writes it (``delta.content``), a last chunk with ``finish_reason`` whose

@@ -60,6 +60,9 @@ class ServerOptions:
             MP4 files (``anygpt.apps.server.videos``).
         video_dir: where the server makes its private folder of MP4 files (removed when it stops); None: the
             system's temporary folder.
+        exact_batching: a batched request whose token choice came within rounding of another is answered again
+            alone, so every reply has the tokens of the same request sent alone (``run_batch``'s ``exact``);
+            False keeps the batch's choice (faster where near ties are common, as in float16).
     """
 
     model_name: str
@@ -72,6 +75,7 @@ class ServerOptions:
     default_modalities: tuple[str, ...] | None = None
     max_videos: int = 100
     video_dir: str | None = None
+    exact_batching: bool = True
 
     def __post_init__(self) -> None:
         if self.default_modalities is not None:
@@ -88,6 +92,8 @@ class ServerOptions:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise UsageError(f"{name} must be a positive integer, got {value!r}")
+        if not isinstance(self.exact_batching, bool):
+            raise UsageError(f"exact_batching must be True or False, got {self.exact_batching!r}")
         for name in ("batch_wait_s", "feature_cache_size"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
@@ -107,6 +113,7 @@ def build_app(pipe: AnyGPTPipeline, options: ServerOptions, *, worker: BatchWork
         queue_size=options.queue_size,
         batch_wait_s=options.batch_wait_s,
         feature_cache_size=options.feature_cache_size,
+        exact=options.exact_batching,
     )
     replica = f"{socket.gethostname()}:{os.getpid()}"
     stops = stop_strings(pipe)

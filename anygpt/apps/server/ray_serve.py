@@ -134,7 +134,8 @@ def app_builder(args: dict[str, str]) -> Any:
     """The ``serve run`` target: ``serve run anygpt.apps.server.ray_serve:app_builder model=toyworld replicas=2``.
 
     Keys: ``model`` (default ``toyworld``), ``served_model_name``; ``ServerOptions`` fields (``api_key``,
-    ``max_batch_size``, ``queue_size``, ``batch_wait_s``, ``max_request_bytes``, ``feature_cache_size``);
+    ``max_batch_size``, ``queue_size``, ``batch_wait_s``, ``max_request_bytes``, ``feature_cache_size``,
+    ``default_modalities``, ``max_videos``, ``video_dir``, ``exact_batching``);
     ``ReplicaPlan`` fields (``replicas``, ``min_replicas``, ``max_replicas``, ``target_ongoing_requests``,
     ``gpus_per_replica``, ``cpus_per_replica``); ``RuntimeOptions`` fields (``device``, ``dtype``, ``offload``,
     ``quantize``, ``quantization_backend``, ``compile``).

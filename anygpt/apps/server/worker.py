@@ -31,7 +31,7 @@ from anygpt.core.request import GenerationRequest
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["BatchWorker", "DeltaStreamer", "Job", "JobResult"]
+__all__ = ["BatchWorker", "DeltaStreamer", "Job", "JobResult", "RawTokens", "finish_reason"]
 
 
 @dataclass
@@ -42,7 +42,10 @@ class JobResult:
         output: the pipeline's answer.
         prompt_tokens: the LLM's input length (the conversation with its media placeholders).
         completion_tokens: the reply's tokens (signal groups included).
-        finish_reason: ``"length"`` when the reply ran into ``max_new_tokens``, else ``"stop"``.
+        finish_reason: ``"length"`` when the LLM ran into ``max_new_tokens`` (it wrote that many tokens and none
+            ended the reply: no EOS, no end of the turn), else ``"stop"``. A forced signal group the pipeline
+            appended after the reply is not counted against the limit; one the LLM wrote itself is
+            (``RawTokens``).
     """
 
     output: AnyGPTOutput
@@ -116,6 +119,50 @@ class DeltaStreamer:
         pass
 
 
+class RawTokens:
+    """A transformers streamer that records the token ids the LLM wrote for one reply and passes every call on to
+    ``inner`` (another streamer, or None).
+
+    The ids are the raw ones, before the pipeline cut the reply at the end of its turn and appended the forced
+    signal groups it lacked (``AnyGPTOutput.token_ids`` holds those, and cannot tell an appended group from one the
+    LLM wrote itself right before the limit), so they say why the reply ended (``finish_reason``).
+    """
+
+    def __init__(self, inner: Any = None):
+        self.inner = inner
+        self.ids: list[int] = []
+        self.started = False
+
+    def restart(self) -> None:
+        """Start over on a new run of the same request."""
+        self.ids = []
+        self.started = False
+        if self.inner is not None and hasattr(self.inner, "restart"):
+            self.inner.restart()
+
+    def put(self, value) -> None:
+        if self.started:
+            self.ids.extend(value.reshape(-1).tolist())
+        self.started = True  # generate() first passes the prompt's ids (none with inputs_embeds)
+        if self.inner is not None:
+            self.inner.put(value)
+
+    def end(self) -> None:
+        if self.inner is not None:
+            self.inner.end()
+
+
+def finish_reason(raw: Sequence[int], max_new_tokens: int, tokenizer, stop: Sequence[str]) -> str:
+    """``"length"`` when the LLM wrote ``max_new_tokens`` tokens (``raw``, as ``RawTokens`` records them) and
+    none of them ended the reply (EOS, or one of ``stop``: the template's end of a turn), else ``"stop"``."""
+    if len(raw) < max_new_tokens:
+        return "stop"
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id in raw:
+        return "stop"
+    text = tokenizer.decode(list(raw), skip_special_tokens=False)
+    return "stop" if any(s and s in text for s in stop) else "length"
+
+
 def _without_stop_prefix(text: str, stops: list[str]) -> str:
     """``text`` without a tail that could be the beginning of one of ``stops``."""
     for stop in stops:
@@ -135,6 +182,8 @@ class BatchWorker:
         batch_wait_s: how long a batch waits at most for the requests announced (``incoming``) but not yet
             submitted; nothing is waited for when none is announced.
         feature_cache_size: how many media items' encoder features are kept (LRU by content); 0: none.
+        exact: ``run_batch``'s ``exact``: a batched reply whose token choice came within rounding of a tie is
+            answered again alone, so every reply's tokens are those of a lone call; False keeps the batch's.
     """
 
     def __init__(
@@ -145,6 +194,7 @@ class BatchWorker:
         queue_size: int = 64,
         batch_wait_s: float = 0.01,
         feature_cache_size: int = 64,
+        exact: bool = True,
     ):
         if max_batch_size < 1 or queue_size < 1 or batch_wait_s < 0 or feature_cache_size < 0:
             raise UsageError(
@@ -155,6 +205,7 @@ class BatchWorker:
         self.max_batch_size = max_batch_size
         self.batch_wait_s = batch_wait_s
         self.feature_cache_size = feature_cache_size
+        self.exact = exact
         self._queue: queue.Queue[Job | None] = queue.Queue(maxsize=queue_size)
         self._features: OrderedDict[str, Any] = OrderedDict()
         self._thread: threading.Thread | None = None
@@ -293,12 +344,14 @@ class BatchWorker:
                 job.future.set_exception(error)
         if not ready:
             return
+        raws = [RawTokens(job.streamer) for job in ready]
         try:
             outputs = self.pipe.run_batch(
                 [job.request for job in ready],
                 conversations=conversations,
-                streamers=[job.streamer for job in ready],
+                streamers=raws,
                 show_progress=False,
+                exact=self.exact,
             )
         except Exception as error:
             if len(ready) == 1:
@@ -313,9 +366,9 @@ class BatchWorker:
         self.batches += 1
         self.requests += len(ready)
         self.largest_batch = max(self.largest_batch, len(ready))
-        for job, conversation, output in zip(ready, conversations, outputs, strict=True):
+        for job, conversation, output, raw in zip(ready, conversations, outputs, raws, strict=True):
             self._remember(conversation)
-            job.future.set_result(self._result(job.request, conversation, output))
+            job.future.set_result(self._result(job.request, conversation, output, raw.ids))
 
     def _conversation(self, job: Job) -> Conversation:
         """The job's earlier turns as a ``Conversation`` (their media encoded, or taken from the feature cache), with
@@ -350,18 +403,17 @@ class BatchWorker:
         while len(self._features) > self.feature_cache_size:
             self._features.popitem(last=False)
 
-    def _result(self, request: GenerationRequest, conversation: Conversation, output: AnyGPTOutput) -> JobResult:
+    def _result(
+        self, request: GenerationRequest, conversation: Conversation, output: AnyGPTOutput, raw: list[int]
+    ) -> JobResult:
         pipe = self.pipe
         asked = Conversation(template=conversation.template, turns=conversation.turns[:-1])  # without the reply
         prompt_ids, _ = pipe.model.tokenize_pieces(asked.prompt_pieces(pipe.tokenizer.eos_token_id))
-        forced = request.forced_modalities or set()
-        appended = sum(len(pipe.model.tokens.signal[m]) for m in forced if m in pipe.decoders)
-        written = len(output.token_ids) - appended
         return JobResult(
             output=output,
             prompt_tokens=len(prompt_ids),
             completion_tokens=len(output.token_ids),
-            finish_reason="length" if written >= request.max_new_tokens else "stop",
+            finish_reason=finish_reason(raw, request.max_new_tokens, pipe.tokenizer, stop_strings(pipe)),
         )
 
 
