@@ -111,6 +111,12 @@ SKIPPED = {
     "make run": "creates .venv (about 6 GB, pip install) before answering; its request, the default model and seed "
     "are run with the oracles by tests/test_toyworld.py::test_make_run_request_gives_its_three_files",
     "make test": "runs the whole test suite (minutes), this file included",
+    "anygpt serve --model toyworld --api-key KEY": "a server that runs until stopped; tests/test_serve.py starts the "
+    "same app on loopback with a key and sends it these requests with the openai package and httpx",
+    'curl -s http://127.0.0.1:8000/v1/chat/completions -H "Authorization: Bearer KEY" -H "Content-Type: '
+    'application/json" -d \'{"model": "toyworld", "messages": [{"role": "user", "content": "draw a red circle"}]}\'': (
+        "needs the server above running; tests/test_serve.py sends the same chat request over HTTP"
+    ),
 }
 """README keys that are not run, each with why. Every other key must have a runner below."""
 
