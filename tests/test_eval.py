@@ -519,7 +519,10 @@ def test_toyworld_task_scores_with_the_oracles(tiny_pipe, tmp_path):
     samples, data = task.samples(None, ctx, limit=1)
     assert data["requests"] + data["caption_items"] == len(samples) and data["heldout_seed"] == 10_000
     report = run_evaluation(task, tiny_pipe, samples, ctx, model="tiny", data=data, progress=False)
-    assert list(report["metrics"]) == list(METRICS)
+    # the generation and captioning rows, each measured (the evaluator's other tasks are `anygpt toyworld eval`'s)
+    measured = ("text_to_", "routing", "image_", "audio_", "video_")
+    assert list(report["metrics"]) == [m for m in METRICS if m.startswith(measured)]
+    assert all(m["n"] > 0 and m["value"] is not None for m in report["metrics"].values())
     assert report["metrics"]["routing"]["n"] == data["requests"]
     assert report["metrics"]["routing"]["target"] == TARGETS["routing"]
     assert all(0 <= m["value"] <= 1 for m in report["metrics"].values() if m["value"] is not None)

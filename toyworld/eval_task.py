@@ -21,7 +21,15 @@ from anygpt.apps.evaluation.tasks import EvalContext, EvalTask, metric_entry
 from anygpt.base.modality import Modality
 from anygpt.core.request import GenerationRequest
 from toyworld import world
-from toyworld.evaluate import HELDOUT_SEED, METRICS, TARGETS, CaptionCase, heldout_items, heldout_requests
+from toyworld.evaluate import (
+    HELDOUT_SEED,
+    METRICS,
+    TARGETS,
+    CaptionCase,
+    heldout_items,
+    heldout_requests,
+    task_of,
+)
 from toyworld.oracles import audio_attributes, caption_attributes, image_attributes, video_attributes
 
 __all__ = ["ToyWorldTask"]
@@ -42,7 +50,9 @@ class ToySample:
 class ToyWorldTask(EvalTask):
     name = "toyworld"
     summary = "the toy world's held-out requests and media, judged by its oracles (generation, routing, captions)"
-    metrics = METRICS
+    # the metrics of the evaluator's generation and captioning tasks, the ones these samples measure (the forced,
+    # casual, second-turn, media -> media, out-of-world and held-out rendering rows are `anygpt toyworld eval`'s)
+    metrics = tuple(m for m in METRICS if set(task_of(m)) & {"generation", "captioning"} and m != "clean_replies")
     needs_data = False
 
     def samples(self, data: str | None, ctx: EvalContext, *, limit: int | None, **read: Any) -> tuple[list, dict]:
