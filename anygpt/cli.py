@@ -98,23 +98,44 @@ class Terminated(KeyboardInterrupt):
     clean-ups and ``except BaseException`` handlers run as they do for Ctrl-C."""
 
 
+class _Termination:
+    """What :func:`_sigterm_as_interrupt` saw: ``lost`` when its :class:`Terminated` was raised where Python cannot
+    raise (a ``__del__``, a fork handler of ``logging``): Python then prints it as "Exception ignored" and goes on."""
+
+    lost: bool = False
+
+
 @contextmanager
-def _sigterm_as_interrupt(enabled: bool) -> Iterator[None]:
+def _sigterm_as_interrupt(enabled: bool) -> Iterator[_Termination]:
     """While in the block, SIGTERM raises :class:`Terminated` (once: a second SIGTERM is ignored, so that it cannot
-    interrupt the clean-ups of the first); the previous handler is restored after."""
+    interrupt the clean-ups of the first); the previous handler is restored after.
+
+    A ``Terminated`` that lands where it cannot be raised is not printed: the yielded object's ``lost`` says so, and
+    the caller ends as terminated once the command returns (its outputs, written whole, are kept).
+    """
+    seen = _Termination()
     if not enabled or threading.current_thread() is not threading.main_thread():
-        yield
+        yield seen
         return
 
     def handler(signum, frame):
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         raise Terminated()
 
+    def unraisable(info):
+        if isinstance(info.exc_value, Terminated):
+            seen.lost = True
+        else:
+            hook(info)
+
+    hook = sys.unraisablehook
     previous = signal.signal(signal.SIGTERM, handler)
+    sys.unraisablehook = unraisable
     try:
-        yield
+        yield seen
     finally:
         signal.signal(signal.SIGTERM, previous)
+        sys.unraisablehook = hook
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -219,9 +240,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         with (
             temporary_verbosity(verbosity, progress_bar=not args.quiet),
             quiet_libraries(),
-            _sigterm_as_interrupt(args.command in SIGTERM_AS_INTERRUPT),
+            _sigterm_as_interrupt(args.command in SIGTERM_AS_INTERRUPT) as termination,
         ):
             status = module.run(args)
+            if termination.lost:  # the SIGTERM came where it could not stop the command
+                raise Terminated()
     except TrainingError as err:
         print(f"anygpt: training stopped: {err}", file=sys.stderr)
         return 1

@@ -499,3 +499,28 @@ def test_generate_says_what_it_loads_then_shows_each_decoders_progress(tmp_path,
         assert cli.main([*argv, *quiet]) == 0
         assert capsys.readouterr().err == "" and said_before_loading[-1] == ""
     assert len(list(tmp_path.glob("*_image0.png"))) == 3
+
+
+def test_a_sigterm_raised_where_python_cannot_raise_still_ends_the_command_as_terminated(monkeypatch, capsys):
+    """A SIGTERM whose ``Terminated`` lands in a ``__del__`` or a fork handler is printed by Python as "Exception
+    ignored" and lost; the command then ends as terminated (143) once it returns, with no traceback printed."""
+    import anygpt.apps.info as info_module
+    from anygpt import cli
+
+    class Dying:
+        def __del__(self):
+            raise cli.Terminated()
+
+    def run(args):
+        Dying()  # collected at once: its exception is unraisable
+        return 0
+
+    import sys
+
+    hook = sys.unraisablehook
+    monkeypatch.setattr(cli, "SIGTERM_AS_INTERRUPT", frozenset({"info"}))
+    monkeypatch.setattr(info_module, "run", run)
+    assert cli.main(["info", "presets"]) == 143
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1] == "anygpt: terminated" and "Traceback" not in err and "ignored" not in err
+    assert sys.unraisablehook is hook  # put back after the command
