@@ -75,3 +75,22 @@ def toyworld():
     except FileNotFoundError as err:
         pytest.fail(str(err))
     return AnyGPTPipeline.from_pretrained("toyworld")
+
+
+@pytest.fixture(scope="module")
+def sample(tmp_path_factory) -> Path:
+    """The toy sample dataset and its stage configs (8 items), for the small training runs of the hardening tests."""
+    from toyworld.sample_configs import write_sample
+
+    return write_sample(tmp_path_factory.mktemp("sample") / "data", size=8)
+
+
+@pytest.fixture
+def one_thread():
+    """CPU reductions in one order, so that runs can be compared exactly (``pytest.mark.usefixtures``)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from training_runs import SETS, run_stage  # tests/training_runs.py
 
 import training.checkpoint as checkpoint_module
 from anygpt.base.errors import CheckpointError, ConfigError, TrainingError
@@ -32,8 +33,8 @@ from anygpt.core.fusion import CrossAttentionConfig
 from anygpt.core.index import INDEX_FILE
 from anygpt.core.pipeline import AnyGPTPipeline
 from training.checkpoint import clean_partial, list_checkpoints, run_lock
-from training.config import load_config
-from training.trainer import StageTrainer
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # runs are compared exactly
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -239,31 +240,6 @@ def test_links_inside_the_folder_and_a_hub_snapshot_load(saved_model, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- training runs
-@pytest.fixture(scope="module")
-def sample(tmp_path_factory) -> Path:
-    from toyworld.sample_configs import write_sample
-
-    return write_sample(tmp_path_factory.mktemp("sample") / "data", size=8)
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """CPU reductions in one order: runs are compared exactly."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-SETS = {"cache_dir": "null", "train.save_every": 2, "train.keep_checkpoints": 3}
-
-
-def _run(sample: Path, out: Path, steps: int = 4, resume: str | None = None, **sets) -> Path:
-    overrides = [f"{k}={v}" for k, v in {**SETS, **sets}.items()]
-    config = load_config(sample / "stage1.yaml", overrides=overrides)
-    return StageTrainer(config, output_dir=out, max_steps=steps, resume=resume).train()
-
-
 def _losses(out: Path) -> list[tuple[int, float]]:
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     return [(r["step"], r["loss"]) for r in rows]
@@ -282,7 +258,7 @@ def straight(sample, tmp_path_factory) -> Path:
     """A 4-step run with checkpoint-2 and checkpoint-4."""
     torch.set_num_threads(1)
     out = tmp_path_factory.mktemp("straight") / "out"
-    _run(sample, out)
+    run_stage(sample, out)
     assert [p.name for p in list_checkpoints(out)] == ["checkpoint-2", "checkpoint-4"]
     return out
 
@@ -321,7 +297,7 @@ def test_resume_auto_falls_back_past_a_damaged_newest_checkpoint(sample, straigh
     out = _interrupted_copy(straight, tmp_path / "damaged")
     spoil(out / "checkpoint-4")
     with caplog.at_level(logging.WARNING, logger="training.trainer"):
-        final = _run(sample, out, resume="auto")
+        final = run_stage(sample, out, resume="auto")
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert any("checkpoint-4 is damaged" in w and re.search(reason, w) for w in warnings), warnings
     assert any("resuming from checkpoint-2: the damaged checkpoint-4 was moved" in w for w in warnings), warnings
@@ -330,13 +306,13 @@ def test_resume_auto_falls_back_past_a_damaged_newest_checkpoint(sample, straigh
     # the same as resuming from checkpoint-2 directly, and as the run that was never interrupted
     direct = _interrupted_copy(straight, tmp_path / "direct")
     shutil.rmtree(direct / "checkpoint-4")
-    _run(sample, direct, resume=str(direct / "checkpoint-2"))
+    run_stage(sample, direct, resume=str(direct / "checkpoint-2"))
     assert _losses(out) == _losses(direct) == _losses(straight)
     _assert_same_final(final, direct / "final")
     _assert_same_final(final, straight / "final")
     # the fresh checkpoint-4 is whole: the next resume takes it
     assert [p.name for p in list_checkpoints(out)] == ["checkpoint-2", "checkpoint-4"]
-    _run(sample, out, resume="auto")
+    run_stage(sample, out, resume="auto")
     _assert_same_final(out / "final", straight / "final")
 
 
@@ -345,7 +321,7 @@ def test_no_whole_checkpoint_is_one_error_naming_the_folder(sample, straight, tm
     _truncate(out / "checkpoint-4", "trainable.safetensors")
     (out / "checkpoint-2" / "optimizer.pt").unlink()
     with pytest.raises(CheckpointError) as caught:
-        _run(sample, out, resume="auto")
+        run_stage(sample, out, resume="auto")
     text = str(caught.value)
     assert text.startswith(f"{out}: no checkpoint to resume from is whole (checkpoint-4: ")
     assert "checkpoint-2: " in text and "\n" not in text
@@ -357,13 +333,13 @@ def test_an_explicit_damaged_checkpoint_is_refused_naming_the_file(sample, strai
     shutil.rmtree(out / "checkpoint-4")
     _edit(out / "checkpoint-2", "trainable.safetensors", _nan_row)
     with pytest.raises(CheckpointError, match=r"--resume .*checkpoint-2: .*trainable.safetensors: key '.+' holds NaN"):
-        _run(sample, out, resume=str(out / "checkpoint-2"))
+        run_stage(sample, out, resume=str(out / "checkpoint-2"))
 
 
 def test_a_checkpoint_of_another_run_is_not_skipped(sample, straight, tmp_path):
     out = _interrupted_copy(straight, tmp_path / "out")
     with pytest.raises(ConfigError, match="checkpoint-4: written with max_steps 4, this run has 6"):
-        _run(sample, out, steps=6, resume="auto")
+        run_stage(sample, out, steps=6, resume="auto")
     assert [p.name for p in list_checkpoints(out)] == ["checkpoint-2", "checkpoint-4"]
 
 
@@ -379,7 +355,7 @@ def test_disk_full_during_a_checkpoint_keeps_the_previous_one(sample, straight, 
     monkeypatch.setattr(checkpoint_module, "_write", full_disk)
     out = tmp_path / "out"
     with pytest.raises(TrainingError) as caught:
-        _run(sample, out)
+        run_stage(sample, out)
     text = str(caught.value)
     assert text.startswith(f"no space left on the device of {out} while writing checkpoint-4 (it needs about ")
     assert text.endswith("then continue with --resume auto; checkpoint-2 is intact") and "\n" not in text
@@ -389,7 +365,7 @@ def test_disk_full_during_a_checkpoint_keeps_the_previous_one(sample, straight, 
         assert (out / "checkpoint-2" / name).read_bytes() == (straight / "checkpoint-2" / name).read_bytes(), name
 
     monkeypatch.setattr(checkpoint_module, "_write", write)
-    _run(sample, out, resume="auto")
+    run_stage(sample, out, resume="auto")
     assert _losses(out) == _losses(straight)
     _assert_same_final(out / "final", straight / "final")
 
@@ -484,8 +460,8 @@ def test_sigterm_writes_a_checkpoint_and_a_rerun_resumes_from_it(sample, tmp_pat
     assert list_checkpoints(out)[-1].name == f"checkpoint-{done}"  # besides checkpoint-2 (train.save_every)
     assert not (out / "final").exists() and not list(out.glob(".checkpoint-*"))
 
-    resumed = _run(sample, out, steps=8, resume="auto")
-    straight = _run(sample, tmp_path / "straight", steps=8)
+    resumed = run_stage(sample, out, steps=8, resume="auto")
+    straight = run_stage(sample, tmp_path / "straight", steps=8)
     assert [s for s, _ in _losses(out)] == list(range(1, 9))
     assert _losses(out) == _losses(tmp_path / "straight")
     _assert_same_final(resumed, straight)
@@ -508,7 +484,7 @@ def test_a_signal_during_the_final_save_leaves_nothing_a_rerun_keeps(sample, str
     assert not (out / "final").exists()
     assert [p.name for p in list_checkpoints(out)] == ["checkpoint-2", "checkpoint-4"]
 
-    final = _run(sample, out, resume="auto")
+    final = run_stage(sample, out, resume="auto")
     assert not [p for p in out.iterdir() if p.name.startswith(".final.")]
     _assert_same_final(final, straight / "final")
     assert AnyGPTPipeline.from_pretrained(final) is not None
@@ -523,9 +499,9 @@ def test_a_second_run_into_a_folder_in_use_is_refused_and_sweeps_nothing(sample,
         run_lock(out),
         pytest.raises(ConfigError, match=rf"{out} is in use by another anygpt train \(pid {os.getpid()}\)"),
     ):
-        _run(sample, out, resume="auto")
+        run_stage(sample, out, resume="auto")
     assert live.is_dir()  # the other run's temporary folder is left alone
-    _run(sample, out, resume="auto")  # the lock was released: this run holds the folder and sweeps it
+    run_stage(sample, out, resume="auto")  # the lock was released: this run holds the folder and sweeps it
     assert not live.exists()
 
 

@@ -19,13 +19,13 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
+from training_runs import run_stage  # tests/training_runs.py
 
 import training.checkpoint as checkpoint_module
 from training.checkpoint import clean_partial, list_checkpoints
-from training.config import load_config
-from training.trainer import StageTrainer
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # runs are compared exactly
 
 REPO = Path(__file__).resolve().parents[1]
 SEED = 22  # the kill points: the same soak every run
@@ -80,30 +80,6 @@ def test_the_probe_runs_a_category_and_prints_its_table(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- what it found
-@pytest.fixture(scope="module")
-def sample(tmp_path_factory) -> Path:
-    from toyworld.sample_configs import write_sample
-
-    return write_sample(tmp_path_factory.mktemp("sample") / "data", size=8)
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-SETS = {"cache_dir": "null", "train.save_every": 2, "train.keep_checkpoints": 3}
-
-
-def _run(sample: Path, out: Path, steps: int = 4, resume: str | None = None, **sets) -> Path:
-    overrides = [f"{k}={v}" for k, v in {**SETS, **sets}.items()]
-    config = load_config(sample / "stage1.yaml", overrides=overrides)
-    return StageTrainer(config, output_dir=out, max_steps=steps, resume=resume).train()
-
-
 def test_a_run_killed_while_writing_train_config_leaves_no_half_of_it(sample, tmp_path, monkeypatch):
     """Before: ``train_config.yaml`` was written in place; a kill in the middle left half of it."""
     out = tmp_path / "out"
@@ -117,11 +93,11 @@ def test_a_run_killed_while_writing_train_config_leaves_no_half_of_it(sample, tm
 
     monkeypatch.setattr(Path, "write_text", killed_half_way)
     with pytest.raises(KeyboardInterrupt):
-        _run(sample, out)
+        run_stage(sample, out)
     monkeypatch.undo()
     assert not (out / "train_config.yaml").exists()
     assert not [p.name for p in out.iterdir() if "train_config" in p.name]  # nor a temporary: removed on the way out
-    _run(sample, out, resume="auto")
+    run_stage(sample, out, resume="auto")
     written = yaml.safe_load((out / "train_config.yaml").read_text())
     assert written["train"]["save_every"] == 2 and written["stage"] == 1
 
@@ -141,7 +117,7 @@ def test_a_run_killed_while_pruning_a_checkpoint_leaves_no_half_deleted_one(samp
 
     monkeypatch.setattr(checkpoint_module.shutil, "rmtree", killed_while_deleting)
     with pytest.raises(KeyboardInterrupt):
-        _run(sample, out, **{"train.keep_checkpoints": 1})  # checkpoint-4 prunes checkpoint-2
+        run_stage(sample, out, **{"train.keep_checkpoints": 1})  # checkpoint-4 prunes checkpoint-2
     monkeypatch.undo()
     listed = list_checkpoints(out)
     assert [p.name for p in listed] == ["checkpoint-4"], [p.name for p in listed]
@@ -163,7 +139,7 @@ def test_a_checkpoint_past_the_runs_end_is_damaged_not_resumed(sample, tmp_path,
     """Before: ``checkpoint-99`` (step 99 of a 4-step run) was resumed: no step ran, and its state was saved over the
     real ``checkpoint-4``."""
     straight = tmp_path / "straight"
-    _run(sample, straight)
+    run_stage(sample, straight)
     out = tmp_path / "out"
     shutil.copytree(straight, out)
     shutil.rmtree(out / "final")
@@ -171,7 +147,7 @@ def test_a_checkpoint_past_the_runs_end_is_damaged_not_resumed(sample, tmp_path,
     state = json.loads((out / "checkpoint-99" / "trainer_state.json").read_text())
     (out / "checkpoint-99" / "trainer_state.json").write_text(json.dumps({**state, "step": 99}))
     with caplog.at_level(logging.WARNING, logger="training.trainer"):
-        final = _run(sample, out, resume="auto")
+        final = run_stage(sample, out, resume="auto")
     warnings = " ".join(r.getMessage() for r in caplog.records)
     assert "checkpoint-99 is damaged" in warnings and "step 99 is past the run's max_steps 4" in warnings, warnings
     assert (out / "checkpoint-99.damaged").is_dir()
