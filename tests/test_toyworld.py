@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import shutil
 import time
 from pathlib import Path
@@ -303,6 +304,11 @@ def test_quick_recipe_runs_every_part_and_packages_a_loadable_model(quick_recipe
     assert not list(out.glob(".*.partial"))
     summary = (out / "summary.md").read_text()
     assert "| stage3 |" in summary and "routing" in summary and "| video.direction |" in summary
+    import re
+
+    total = float(re.search(r"\| \*\*total\*\* \(the parts' own minutes\) \| \*\*([0-9.]+)\*\* \|", summary)[1])
+    wall = float(re.search(r"\| wall clock, first part's start to last part's end \| ([0-9.]+) \|", summary)[1])
+    assert wall >= total - 0.1  # one part after another here: the clock covers every part's minutes
     from toyworld.evaluate import DECODER_METRICS
 
     alone = results["eval-decoders"]["metrics"]["metrics"]
@@ -376,12 +382,12 @@ def test_recipe_leaves_no_half_part_and_resumes(tmp_path, monkeypatch, one_threa
 class _FakePart:
     """A part "process" that finishes on its third poll, writing the part.json a real part writes."""
 
-    def __init__(self, out, name, log, code=0):
-        self.out, self.name, self.log, self.code, self.polls = out, name, log, code, 0
+    def __init__(self, out, name, log, code=0, polls=3):
+        self.out, self.name, self.log, self.code, self.polls, self.needed = out, name, log, code, 0, polls
 
     def poll(self):
         self.polls += 1
-        if self.polls < 3:
+        if self.polls < self.needed:
             return None
         if self.code == 0:
             from toyworld import recipe
@@ -443,6 +449,42 @@ def test_parallel_recipe_gives_a_part_that_starts_alone_all_the_cores(tmp_path):
     folder[0].mkdir()
     run_parallel(folder[0], ["encoder", "image-decoder"], 2, start, cores=1, poll=0)
     assert threads_of == {"encoder": 1, "image-decoder": 1}  # never zero threads
+
+
+def test_parallel_recipe_gives_a_part_left_running_alone_all_the_cores(tmp_path):
+    """encoder and image-decoder start together with one thread each; the encoder ends first and nothing else is
+    ready (video-decoder waits on image-decoder), so image-decoder is sent ALL_CORES, once; video-decoder then starts
+    alone with both cores and is sent nothing."""
+    from toyworld.recipe import ALL_CORES, run_parallel
+
+    log, signals, threads_of = [], [], {}
+
+    class Part(_FakePart):
+        def send_signal(self, signum):
+            signals.append((self.name, signum))
+
+    def start(name, threads):
+        threads_of[name] = threads
+        log.append(("start", name))
+        return Part(tmp_path, name, log, polls=2 if name == "encoder" else 6)
+
+    run_parallel(tmp_path, ["encoder", "image-decoder", "video-decoder"], 2, start, cores=2, poll=0)
+    assert threads_of == {"encoder": 1, "image-decoder": 1, "video-decoder": 2}
+    assert signals == [("image-decoder", ALL_CORES)]
+
+
+def test_a_part_process_signalled_as_it_starts_takes_all_the_cores_and_is_not_killed(tmp_path):
+    """The signal's default action is to end a process: the child starts with it blocked, so one sent before its
+    handler is set waits for it."""
+    from toyworld.recipe import ALL_CORES, RecipeSettings, _start_child, run_recipe
+
+    run_recipe(tmp_path, RecipeSettings.quick(), until="data")
+    child = _start_child(tmp_path, "encoder", 1)
+    child.send_signal(ALL_CORES)  # at once: the child is still importing torch
+    assert child.wait(timeout=300) == 0
+    log = (tmp_path / "logs" / "encoder.log").read_text()
+    assert f"now with {len(os.sched_getaffinity(0))} thread(s)" in log
+    assert (tmp_path / "encoder" / "part.json").is_file()
 
 
 def test_parallel_recipe_skips_finished_parts_and_reruns_everything_downstream_of_a_redone_one(tmp_path):

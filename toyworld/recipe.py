@@ -66,6 +66,7 @@ logger = logging.getLogger(__name__)
 __all__ = ["PARTS", "RecipeSettings", "run_recipe"]
 
 PART_FILE = "part.json"
+ALL_CORES = signal.SIGUSR1  # sent to a part's process: use every core from now on
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 PARTS = (
     "data", "encoder", "llm", "image-decoder", "video-decoder", "audio-decoder", "image-decoder-refine",
@@ -456,11 +457,17 @@ def _start_child(out: Path, name: str, threads: int) -> subprocess.Popen:
     log = out / "logs" / f"{name}.log"
     log.parent.mkdir(exist_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"}
-    with open(log, "w") as f:
-        return subprocess.Popen(
-            [sys.executable, "-m", "toyworld.recipe", str(out), name, "--threads", str(threads)],
-            stdout=f, stderr=subprocess.STDOUT, env=env,
-        )  # fmt: skip
+    # the child starts with ALL_CORES blocked (the mask is inherited), so a signal sent before it has set its handler
+    # waits for it instead of killing it (the default action)
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {ALL_CORES})
+    try:
+        with open(log, "w") as f:
+            return subprocess.Popen(
+                [sys.executable, "-m", "toyworld.recipe", str(out), name, "--threads", str(threads)],
+                stdout=f, stderr=subprocess.STDOUT, env=env,
+            )  # fmt: skip
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
 
 
 def _chain_minutes() -> dict[str, float]:
@@ -481,7 +488,9 @@ def run_parallel(
     ``args`` (a ``subprocess.Popen``). A part gets its share of ``cores`` among the parts running once it starts:
     one that starts alone (nothing else ready) gets them all, since a lone part would leave the rest idle for its
     whole run (the video decoder's refinement, 29 minutes at one thread); a part that becomes ready later still gets
-    its share, so the cores can be briefly oversubscribed. A failed part stops new launches; the running ones
+    its share, so the cores can be briefly oversubscribed. A part left running alone with nothing ready to start
+    (the others it started beside have ended) is sent :data:`ALL_CORES` (``send_signal``, when its handle has one)
+    and takes every core from then on. A failed part stops new launches; the running ones
     finish (they keep their work), then the error names the part and its log. Finished parts are skipped as in the
     sequential run.
     """
@@ -495,6 +504,7 @@ def run_parallel(
             raise ValueError(f"part {name} needs the part(s) {', '.join(missing)} done first in {out}")
     rank = _chain_minutes()
     running: dict[str, tuple[Any, float]] = {}
+    threads_of: dict[str, int] = {}  # each running part's threads
     failed: list[str] = []
     bar = tqdm(total=len(names), initial=len(names) - len(todo), desc="recipe", unit="part")
     previous = _raise_on_termination()
@@ -519,7 +529,15 @@ def run_parallel(
             for name in launch:
                 todo.remove(name)
                 running[name] = (start(name, threads), time.perf_counter())
+                threads_of[name] = threads
                 logger.info("part %s: started with %d thread(s) (%s running)", name, threads, ", ".join(running))
+            if len(running) == 1:  # with jobs > 1: nothing else is ready to start beside it
+                (name,) = running
+                handle = running[name][0]
+                if threads_of[name] < cores and hasattr(handle, "send_signal"):
+                    handle.send_signal(ALL_CORES)
+                    logger.info("part %s: running alone, now with %d thread(s)", name, cores)
+                threads_of[name] = cores
             if bar.postfix != ", ".join(running):
                 bar.set_postfix_str(", ".join(running))
             if running:
@@ -567,10 +585,20 @@ def _child_main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.threads:
         torch.set_num_threads(args.threads)
+    signal.signal(ALL_CORES, _use_all_cores)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {ALL_CORES})  # blocked by the parent until now (``_start_child``)
     out = Path(args.out).resolve()
     settings = RecipeSettings.from_dict(json.loads((out / "recipe.json").read_text()))
     _check_settings(out, settings)
     _run_part(out, args.part, _part_steps(out, settings)[args.part], seed=settings.seed)  # the parent writes summary
+
+
+def _use_all_cores(signum: int, frame: Any) -> None:
+    """The parent's word that this part now runs alone. Python runs it on the main thread between two steps, where
+    the thread count of the next parallel region may change."""
+    cores = len(os.sched_getaffinity(0))
+    torch.set_num_threads(cores)
+    logger.info("running alone: now with %d thread(s)", cores)
 
 
 def _parameter_counts(pipe) -> dict[str, int]:
@@ -590,7 +618,11 @@ def _write_summary(out: Path) -> None:
     done = {k: v for k, v in parts.items() if v is not None}
     lines = ["| part | minutes |", "|---|---:|"]
     lines += [f"| {k} | {v['seconds'] / 60:.1f} |" for k, v in done.items()]
-    lines.append(f"| **total** | **{sum(v['seconds'] for v in done.values()) / 60:.1f}** |")
+    lines.append(f"| **total** (the parts' own minutes) | **{sum(v['seconds'] for v in done.values()) / 60:.1f}** |")
+    spans = [(v["finished"] - v["seconds"], v["finished"]) for v in done.values() if "finished" in v]
+    if spans:  # parts run side by side (--jobs) or resumed later: the clock from the first start to the last end
+        wall = max(end for _, end in spans) - min(begin for begin, _ in spans)
+        lines.append(f"| wall clock, first part's start to last part's end | {wall / 60:.1f} |")
     evals = {k: v["metrics"] for k, v in done.items() if k.startswith("eval-") and k != "eval-decoders"}
     if evals:
         lines += [
