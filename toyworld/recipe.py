@@ -73,15 +73,14 @@ PARTS = (
     "video-decoder-refine", "audio-vocoder", "base", "stage1", "stage2", "stage3", "package", "eval-package",
     "eval-decoders", "eval-stage2", "eval-stage1",
 )  # fmt: skip
-# Minutes each part took with one thread, two parts at a time, in the first from-nothing run on the 2-core machine;
-# data, encoder, llm and stage 3 as measured in the issue-18 retraining (more media files, 1500 encoder steps on
-# varied renderings, 2400 stage-3 steps): with ``jobs > 1`` the ready part that heads the longest remaining chain of
-# work starts first.
+# Minutes each part took in the from-nothing run at issue 18's code (``--jobs 2`` on the 2-core machine, one thread
+# each, two when a part ran alone); with ``jobs > 1`` the ready part that heads the longest remaining chain of work
+# starts first.
 PART_MINUTES = {
-    "data": 3.5, "encoder": 22.7, "llm": 12.8, "image-decoder": 26.1, "video-decoder": 34.4, "audio-decoder": 18.7,
-    "image-decoder-refine": 12.6, "video-decoder-refine": 29.3, "audio-vocoder": 6.7, "base": 0.1, "stage1": 3.0,
-    "stage2": 3.4, "stage3": 12.2, "package": 0.1, "eval-package": 20.0, "eval-decoders": 9.8, "eval-stage2": 2.0,
-    "eval-stage1": 2.0,
+    "data": 1.8, "encoder": 14.8, "llm": 7.4, "image-decoder": 16.0, "video-decoder": 25.0, "audio-decoder": 11.5,
+    "image-decoder-refine": 7.6, "video-decoder-refine": 14.8, "audio-vocoder": 4.5, "base": 0.1, "stage1": 1.7,
+    "stage2": 1.7, "stage3": 14.1, "package": 0.1, "eval-package": 14.5, "eval-decoders": 7.1, "eval-stage2": 7.9,
+    "eval-stage1": 7.1,
 }  # fmt: skip
 
 
