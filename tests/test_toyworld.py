@@ -19,15 +19,6 @@ from anygpt.base.modality import Modality
 from toyworld import world
 from toyworld.data import MARKER_FILE, WorldSizes, read_corpus, write_world
 
-
-@pytest.fixture
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # ------------------------------------------------------------------------------------------------------------ world
 
 
@@ -403,6 +394,9 @@ class _FakePart:
         return self.code
 
     def terminate(self):
+        pass
+
+    def send_signal(self, signum):
         pass
 
 

@@ -483,15 +483,14 @@ def run_parallel(
 ) -> None:
     """Run ``names`` with at most ``jobs`` at once, each as soon as its inputs are done.
 
-    ``start(name, threads)`` launches a part and returns a handle with ``poll()``, ``wait()``, ``terminate()`` and
-    ``args`` (a ``subprocess.Popen``). A part gets its share of ``cores`` among the parts running once it starts:
-    one that starts alone (nothing else ready) gets them all, since a lone part would leave the rest idle for its
-    whole run (the video decoder's refinement, 29 minutes at one thread); a part that becomes ready later still gets
-    its share, so the cores can be briefly oversubscribed. A part left running alone with nothing ready to start
-    (the others it started beside have ended) is sent :data:`ALL_CORES` (``send_signal``, when its handle has one)
-    and takes every core from then on. A failed part stops new launches; the running ones
-    finish (they keep their work), then the error names the part and its log. Finished parts are skipped as in the
-    sequential run.
+    ``start(name, threads)`` launches a part and returns a handle with ``poll()``, ``wait()``, ``terminate()``,
+    ``send_signal()`` and ``args`` (a ``subprocess.Popen``). A part gets its share of ``cores`` among the parts
+    running once it starts: one that starts alone (nothing else ready) gets them all, since a lone part would leave
+    the rest idle for its whole run (the video decoder's refinement, 29 minutes at one thread); a part that becomes
+    ready later still gets its share, so the cores can be briefly oversubscribed. A part left running alone with
+    nothing ready to start (the others it started beside have ended) is sent :data:`ALL_CORES` and takes every core
+    from then on. A failed part stops new launches; the running ones finish (they keep their work), then the error
+    names the part and its log. Finished parts are skipped as in the sequential run.
     """
     todo: list[str] = []
     for name in names:  # PARTS order: a part waiting on one that will run again is stale too
@@ -532,9 +531,8 @@ def run_parallel(
                 logger.info("part %s: started with %d thread(s) (%s running)", name, threads, ", ".join(running))
             if len(running) == 1:  # with jobs > 1: nothing else is ready to start beside it
                 (name,) = running
-                handle = running[name][0]
-                if threads_of[name] < cores and hasattr(handle, "send_signal"):
-                    handle.send_signal(ALL_CORES)
+                if threads_of[name] < cores:
+                    running[name][0].send_signal(ALL_CORES)
                     logger.info("part %s: running alone, now with %d thread(s)", name, cores)
                 threads_of[name] = cores
             if bar.postfix != ", ".join(running):
