@@ -584,10 +584,15 @@ def _child_main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
     signal.signal(ALL_CORES, _use_all_cores)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {ALL_CORES})  # blocked by the parent until now (``_start_child``)
-    out = Path(args.out).resolve()
-    settings = RecipeSettings.from_dict(json.loads((out / "recipe.json").read_text()))
-    _check_settings(out, settings)
-    _run_part(out, args.part, _part_steps(out, settings)[args.part], seed=settings.seed)  # the parent writes summary
+    try:
+        out = Path(args.out).resolve()
+        settings = RecipeSettings.from_dict(json.loads((out / "recipe.json").read_text()))
+        _check_settings(out, settings)
+        _run_part(out, args.part, _part_steps(out, settings)[args.part], seed=settings.seed)  # parent writes summary
+    finally:
+        # ignored from here on: Python's shutdown puts a handled signal back to its default action (ending the
+        # process), so one that came as this part exits would turn its finished work into a failure (exit -10)
+        signal.signal(ALL_CORES, signal.SIG_IGN)
 
 
 def _use_all_cores(signum: int, frame: Any) -> None:
